@@ -1,0 +1,1 @@
+"""Hydra configuration shipped with lce (``pkg://lce.conf``)."""

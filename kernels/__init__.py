@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``lce.kernels``). Importing this package has no side effects."""

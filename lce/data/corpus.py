@@ -1,0 +1,66 @@
+"""Token streams for training and fixed-length documents for evaluation, from any text source."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+
+from lce.errors import ConfigError
+from lce.data.tokenizer import Tokenizer
+
+
+def _stable_order(doc_id: str) -> bytes:
+    return hashlib.sha256(doc_id.encode("utf-8")).digest()
+
+
+def tokenized_documents(source, tokenizer: Tokenizer, split: str) -> list[tuple[str, torch.Tensor]]:
+    """``(doc_id, ids[T])`` of one split, in a stable hash order of the ids (not alphabetical, not source order)."""
+    docs = [(doc_id, tokenizer.encode(text)) for doc_id, text in source.documents(split)]
+    return sorted(docs, key=lambda d: _stable_order(d[0]))
+
+
+def token_stream(source, tokenizer: Tokenizer, split: str = "train") -> torch.Tensor:
+    """All documents of ``split`` joined into one ``[L]`` int64 stream, each followed by ``eos_id``."""
+    pieces = []
+    eos = torch.tensor([tokenizer.eos_id], dtype=torch.int64)
+    for _, ids in tokenized_documents(source, tokenizer, split):
+        pieces += [ids, eos]
+    if not pieces:
+        raise ConfigError(f"data: the {split!r} split of data={source.name} is empty")
+    return torch.cat(pieces)
+
+
+def eval_documents(
+    source,
+    tokenizer: Tokenizer,
+    min_tokens: int,
+    n_docs: int,
+    split: str = "test",
+    policy: Literal["long", "concat"] = "long",
+) -> list[torch.Tensor]:
+    """``n_docs`` token sequences of at least ``min_tokens`` tokens (the longest eval length).
+
+    ``long``: whole documents that are at least that long, so every window is one real document (the first
+    ``n_docs`` in the stable hash order). ``concat``: the split's documents joined with ``eos_id`` and cut into
+    ``n_docs`` consecutive pieces of ``min_tokens`` tokens, for corpora whose documents are short.
+    """
+    if policy == "long":
+        docs = [ids for _, ids in tokenized_documents(source, tokenizer, split) if ids.numel() >= min_tokens]
+        if len(docs) < n_docs:
+            raise ConfigError(
+                f"eval.n_docs: only {len(docs)} documents of the {split!r} split of data={source.name} have at least "
+                f"{min_tokens} tokens (the longest eval length), {n_docs} requested; lower eval.n_docs or the lengths, "
+                f"or set eval.documents=concat"
+            )
+        return docs[:n_docs]
+    if policy == "concat":
+        stream = token_stream(source, tokenizer, split)
+        if stream.numel() < n_docs * min_tokens:
+            raise ConfigError(
+                f"eval.n_docs: the {split!r} split of data={source.name} has {stream.numel()} tokens, fewer than "
+                f"n_docs x longest length = {n_docs} x {min_tokens}; lower eval.n_docs or the lengths"
+            )
+        return [stream[i * min_tokens : (i + 1) * min_tokens].clone() for i in range(n_docs)]
+    raise ConfigError(f"eval.documents: {policy!r} is not allowed; choose one of 'long', 'concat'")

@@ -1,0 +1,125 @@
+"""Perplexity of a causal LM on documents truncated to one length, with per-position NLL buckets.
+
+Every document is cut to its first ``length`` tokens and scored as one window: positions ``t = 0 .. length-2``
+predict tokens ``t+1``, so a window yields ``length-1`` predictions. NLL is summed over all predictions of all
+documents in float64 and divided by the number of predictions once, as nanoGPT's ``evaluate_bpb`` does: a mean of
+per-window (or per-document) means weights each prediction by one over the size of its window, which is not the
+per-token perplexity that long-context papers report, and makes results depend on how documents were batched or cut.
+
+The per-position buckets show *where* in the window the loss grows: bucket ``k`` holds the predictions made at
+positions ``t`` with ``t // bucket_size == k`` (``t`` is the 0-based index of the predicting token, so bucket 0 is
+the first ``bucket_size`` predictions). The last bucket may be smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from lce.config import check
+from lce.errors import ConfigError
+from lce.eval.loss import shifted_targets, token_nll
+from lce.hf.lm import hidden_states, logits_from_hidden
+
+
+@dataclass
+class PointScore:
+    """Summed NLL of one evaluation length.
+
+    Attributes:
+        nll_sum: total NLL in nats over all scored predictions (accumulated in float64).
+        tokens: number of scored predictions (``n_docs * (length - 1)``).
+        bucket_size: predicting positions per bucket.
+        bucket_nll: summed NLL (nats) per bucket, so buckets of different runs can be added.
+        bucket_tokens: scored predictions per bucket.
+    """
+
+    nll_sum: float
+    tokens: int
+    bucket_size: int
+    bucket_nll: list[float]
+    bucket_tokens: list[int]
+
+    @property
+    def nll(self) -> float:
+        """Mean NLL per scored token (nats)."""
+        return self.nll_sum / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        """Per-token perplexity ``exp(nll_sum / tokens)``; ``inf`` when it overflows a float."""
+        return math.exp(self.nll) if self.nll < 709.0 else math.inf
+
+    @property
+    def bucket_mean_nll(self) -> list[float]:
+        """Mean NLL per bucket (nats)."""
+        return [s / n for s, n in zip(self.bucket_nll, self.bucket_tokens)]
+
+
+def check_documents(docs: list[torch.Tensor], length: int) -> None:
+    """Raise ``ConfigError`` unless every document is a 1-D integer tensor with at least ``length`` tokens."""
+    check(len(docs) > 0, "docs", "no documents to score")
+    for i, doc in enumerate(docs):
+        if doc.dim() != 1 or doc.is_floating_point():
+            raise ConfigError(f"docs[{i}]: expected a 1-D tensor of token ids, got {doc.dtype} {tuple(doc.shape)}")
+        if doc.numel() < length:
+            raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the evaluation length {length}")
+
+
+def score_documents(
+    model: nn.Module,
+    docs: list[torch.Tensor],
+    length: int,
+    *,
+    batch_size: int = 1,
+    chunk_size: int = 4096,
+    bucket_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> PointScore:
+    """Summed next-token NLL of ``docs`` each truncated to their first ``length`` tokens.
+
+    Args:
+        model: a causal LM supported by ``lce.hf.adapters``.
+        docs: 1-D int64 tensors ``[T_i]`` with ``T_i >= length``.
+        length: window length; each window scores ``length - 1`` predictions.
+        batch_size: windows per forward pass (the result does not depend on it beyond float rounding).
+        chunk_size: rows of logits materialised at once (see ``lce.eval.loss.token_nll``).
+        bucket_size: predicting positions per bucket; ``None`` means one bucket for the whole window.
+        device: where to run; ``None`` means the device of the model's parameters.
+
+    Returns:
+        The summed NLL, token count and per-position buckets.
+    """
+    check(length >= 2, "length", f"must be at least 2 to score one prediction, got {length}")
+    check(batch_size >= 1, "batch_size", f"must be at least 1, got {batch_size}")
+    check(chunk_size >= 1, "chunk_size", f"must be at least 1, got {chunk_size}")
+    bucket_size = length if bucket_size is None else bucket_size
+    check(bucket_size >= 1, "bucket_size", f"must be at least 1, got {bucket_size}")
+    check_documents(docs, length)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    logits_fn = partial(logits_from_hidden, model)
+
+    # Summing per position (rather than per bucket) keeps the bucket boundaries out of the hot loop.
+    position_nll = torch.zeros(length - 1, dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for start in range(0, len(docs), batch_size):
+            ids = torch.stack([doc[:length] for doc in docs[start : start + batch_size]]).to(device)  # [B, T]
+            hidden = hidden_states(model, ids)  # [B, T, C]
+            nll = token_nll(logits_fn, hidden.flatten(0, 1), shifted_targets(ids).flatten(), chunk_size)
+            # The last position has no target (its NLL is 0 by ignore_index), so it is dropped, not counted.
+            position_nll += nll.view(ids.shape)[:, :-1].double().sum(0)
+
+    position_nll = position_nll.cpu()
+    n_docs = len(docs)
+    buckets = position_nll.split(bucket_size)
+    return PointScore(
+        nll_sum=position_nll.sum().item(),
+        tokens=n_docs * (length - 1),
+        bucket_size=bucket_size,
+        bucket_nll=[b.sum().item() for b in buckets],
+        bucket_tokens=[n_docs * b.numel() for b in buckets],
+    )

@@ -1,0 +1,238 @@
+"""Perplexity-vs-length results as a terminal table, a long-format CSV and a log-log plot.
+
+Rows are those written by ``lce.eval.sweep`` (see its schema); a row's series is its ``run`` field. The plot is drawn
+on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so it neither needs a display nor
+changes the backend or figures of a user's pyplot session.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
+from rich.console import Console
+from rich.table import Table
+
+from lce.errors import ConfigError
+
+CSV_COLUMNS = (
+    "run", "method", "params", "model", "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb",
+    "seed",
+)
+OOM = "oom"
+
+
+def label(row: dict) -> str:
+    """The series a row belongs to: its ``run`` name."""
+    return str(row["run"])
+
+
+def pivot(rows: list[dict]) -> tuple[list[str], list[int], dict[str, dict[int, float | str]]]:
+    """Rows as a series x length table.
+
+    Returns:
+        ``(labels, lengths, table)``: labels in order of first appearance, lengths ascending, and
+        ``table[label][length]`` the perplexity or ``"oom"`` (absent where a series has no row at that length).
+
+    Raises:
+        ConfigError: if two rows share a series and a length (give each series its own ``run`` name).
+    """
+    table: dict[str, dict[int, float | str]] = {}
+    for row in rows:
+        name, length = label(row), int(row["length"])
+        series = table.setdefault(name, {})
+        if length in series:
+            raise ConfigError(f"two rows for run '{name}' at length {length}; give each series its own run name")
+        series[length] = OOM if row["status"] == OOM else float(row["ppl"])
+    lengths = sorted({length for series in table.values() for length in series})
+    return list(table), lengths, table
+
+
+def format_ppl(ppl: float) -> str:
+    """Perplexity with 4 significant digits but at least 2 decimals (``3.142``, ``31.42``, ``314.16``)."""
+    if not math.isfinite(ppl):
+        return str(ppl)
+    if ppl >= 1e5:
+        return f"{ppl:.3e}"
+    decimals = max(2, 3 - math.floor(math.log10(max(ppl, 1.0))))
+    return f"{ppl:.{decimals}f}"
+
+
+def format_length(length: float) -> str:
+    """``4096 -> "4k"``, ``1048576 -> "1M"``, ``96 -> "96"``."""
+    length = int(length)
+    for size, suffix in ((2**20, "M"), (2**10, "k")):
+        if length >= size and length % size == 0:
+            return f"{length // size}{suffix}"
+    return str(length)
+
+
+def print_table(rows: list[dict], console: Console | None = None, train_length: int | None = None) -> Table:
+    """Print one line per series and one column per length; the best perplexity of each column is bold.
+
+    Args:
+        rows: sweep rows.
+        console: where to print; a fresh ``Console()`` when None.
+        train_length: the column of this length is marked with ``*``.
+
+    Returns:
+        The printed table.
+    """
+    labels, lengths, table = pivot(rows)
+    notes = []
+    if train_length is not None:
+        notes.append(f"* training length ({train_length})")
+    if any(v == OOM for series in table.values() for v in series.values()):
+        notes.append("OOM: out of memory")
+    out = Table(title="Perplexity vs evaluation length", caption="; ".join(notes) or None)
+    out.add_column("run", overflow="fold")
+    for length in lengths:
+        out.add_column(f"{length}*" if length == train_length else str(length), justify="right")
+    best = {}
+    for length in lengths:
+        values = [s[length] for s in table.values() if isinstance(s.get(length), float)]
+        best[length] = min(values) if len(values) > 1 else None
+    for name in labels:
+        cells = []
+        for length in lengths:
+            value = table[name].get(length)
+            if value is None:
+                cells.append("-")
+            elif value == OOM:
+                cells.append("[red]OOM[/red]")
+            else:
+                cells.append(f"[bold]{format_ppl(value)}[/bold]" if value == best[length] else format_ppl(value))
+        out.add_row(name, *cells)
+    (console or Console()).print(out)
+    return out
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write rows in long format (one line per series and length, in the given order) with ``CSV_COLUMNS``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            cells = {k: row.get(k) for k in CSV_COLUMNS}
+            cells["params"] = json.dumps(row.get("params", {}), sort_keys=True, default=str)
+            writer.writerow("" if cells[k] is None else cells[k] for k in CSV_COLUMNS)
+    return path
+
+
+def plot(rows: list[dict], path: str | Path, train_length: int | None = None, title: str | None = None) -> Path:
+    """Plot perplexity (log) against length (log2), one line per series, and save a PNG.
+
+    OOM points are drawn as crosses in the series' colour along the top edge of the axes, since they have no
+    perplexity to place them by. The legend sits outside the axes so it never hides a line.
+    """
+    labels, lengths, table = pivot(rows)
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    oom_row = 0
+    for i, name in enumerate(labels):
+        color = f"C{i % 10}"
+        series = sorted(table[name].items())
+        points = [(length, v) for length, v in series if v != OOM and math.isfinite(v)]
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker="o", markersize=4, color=color, label=name)
+        ooms = [length for length, v in series if v == OOM]
+        if ooms:
+            # Stagger the crosses of different series so that OOMs at the same length stay distinguishable.
+            y = 0.97 - 0.04 * oom_row
+            oom_row += 1
+            ax.plot(
+                ooms, [y] * len(ooms), linestyle="none", marker="x", markersize=8, markeredgewidth=2, color=color,
+                transform=ax.get_xaxis_transform(), clip_on=False,
+            )
+    handles, names = ax.get_legend_handles_labels()
+    if train_length is not None:
+        handles.append(ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1))
+        names.append(f"train length ({format_length(train_length)})")
+    if oom_row:
+        handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=2, color="0.3"))
+        names.append("out of memory")
+    ticks = sorted(set(lengths) | ({train_length} if train_length is not None else set()))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_length(x)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if ticks:
+        ax.set_xlim(min(ticks) / 2**0.3, max(ticks) * 2**0.3)
+    # Plain numbers instead of 10^k; minor ticks are labelled only when the axis spans about a decade or less.
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    ax.grid(True, which="both", alpha=0.25)
+    ax.set_xlabel("evaluation length (tokens, log2 scale)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title or "Perplexity vs evaluation length")
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+def plot_position_nll(rows: list[dict], path: str | Path, train_length: int | None = None,
+                      title: str | None = None) -> Path:
+    """Plot mean NLL per position bucket at each series' longest scored length, and save a PNG.
+
+    The first ``train_length`` positions show in-distribution quality; the rest show where extrapolation breaks,
+    which a single perplexity per length averages away.
+    """
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, name in enumerate(dict.fromkeys(label(r) for r in rows)):
+        scored = [r for r in rows if label(r) == name and r["status"] != OOM and r.get("bucket_nll")]
+        if not scored:
+            continue
+        row = max(scored, key=lambda r: int(r["length"]))
+        size = int(row["bucket_size"])
+        # Bucket b holds predictions made at positions [b*size, (b+1)*size); plot it at its midpoint.
+        xs = [b * size + min(size, int(row["length"]) - 1 - b * size) / 2 for b in range(len(row["bucket_nll"]))]
+        ax.plot(xs, row["bucket_nll"], marker="o", markersize=3, color=f"C{i % 10}",
+                label=f"{name} (L={format_length(int(row['length']))})")
+    if train_length is not None:
+        ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1, label=f"train length ({format_length(train_length)})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_length(x)))
+    ax.grid(True, which="both", alpha=0.25)
+    ax.set_xlabel("position in the window (tokens, log2 scale)")
+    ax.set_ylabel("mean NLL per position bucket (nats)")
+    ax.set_title(title or "Loss by position")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+def write_report(
+    rows: list[dict],
+    out_dir: str | Path,
+    train_length: int | None = None,
+    title: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Path]:
+    """Print the table and write ``ppl_vs_length.csv``, ``ppl_vs_length.png`` and ``nll_vs_position.png``.
+
+    Returns:
+        ``{"csv": path, "png": path, "position_png": path}``.
+    """
+    out_dir = Path(out_dir)
+    print_table(rows, console=console, train_length=train_length)
+    return {
+        "csv": write_csv(rows, out_dir / "ppl_vs_length.csv"),
+        "png": plot(rows, out_dir / "ppl_vs_length.png", train_length=train_length, title=title),
+        "position_png": plot_position_nll(rows, out_dir / "nll_vs_position.png", train_length=train_length),
+    }

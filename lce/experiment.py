@@ -1,0 +1,181 @@
+"""One experiment run, callable without Hydra: build a model, patch it, train it short, sweep it long, report.
+
+``run(cfg, out_dir, results_dir)`` takes the composed config (a mapping or OmegaConf node); ``parse_run_config``
+turns it into typed configs, rejecting unknown keys at every level. The CLI (``lce.cli``) is a thin Hydra wrapper
+around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lce.attention import ATTENTIONS
+from lce.config import from_mapping, non_default_fields, to_plain
+from lce.data import DATASETS, eval_documents, token_stream
+from lce.errors import ConfigError, did_you_mean
+from lce.eval.config import EvalConfig
+from lce.hf.models import MODELS, save_model
+from lce.hf.patch import patch, patch_spec
+from lce.loggers import LOGGERS
+from lce.posenc import POSENCS
+from lce.provenance import git_revision
+from lce.train import TrainConfig, train
+from lce.train.data import blocks_from_stream
+
+GROUPS = {"model": MODELS, "posenc": POSENCS, "attention": ATTENTIONS, "data": DATASETS, "logger": LOGGERS}
+
+# Sections that define what a run directory holds: re-running into it with any of them changed is an error.
+IDENTITY_SECTIONS = ("model", "posenc", "attention", "data", "train", "seed")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole resolved configuration of one run."""
+
+    model: Any
+    posenc: Any
+    attention: Any
+    data: Any
+    train: TrainConfig
+    eval: EvalConfig
+    logger: Any
+    task: Literal["train", "eval", "train_eval"] = "train_eval"
+    experiment_name: str = "default"
+    run_name: str = "run"
+    seed: int = 0
+    out_root: str = "outputs"
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_run_config(cfg: Any) -> RunConfig:
+    """Typed configs from the composed config; every unknown key or bad value is a ``ConfigError`` naming it."""
+    data = to_plain(cfg)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {data!r}")
+    allowed = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(sorted(allowed))}")
+    built: dict[str, Any] = {}
+    for name, registry in GROUPS.items():
+        spec = data.get(name, {"name": "none"} if name == "logger" else None)
+        if spec is None:
+            raise ConfigError(f"{name}: required; available: {', '.join(registry.names())}")
+        built[name] = registry.build(spec, name)
+    built["train"] = from_mapping(TrainConfig, data.get("train"), "train")
+    built["eval"] = from_mapping(EvalConfig, data.get("eval"), "eval")
+    scalars = {k: v for k, v in data.items() if k not in built}
+    return from_mapping(RunConfig, {**scalars, **built}, "config")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device: {device!r} is not a torch device ({e})") from None
+
+
+def _guard_run_dir(out_dir: Path, run_cfg: RunConfig) -> None:
+    """Refuse to resume a run directory that holds a different run (it would mix two runs' checkpoints)."""
+    path = out_dir / "run_config.json"
+    current = {k: run_cfg.to_dict()[k] for k in IDENTITY_SECTIONS}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diffs = [k for k in IDENTITY_SECTIONS if saved.get(k) != json.loads(json.dumps(current[k]))]
+        if diffs:
+            raise ConfigError(
+                f"run_name: {out_dir} already holds run {run_cfg.run_name!r} with a different {', '.join(diffs)} "
+                f"configuration; choose another run_name (or delete that directory) instead of mixing two runs"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def _label(config) -> dict:
+    return {"name": config.name, **non_default_fields(config)}
+
+
+def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Run the configured task; returns the sweep rows of this run (empty for ``task=train``).
+
+    Args:
+        cfg: the composed config (see ``conf/config.yaml``).
+        out_dir: this run's directory (checkpoints, final model, train log).
+        results_dir: where ``results.jsonl`` and the report are written; shared by all runs of an experiment so
+            that its table and plot compare them. Defaults to ``out_dir``.
+    """
+    run_cfg = cfg if isinstance(cfg, RunConfig) else parse_run_config(cfg)
+    out_dir = Path(out_dir)
+    results_dir = Path(results_dir) if results_dir is not None else out_dir
+    _guard_run_dir(out_dir, run_cfg)
+    torch.manual_seed(run_cfg.seed)
+    logger = run_cfg.logger.start(run_cfg.to_dict(), run_cfg.run_name, out_dir)
+    try:
+        model, tokenizer = run_cfg.model.load(seed=run_cfg.seed)
+        saved = patch_spec(model)
+        if saved is not None and saved["posenc"] != dataclasses.asdict(run_cfg.posenc):
+            warnings.warn(f"the checkpoint was saved with posenc {saved['posenc']}; the config's "
+                          f"{dataclasses.asdict(run_cfg.posenc)} replaces it")
+        patch(model, run_cfg.posenc, attention=run_cfg.attention)
+        if run_cfg.task in ("train", "train_eval"):
+            model = _train(run_cfg, model, tokenizer, out_dir, logger, progress)
+        rows = _sweep(run_cfg, model, tokenizer, results_dir, logger, progress) if run_cfg.task != "train" else []
+    finally:
+        logger.finish()
+    return rows
+
+
+def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, progress: bool):
+    seq_len = run_cfg.train.seq_len
+    blocks = blocks_from_stream(token_stream(run_cfg.data, tokenizer, "train"), seq_len)
+    val = token_stream(run_cfg.data, tokenizer, "validation") if run_cfg.train.val_every > 0 else None
+    val_blocks = blocks_from_stream(val, seq_len) if val is not None else None
+    train(model, blocks, run_cfg.train, out_dir, val_blocks=val_blocks, logger=logger, seed=run_cfg.seed,
+          progress=progress)
+    save_model(model, tokenizer, out_dir / "model")
+    return model
+
+
+def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, progress: bool) -> list[dict]:
+    from lce.eval.report import write_report
+    from lce.eval.sweep import ResultStore, run_sweep
+
+    ev = run_cfg.eval
+    lengths = list(ev.lengths)
+    docs = eval_documents(run_cfg.data, tokenizer, max(lengths), ev.n_docs, ev.split, ev.documents)
+    train_length = run_cfg.train.seq_len
+    bucket_size = ev.bucket_size or train_length
+    device = resolve_device(run_cfg.device)
+    model.to(device)
+    meta = {
+        "experiment": run_cfg.experiment_name,
+        "run": run_cfg.run_name,
+        "method": run_cfg.posenc.name,
+        "params": {"posenc": _label(run_cfg.posenc), "attention": _label(run_cfg.attention)},
+        "model": _label(run_cfg.model),
+        "seed": run_cfg.seed,
+        "protocol": {"name": "truncate", "data": run_cfg.data.name, "split": ev.split, "n_docs": ev.n_docs,
+                     "documents": ev.documents, "bucket_size": bucket_size},
+        "train_length": train_length,
+        "git_revision": git_revision(),
+    }
+    store = ResultStore(results_dir / "results.jsonl")
+    rows = run_sweep(model, docs, lengths, store, meta=meta, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
+                     bucket_size=bucket_size, device=device, progress=progress)
+    experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
+    paths = write_report(experiment_rows, results_dir, train_length=train_length,
+                         title=f"{run_cfg.experiment_name}: perplexity vs length")
+    logger.log_sweep(rows, paths.get("png"))
+    return rows

@@ -1,0 +1,164 @@
+"""Per-instance patching of Hugging Face models: ``patch``, ``unpatch`` and re-applying a saved patch.
+
+A patch touches only the instance it is given (its config, its rotary module, its attention implementation
+name), so a baseline and a patched model can live in one process. The originals are kept on the model
+(``model._lce_patch``) and ``unpatch`` restores them exactly. The patch spec is written to ``config.lce`` (saved in
+``config.json``) together with the original ``rope_parameters``, so ``lce.load_model(path)`` can re-apply it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lce.attention import ATTENTIONS
+from lce.errors import LceError, UnsupportedModelError
+from lce.hf.adapters import Adapter, adapter_for
+from lce.hf.rotary import NeutralRotary
+from lce.posenc import POSENCS
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class PatchRecord:
+    """What a patch replaced, to be put back by ``unpatch``."""
+
+    rotary: nn.Module | None
+    rope_parameters: Any
+    attn_implementation: str | None
+
+
+class PatchTarget:
+    """The operations a position encoding or attention variant may perform on one model instance."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter):
+        self.model = model
+        self.adapter = adapter
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def has_rotary(self) -> bool:
+        return getattr(self.adapter.base_model(self.model), self.adapter.rotary_attr, None) is not None
+
+    def require_rotary(self, method: str) -> nn.Module:
+        """The model's rotary module; a clear error for a model without RoPE."""
+        if not self.has_rotary():
+            raise UnsupportedModelError(
+                f"posenc={method} changes rotary position embeddings, but {type(self.model).__name__} has none"
+            )
+        return self.adapter.rotary(self.model)
+
+    def neutralize_rotary(self) -> None:
+        """Replace the rotary module with one that makes rotation an exact identity."""
+        self.adapter.set_rotary(self.model, NeutralRotary(self.require_rotary("nope")).to(_device(self.model)))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _spec(posenc, attention) -> dict:
+    return {
+        "version": SPEC_VERSION,
+        "posenc": dataclasses.asdict(posenc),
+        "attention": dataclasses.asdict(attention),
+    }
+
+
+def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **params: Any) -> nn.Module:
+    """Patch ``model`` in place with a position encoding (and optionally an attention variant); returns it.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family.
+        posenc: a registered name (``"nope"``), a mapping with ``name``, a config node, or a config instance.
+        attention: the same for an attention variant; ``None`` keeps the model's attention (``"full"``).
+        **params: parameters of the position encoding, overriding those in ``posenc``.
+
+    A model that is already patched is unpatched first: patches replace each other, they never stack.
+    """
+    adapter = adapter_for(model)
+    pe = POSENCS.build(posenc, **params)
+    att = ATTENTIONS.build(attention if attention is not None else "full")
+    if getattr(model, "_lce_patch", None) is not None:
+        unpatch(model)
+    target = PatchTarget(model, adapter)
+    record = PatchRecord(
+        rotary=adapter.rotary(model) if target.has_rotary() else None,
+        rope_parameters=copy.deepcopy(getattr(model.config, "rope_parameters", None)),
+        attn_implementation=model.config._attn_implementation,
+    )
+    try:
+        pe.apply(target)
+        att.apply(target)
+    except Exception:
+        _restore(model, adapter, record)
+        raise
+    model._lce_patch = record
+    model.config.lce = {**_spec(pe, att), "rope_parameters": copy.deepcopy(record.rope_parameters)}
+    check_rotary_precision(model)
+    return model
+
+
+def _restore(model: nn.Module, adapter: Adapter, record: PatchRecord) -> None:
+    if record.rotary is not None:
+        adapter.set_rotary(model, record.rotary.to(_device(model)))
+    if record.rope_parameters is not None:
+        model.config.rope_parameters = copy.deepcopy(record.rope_parameters)
+    if model.config._attn_implementation != record.attn_implementation:
+        model.set_attn_implementation(record.attn_implementation)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the original rotary module, ``rope_parameters`` and attention implementation come back."""
+    record = getattr(model, "_lce_patch", None)
+    if record is None:
+        raise LceError(f"{type(model).__name__} is not patched by lce")
+    _restore(model, adapter_for(model), record)
+    del model._lce_patch
+    if hasattr(model.config, "lce"):
+        del model.config.lce
+    return model
+
+
+def patch_spec(model: nn.Module) -> dict | None:
+    """The lce patch recorded in ``model.config`` (after ``patch`` or loading a patched checkpoint), or None."""
+    spec = getattr(model.config, "lce", None)
+    return copy.deepcopy(spec) if spec else None
+
+
+def reapply_saved_patch(model: nn.Module) -> nn.Module:
+    """Re-apply the patch a loaded checkpoint records in ``config.lce`` (``_attn_implementation`` is not saved)."""
+    spec = patch_spec(model)
+    if spec is None:
+        return model
+    if spec.get("version") != SPEC_VERSION:
+        raise LceError(f"config.lce has spec version {spec.get('version')!r}; this lce reads version {SPEC_VERSION}")
+    saved_original = spec.get("rope_parameters")
+    if saved_original is not None and saved_original != model.config.rope_parameters:
+        # Frequency methods saved their merged rope_parameters; patch again from the original, not on top of it.
+        model.config.rope_parameters = saved_original
+        adapter = adapter_for(model)
+        adapter.set_rotary(model, adapter.build_rotary(model))
+    del model.config.lce
+    return patch(model, spec["posenc"], attention=spec["attention"])
+
+
+def check_rotary_precision(model: nn.Module) -> None:
+    """Rotary frequencies must stay fp32: a bf16 ``inv_freq`` destroys position information at long lengths."""
+    adapter = adapter_for(model)
+    if not PatchTarget(model, adapter).has_rotary():
+        return
+    inv_freq = adapter.rotary(model).inv_freq
+    if inv_freq.dtype != torch.float32:
+        raise LceError(
+            f"rotary inv_freq is {inv_freq.dtype}, not float32: the model was cast with .to()/.half(); "
+            "load it with lce.load_model(..., dtype=...) or from_pretrained(dtype=...) instead"
+        )

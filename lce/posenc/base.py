@@ -1,0 +1,30 @@
+"""The position-encoding registry and the base class every method's config derives from.
+
+A method is a frozen dataclass (its fields are the method's parameters, named as transformers names them) registered
+under the name of its ``conf/posenc/<name>.yaml`` option file. ``apply`` patches one model instance through a
+``PatchTarget`` (see ``lce.hf.patch``), which offers the three ways into a Hugging Face model: merged
+``rope_parameters``, a replaced rotary module, and a registered attention function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lce.registry import Registry
+
+if TYPE_CHECKING:
+    from lce.hf.patch import PatchTarget
+
+POSENCS: Registry = Registry("posenc")
+
+
+@dataclass(frozen=True)
+class PosEnc:
+    """Base of position-encoding configs. Subclasses add ``name: str = "<key>"`` and their parameters."""
+
+    name: str
+
+    def apply(self, target: PatchTarget) -> None:
+        """Patch ``target.model`` in place; must only go through ``target`` so that unpatching restores it."""
+        raise NotImplementedError

@@ -1,0 +1,90 @@
+"""Training hyperparameters: one typed config, validated on construction.
+
+Defaults suit a tiny byte-level model trained on two CPU cores in minutes; ``conf/train/default.yaml`` repeats them
+with comments and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lce.config import check
+
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+
+# Fields that may change between a checkpoint and its resumption: they decide how long to run and what to record,
+# never what the model computes. Every other field is part of the loss trajectory (``seed`` is compared as the
+# effective run seed, see ``lce.train.loop``).
+RESUMABLE_CHANGES = frozenset(
+    {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """How to train a causal LM at a short context.
+
+    Attributes:
+        name: option name in ``conf/train/``.
+        steps: optimizer steps in the whole run (a resumed run continues up to this many).
+        seq_len: training context in tokens; each block holds ``seq_len + 1`` tokens.
+        micro_batch_size: blocks per forward/backward pass on each process.
+        grad_accum: micro-batches accumulated per optimizer step.
+        lr: peak learning rate, reached at the end of warm-up.
+        min_lr_ratio: floor of the cosine decay as a fraction of ``lr``.
+        warmup_steps: steps of linear warm-up from 0 to ``lr``.
+        weight_decay: AdamW decoupled weight decay, applied to weights with >= 2 dimensions only.
+        betas: AdamW ``(beta1, beta2)``.
+        eps: AdamW epsilon.
+        grad_clip: maximum global gradient norm; ``<= 0`` disables clipping (the norm is still logged).
+        mixed_precision: ``auto`` is bf16 on a CUDA device that supports it and ``no`` elsewhere.
+        gradient_checkpointing: recompute decoder layers in the backward pass to save activation memory.
+        checkpoint_every: save a checkpoint every this many steps (and always at the end).
+        keep_checkpoints: how many of the most recent checkpoints to keep.
+        log_every: report to the logger and the progress bar every this many steps (the JSONL log gets every step).
+        val_every: validation loss every this many steps; 0 disables.
+        val_batches: at most this many micro-batches of validation blocks per validation.
+        loss_chunk_size: rows of logits alive at once in the chunked loss.
+        seed: data order and RNG seed; None uses the run seed.
+    """
+
+    name: str = "default"
+    steps: int = 200
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    mixed_precision: MixedPrecision = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    val_every: int = 50
+    val_batches: int = 4
+    loss_chunk_size: int = 4096
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        w = "train"
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "val_batches", "loss_chunk_size"):
+            value = getattr(self, name)
+            check(value >= 1, f"{w}.{name}", f"must be >= 1, got {value}")
+        for name in ("warmup_steps", "val_every", "weight_decay"):
+            value = getattr(self, name)
+            check(value >= 0, f"{w}.{name}", f"must be >= 0, got {value}")
+        check(self.lr > 0, f"{w}.lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"{w}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.eps > 0, f"{w}.eps", f"must be > 0, got {self.eps}")
+        check(len(self.betas) == 2, f"{w}.betas", f"must be two values [beta1, beta2], got {self.betas}")
+        check(all(0 <= b < 1 for b in self.betas), f"{w}.betas", f"each must be in [0, 1), got {self.betas}")
+        allowed = ("auto", "no", "bf16", "fp16")
+        check(self.mixed_precision in allowed, f"{w}.mixed_precision",
+              f"{self.mixed_precision!r} is not one of {', '.join(allowed)}")

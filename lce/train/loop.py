@@ -1,0 +1,335 @@
+"""The training loop: AdamW on the chunked next-token loss, with accelerate, exact resume and a JSONL step log.
+
+One optimizer step consumes ``grad_accum`` micro-batches per process. The loss is computed from the final hidden
+states with ``lce.eval.loss.token_nll`` so full ``[B, T, V]`` logits never exist. Resuming from the newest
+checkpoint under ``out_dir`` restores weights, AdamW state, RNG states and the data position; the learning rate is a
+pure function of the step (``lce.train.schedule``), so on CPU in fp32 a resumed run repeats the losses of an
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from lce.config import check
+from lce.errors import ConfigError
+from lce.eval.loss import token_nll
+from lce.hf.lm import hidden_states, logits_from_hidden
+from lce.train.checkpoint import latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
+from lce.train.config import RESUMABLE_CHANGES, TrainConfig
+from lce.train.data import TrainBlocks
+from lce.train.schedule import lr_at
+
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a call to ``train`` did.
+
+    Attributes:
+        steps: global optimizer steps the model has now taken (including those before a resume).
+        final_loss: training loss of the last step (from the checkpoint if no step ran in this call).
+        tokens_seen: training tokens consumed by all processes over the whole run.
+        tokens_per_s: training throughput of this call (all processes; validation and saving excluded).
+        resumed_from: the global step this call resumed from, or None for a fresh start.
+        log_path: the JSONL step log.
+    """
+
+    steps: int
+    final_loss: float | None
+    tokens_seen: int
+    tokens_per_s: float
+    resumed_from: int | None
+    log_path: Path
+
+
+class NextTokenLoss(nn.Module):
+    """A causal LM and its chunked next-token loss as one module.
+
+    accelerate applies autocast and DDP by wrapping a module's ``forward``; computing the loss inside one keeps the
+    whole forward (hidden states and chunked logits) under those wrappers.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL ``[B, T + 1] -> [B * T]`` float32: tokens ``[:, :-1]`` predict ``[:, 1:]``."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = hidden_states(self.model, inputs)
+        return token_nll(
+            lambda h: logits_from_hidden(self.model, h), hidden.flatten(0, 1), targets.flatten(), self.chunk_size
+        )
+
+
+def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An ``Accelerator`` configured by ``cfg``, independent of any created earlier in this process.
+
+    Hydra's basic launcher runs multirun jobs one after another in one process; accelerate keeps its state in
+    process-wide singletons, which would otherwise keep the first job's mixed precision (and raise when a later job
+    asks for another) and could carry a half-finished gradient accumulation over from an interrupted run.
+    """
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def resolve_mixed_precision(mode: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``no``; other modes pass through."""
+    if mode != "auto":
+        return mode
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) only, not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    transformers 5.23 deprecates ``gradient_checkpointing_enable`` (removed in v6) in favour of
+    ``activation_checkpointing_enable``; the old name is used only on versions without the new one.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+
+def train(
+    model: nn.Module,
+    blocks: TrainBlocks | torch.Tensor,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    val_blocks: torch.Tensor | None = None,
+    logger: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place up to ``cfg.steps`` optimizer steps, resuming from ``out_dir`` when possible.
+
+    Args:
+        model: a causal LM supported by ``lce.hf.adapters``; left in eval mode on the accelerator's device.
+        blocks: training blocks ``[N, seq_len + 1]`` (ordered with the run seed) or a ready ``TrainBlocks``.
+        cfg: training config.
+        out_dir: run directory for ``checkpoints/`` and ``train_log.jsonl``; its newest checkpoint is resumed.
+        val_blocks: ``[M, S + 1]`` validation blocks; the first ``val_batches`` micro-batches are scored.
+        logger: anything with ``log_metrics(metrics: dict, step: int)``; called every ``log_every`` steps, at the
+            last step and with each validation loss.
+        seed: run seed, used when ``cfg.seed`` is None.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError: if the blocks do not match ``cfg``, or the checkpoint to resume was trained with settings that
+            change the loss trajectory.
+    """
+    out_dir = Path(out_dir)
+    run_seed = cfg.seed if cfg.seed is not None else seed
+    data = blocks if isinstance(blocks, TrainBlocks) else TrainBlocks(blocks, cfg.micro_batch_size, run_seed)
+    check(data.seq_len == cfg.seq_len, "train.seq_len",
+          f"is {cfg.seq_len} but the blocks hold {data.seq_len} + 1 tokens")
+    check(data.micro_batch_size == cfg.micro_batch_size, "train.micro_batch_size",
+          f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
+    run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data)}
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        check_resumable(read_state(resume), cfg, run_info, resume)
+
+    accelerator = fresh_accelerator(cfg)
+    set_seed(run_seed)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size), build_optimizer(model, cfg))
+
+    start_step, data_position, final_loss = 0, 0, None
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer)
+        start_step, data_position, final_loss = state["global_step"], state["data_position"], state["extra"].get("loss")
+        if accelerator.scaler is not None and "grad_scaler" in state["extra"]:
+            accelerator.scaler.load_state_dict(state["extra"]["grad_scaler"])
+
+    log_path = out_dir / LOG_NAME
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, start_step)
+
+    per_step = cfg.grad_accum * accelerator.num_processes  # global micro-batches per optimizer step
+    step_tokens = per_step * cfg.micro_batch_size * cfg.seq_len
+    batches = data.batches(data_position, rank=accelerator.process_index, num_processes=accelerator.num_processes)
+    train_seconds, train_tokens = 0.0, 0
+
+    loss_module.train()
+    bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="train", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_main_process))
+    with bar:
+        for step in range(start_step + 1, cfg.steps + 1):
+            started = time.perf_counter()
+            lr = lr_at(step, cfg)
+            final_loss, grad_norm = optimizer_step(accelerator, loss_module, optimizer, batches, lr, cfg)
+            seconds = time.perf_counter() - started
+            data_position += per_step
+            train_seconds += seconds
+            train_tokens += step_tokens
+
+            record = {
+                "step": step, "loss": final_loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": data_position * cfg.micro_batch_size * cfg.seq_len,
+                "tokens_per_s": step_tokens / seconds, "seconds": seconds,
+            }
+            if val_blocks is not None and cfg.val_every and step % cfg.val_every == 0:
+                record["val_loss"] = validation_loss(loss_module, val_blocks, cfg, accelerator.device)
+            report = step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if report and logger is not None:
+                    logger.log_metrics(_metric_names(record), step=step)
+            if report:
+                bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if accelerator.is_main_process:
+                    extra = {"run": run_info, "loss": final_loss}
+                    if accelerator.scaler is not None:
+                        extra["grad_scaler"] = accelerator.scaler.state_dict()
+                    save_checkpoint(
+                        out_dir, step, model, optimizer, data_position=data_position,
+                        epoch=data_position // data.batches_per_epoch, config=cfg, extra=extra,
+                    )
+                    prune(out_dir, cfg.keep_checkpoints)
+                accelerator.wait_for_everyone()
+
+    model.eval()
+    return TrainResult(
+        steps=max(start_step, cfg.steps),
+        final_loss=final_loss,
+        tokens_seen=data_position * cfg.micro_batch_size * cfg.seq_len,
+        tokens_per_s=train_tokens / train_seconds if train_seconds else 0.0,
+        resumed_from=start_step if resume is not None else None,
+        log_path=log_path,
+    )
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    lr: float,
+    cfg: TrainConfig,
+) -> tuple[float, float]:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches ``[micro_batch_size, seq_len + 1]`` per process.
+
+    Returns:
+        ``(loss, grad_norm)``: mean NLL per token over every token of the step on all processes, and the global
+        gradient norm before clipping.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = 0
+    for _ in range(cfg.grad_accum):
+        batch = next(batches).to(accelerator.device)
+        with accelerator.accumulate(loss_module):
+            nll = loss_module(batch)
+            accelerator.backward(nll.mean())  # accelerate divides by grad_accum: the step's mean over its tokens
+        nll_sum += nll.detach().double().sum()
+        count += nll.numel()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
+    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # Summed over every token of the step and divided once, not a mean of per-micro-batch means.
+    total = accelerator.reduce(torch.stack([nll_sum, nll_sum.new_tensor(count)]), "sum")
+    return (total[0] / total[1]).item(), float(grad_norm)
+
+
+def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: TrainConfig, device: torch.device) -> float:
+    """Mean NLL per token over the first ``val_batches`` micro-batches of ``val_blocks`` ``[M, S + 1]``."""
+    loss_module.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad():
+        for start in range(0, min(len(val_blocks), cfg.val_batches * cfg.micro_batch_size), cfg.micro_batch_size):
+            nll = loss_module(val_blocks[start : start + cfg.micro_batch_size].to(device))
+            total += nll.double().sum()
+            count += nll.numel()
+    loss_module.train()
+    return (total / count).item()
+
+
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, run_info: dict[str, Any], path: Path) -> None:
+    """Raise ConfigError naming every setting that differs from checkpoint ``path`` and changes the trajectory.
+
+    ``cfg.seed`` itself is not compared: the effective seeds and the data are, through ``run_info``
+    (``seed``, ``data_seed``, ``num_blocks``).
+    """
+    saved_cfg, saved_run = state["config"], state["extra"].get("run", {})
+    diffs = [
+        f"train.{name}: checkpoint {saved_cfg.get(name)!r}, now {value!r}"
+        for name, value in dataclasses.asdict(cfg).items()
+        if name not in RESUMABLE_CHANGES and name != "seed" and saved_cfg.get(name) != value
+    ]
+    diffs += [
+        f"{name}: checkpoint {saved_run.get(name)!r}, now {value!r}"
+        for name, value in run_info.items()
+        if saved_run.get(name) != value
+    ]
+    if diffs:
+        raise ConfigError(
+            f"train: cannot resume from {path}: it was trained with different settings ({'; '.join(diffs)}); "
+            f"restore them or use a new output directory"
+        )
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the lines of steps <= ``step``: later ones were logged after the checkpoint being resumed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a kill mid-write leaves a torn last line
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _metric_names(record: dict[str, Any]) -> dict[str, Any]:
+    """A step record as logger metrics: ``train/<key>``, and ``val/loss`` for the validation loss."""
+    return {("val/loss" if key == "val_loss" else f"train/{key}"): value for key, value in record.items()
+            if key != "step"}

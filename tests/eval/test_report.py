@@ -1,0 +1,103 @@
+"""Table, CSV and plot of sweep rows."""
+
+import csv
+import json
+import sys
+
+import matplotlib
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from lce.errors import ConfigError
+from lce.eval.report import format_length, format_ppl, pivot, plot, print_table, write_csv, write_report
+
+
+def make_row(run, length, ppl, status="ok", **extra):
+    return {
+        "run": run, "method": run.split("_")[0], "params": {"factor": 4, "beta_fast": 32}, "model": "tiny",
+        "length": length, "seed": 0, "status": status, "ppl": ppl, "nll": None if ppl is None else 1.5,
+        "tokens": None if ppl is None else 254, "tokens_per_s": None if ppl is None else 1000.5,
+        "peak_mem_mb": 12.25, **extra,
+    }
+
+
+ROWS = [
+    make_row("rope", 128, 9.87654),
+    make_row("rope", 256, 123.456),
+    make_row("rope", 512, None, status="oom", error="CUDA out of memory"),
+    make_row("yarn_s4", 128, 10.5),
+    make_row("yarn_s4", 256, 9.25),
+]
+
+
+def test_pivot():
+    labels, lengths, table = pivot(ROWS)
+    assert labels == ["rope", "yarn_s4"] and lengths == [128, 256, 512]
+    assert table["rope"] == {128: 9.87654, 256: 123.456, 512: "oom"}
+    assert 512 not in table["yarn_s4"]
+
+
+def test_pivot_rejects_two_rows_for_one_series_and_length():
+    with pytest.raises(ConfigError, match="'rope' at length 128"):
+        pivot(ROWS + [make_row("rope", 128, 1.0)])
+
+
+def test_print_table():
+    console = Console(record=True, width=120)
+    print_table(ROWS, console=console, train_length=128)
+    text = console.export_text()
+    for expected in ("rope", "yarn_s4", "128*", "256", "512", "9.877", "123.46", "9.250", "OOM", "training length"):
+        assert expected in text
+    yarn_line = next(line for line in text.splitlines() if "yarn_s4" in line)
+    assert yarn_line.split()[-2] == "-"  # yarn_s4 has no row at 512
+
+
+@pytest.mark.parametrize(
+    "ppl, text",
+    [(3.14159, "3.142"), (31.4159, "31.42"), (314.159, "314.16"), (2.5e5, "2.500e+05"), (float("inf"), "inf")],
+)
+def test_format_ppl(ppl, text):
+    assert format_ppl(ppl) == text
+
+
+def test_format_length():
+    assert [format_length(n) for n in (96, 1024, 1536, 32768, 2**20)] == ["96", "1k", "1536", "32k", "1M"]
+
+
+def test_write_csv(tmp_path):
+    path = write_csv(ROWS[:3], tmp_path / "ppl_vs_length.csv")
+    params = '"{""beta_fast"": 32, ""factor"": 4}"'
+    assert path.read_text() == (
+        "run,method,params,model,length,status,ppl,nll,tokens,tokens_per_s,peak_mem_mb,seed\n"
+        f"rope,rope,{params},tiny,128,ok,9.87654,1.5,254,1000.5,12.25,0\n"
+        f"rope,rope,{params},tiny,256,ok,123.456,1.5,254,1000.5,12.25,0\n"
+        f"rope,rope,{params},tiny,512,oom,,,,,12.25,0\n"
+    )
+    with open(path, newline="") as f:
+        assert json.loads(next(csv.DictReader(f))["params"]) == {"beta_fast": 32, "factor": 4}
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = plot(ROWS, tmp_path / "plot.png", train_length=128, title="tiny")
+    assert path.stat().st_size > 10_000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert 800 <= image.width <= 2000 and 500 <= image.height <= 1200
+
+
+def test_plot_leaves_pyplot_alone(tmp_path):
+    backend = matplotlib.get_backend()
+    plot(ROWS, tmp_path / "plot.png")
+    assert matplotlib.get_backend() == backend
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_write_report(tmp_path):
+    console = Console(record=True, width=120)
+    paths = write_report(ROWS, tmp_path / "out", train_length=256, console=console)
+    assert set(paths) == {"csv", "png"}
+    assert paths["csv"].name == "ppl_vs_length.csv" and paths["png"].name == "ppl_vs_length.png"
+    assert all(p.exists() and p.parent == tmp_path / "out" for p in paths.values())
+    assert "256*" in console.export_text()

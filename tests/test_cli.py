@@ -1,0 +1,99 @@
+"""The ``lce`` command end to end: a tiny multirun through Hydra, resume, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = [
+    "experiment_name=e2e", "train.steps=4", "train.micro_batch_size=2", "train.seq_len=32", "train.val_every=2",
+    "train.val_batches=1", "train.checkpoint_every=2", "model.hidden_size=32", "model.num_hidden_layers=1",
+    "eval.lengths=[32,64,96]", "eval.n_docs=2", "eval.batch_size=2",
+]
+
+
+def lce(tmp_path, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "lce.cli", *args, f"out_root={tmp_path}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    result = lce(tmp_path, "-m", "posenc=rope,nope", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path, result
+
+
+def test_multirun_trains_sweeps_and_reports(multirun):
+    tmp_path, result = multirun
+    out = tmp_path / "e2e"
+    points = rows(out / "results.jsonl")
+    assert sorted((p["run"], p["length"]) for p in points) == sorted(
+        (run, length) for run in ("rope-full", "nope-full") for length in (32, 64, 96)
+    )
+    assert all(p["status"] == "ok" and p["ppl"] > 1 and p["train_length"] == 32 for p in points)
+    assert {p["method"] for p in points} == {"rope", "nope"}
+    for run in ("rope-full", "nope-full"):
+        assert (out / run / "model" / "model.safetensors").is_file()
+        log = rows(out / run / "train_log.jsonl")
+        assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    csv = (out / "ppl_vs_length.csv").read_text().splitlines()
+    assert csv[0].startswith("run,method,params,model,length,status,ppl") and len(csv) == 7
+    assert (out / "ppl_vs_length.png").stat().st_size > 10_000
+    assert "nope-full" in result.stdout and "rope-full" in result.stdout  # the terminal table
+
+
+def test_rerun_resumes_and_adds_nothing(multirun):
+    tmp_path, _ = multirun
+    before = (tmp_path / "e2e" / "results.jsonl").read_text()
+    result = lce(tmp_path, "posenc=nope", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "e2e" / "results.jsonl").read_text() == before
+
+
+def test_trained_model_reloads_for_evaluation(multirun):
+    """A saved run evaluates as ``model=hf``: its NoPE patch comes back from config.lce, same perplexity."""
+    tmp_path, _ = multirun
+    trained = tmp_path / "e2e" / "nope-full" / "model"
+    result = lce(tmp_path, "task=eval", "model=hf", f"model.path={trained}", "posenc=nope", "run_name=reloaded",
+                 *[a for a in TINY if not a.startswith(("model.", "train.steps"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = {(p["run"], p["length"]): p["ppl"] for p in rows(tmp_path / "e2e" / "results.jsonl")}
+    for length in (32, 64, 96):
+        assert points[("reloaded", length)] == pytest.approx(points[("nope-full", length)], rel=1e-6)
+
+
+def test_changed_config_in_an_existing_run_dir_is_refused(multirun):
+    tmp_path, _ = multirun
+    result = lce(tmp_path, "posenc=nope", *TINY, "train.lr=0.5")
+    assert result.returncode == 2
+    assert "already holds run 'nope-full' with a different train configuration" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+posenc.facter=2", "lce: error: posenc.facter: unknown key; allowed keys: name"),
+        ("train.lr=fast", "lce: error: train.lr: expected a number, got 'fast'"),
+        ("eval.n_docs=0", "lce: error: eval.n_docs: must be >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, override, message):
+    result = lce(tmp_path, override)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_group_option_lists_choices(tmp_path):
+    result = lce(tmp_path, "posenc=yarnn")
+    assert result.returncode != 0
+    assert "Could not find 'posenc/yarnn'" in result.stderr and "nope" in result.stderr

@@ -1,0 +1,44 @@
+"""Loggers: wandb never prompts or blocks without a key, and receives metrics and the sweep."""
+
+import json
+
+import pytest
+
+from lce.loggers import LOGGERS, WandbLogger, wandb_key_available
+
+ROWS = [
+    {"run": "rope", "method": "rope", "length": 128, "status": "ok", "ppl": 8.8, "nll": 2.17, "tokens": 100,
+     "tokens_per_s": 1.0, "peak_mem_mb": 1.0},
+    {"run": "rope", "method": "rope", "length": 256, "status": "oom", "ppl": None, "nll": None, "tokens": None,
+     "tokens_per_s": None, "peak_mem_mb": None},
+]
+
+
+@pytest.fixture
+def no_wandb_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing-netrc"))
+    assert not wandb_key_available()
+
+
+@pytest.mark.timeout(120)
+def test_online_without_key_falls_back_to_offline(no_wandb_key, tmp_path):
+    with pytest.warns(UserWarning, match="no wandb API key"):
+        run = WandbLogger(mode="online").start({"seed": 0}, "test-run", tmp_path)
+    try:
+        assert run.run.settings.mode == "offline"
+        run.log_metrics({"train/loss": 1.5}, step=1)
+        run.log_sweep(ROWS, None)
+    finally:
+        run.finish()
+    summaries = list(tmp_path.glob("wandb/offline-run-*/files/wandb-summary.json"))
+    assert summaries and json.loads(summaries[0].read_text())["train/loss"] == 1.5
+
+
+def test_none_logger_accepts_everything(tmp_path):
+    run = LOGGERS.build("none").start({}, "x", tmp_path)
+    run.log_metrics({"a": 1.0}, step=0)
+    run.log_sweep(ROWS, None)
+    run.finish()
