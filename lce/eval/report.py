@@ -113,6 +113,15 @@ def print_table(rows: list[dict], console: Console | None = None, train_length: 
     return out
 
 
+def _csv_cell(value) -> str | int | float:
+    """Structured values (params, model) as canonical JSON; missing values as empty cells."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write rows in long format (one line per series and length, in the given order) with ``CSV_COLUMNS``."""
     path = Path(path)
@@ -121,9 +130,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            cells = {k: row.get(k) for k in CSV_COLUMNS}
-            cells["params"] = json.dumps(row.get("params", {}), sort_keys=True, default=str)
-            writer.writerow("" if cells[k] is None else cells[k] for k in CSV_COLUMNS)
+            writer.writerow(_csv_cell(row.get(k)) for k in CSV_COLUMNS)
     return path
 
 

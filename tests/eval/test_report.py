@@ -97,7 +97,14 @@ def test_plot_leaves_pyplot_alone(tmp_path):
 def test_write_report(tmp_path):
     console = Console(record=True, width=120)
     paths = write_report(ROWS, tmp_path / "out", train_length=256, console=console)
-    assert set(paths) == {"csv", "png"}
+    assert set(paths) == {"csv", "png", "position_png"}
     assert paths["csv"].name == "ppl_vs_length.csv" and paths["png"].name == "ppl_vs_length.png"
+    assert paths["position_png"].name == "nll_vs_position.png"
     assert all(p.exists() and p.parent == tmp_path / "out" for p in paths.values())
     assert "256*" in console.export_text()
+
+
+def test_structured_cells_are_json(tmp_path):
+    row = {**ROWS[0], "model": {"name": "tiny_llama", "hidden_size": 64}}
+    with open(write_csv([row], tmp_path / "x.csv"), newline="") as f:
+        assert json.loads(next(csv.DictReader(f))["model"]) == {"name": "tiny_llama", "hidden_size": 64}
