@@ -33,8 +33,10 @@ def test_online_without_key_falls_back_to_offline(no_wandb_key, tmp_path):
         run.log_sweep(ROWS, None)
     finally:
         run.finish()
-    summaries = list(tmp_path.glob("wandb/offline-run-*/files/wandb-summary.json"))
-    assert summaries and json.loads(summaries[0].read_text())["train/loss"] == 1.5
+    tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/ppl_vs_length_*.table.json"))
+    table = json.loads(next(t for t in tables if "plot" not in t.name).read_text())
+    assert table["columns"][:3] == ["run", "method", "length"] and len(table["data"]) == 2
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "the offline run file holds the metrics"
 
 
 def test_none_logger_accepts_everything(tmp_path):

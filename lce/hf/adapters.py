@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lce.errors import UnsupportedModelError
+from lce.posenc.rotation import Rotation
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Adapter:
         """A fresh rotary module of the model's own class from ``model.config`` (fp32 frequencies)."""
         old = self.rotary(model)
         return type(old)(config=model.config).to(next(model.parameters()).device)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention module of every decoder layer, in layer order."""
+        return [layer.self_attn for layer in self.base_model(model).layers]
+
+    def rotation(self, rotary: nn.Module) -> Rotation:
+        """The rotation a rotary module applies, as a position-agnostic ``Rotation``."""
+        return Rotation(rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0)))
 
     def rotary_dim(self, model: nn.Module) -> int:
         """Width of the rotated part of each head (head_dim, or less under partial rotary)."""

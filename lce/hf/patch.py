@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,11 @@ from torch import nn
 from lce.attention import ATTENTIONS
 from lce.errors import LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
+from lce.attention.plan import AttentionPlan
+from lce.attention.plan import register as register_attention
 from lce.hf.rotary import NeutralRotary
 from lce.posenc import POSENCS
+from lce.posenc.rotation import Rotation
 
 SPEC_VERSION = 1
 
@@ -60,6 +64,37 @@ class PatchTarget:
         """Replace the rotary module with one that makes rotation an exact identity."""
         self.adapter.set_rotary(self.model, NeutralRotary(self.require_rotary("nope")).to(_device(self.model)))
 
+    def set_rope_parameters(self, method: str, **override: Any) -> None:
+        """Merge ``override`` into the model's original ``rope_parameters`` and rebuild its rotary module.
+
+        Merging keeps ``rope_theta`` and any other original key (an override without it breaks from_pretrained).
+        """
+        self.require_rotary(method)
+        original = copy.deepcopy(self.model._lce_original_rope_parameters)
+        self.model.config.rope_parameters = {**original, **override}
+        self.adapter.set_rotary(self.model, self.adapter.build_rotary(self.model))
+
+    def replace_rotary(self, method: str, build: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace the rotary module with ``build(current_rotary_module)``."""
+        self.adapter.set_rotary(self.model, build(self.require_rotary(method)).to(_device(self.model)))
+
+    def rotate_in_attention(self, method: str) -> Rotation:
+        """Make the model's rotary embedding an identity and return it as a ``Rotation`` for attention kernels."""
+        rotation = self.adapter.rotation(self.require_rotary(method))
+        self.neutralize_rotary()
+        return rotation
+
+    def install_attention(self, name: str, plan_for_layer: Callable[[int, nn.Module], AttentionPlan]) -> None:
+        """Route every attention layer through lce's attention function with its own plan.
+
+        Args:
+            name: the registered implementation name, ``lce_<method>``.
+            plan_for_layer: ``(layer_index, attention_module) -> AttentionPlan``.
+        """
+        for index, module in enumerate(self.adapter.attention_modules(self.model)):
+            module.lce_plan = plan_for_layer(index, module)
+        self.model.set_attn_implementation(register_attention(name))
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -90,6 +125,7 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
     if getattr(model, "_lce_patch", None) is not None:
         unpatch(model)
     target = PatchTarget(model, adapter)
+    model._lce_original_rope_parameters = copy.deepcopy(getattr(model.config, "rope_parameters", None))
     record = PatchRecord(
         rotary=adapter.rotary(model) if target.has_rotary() else None,
         rope_parameters=copy.deepcopy(getattr(model.config, "rope_parameters", None)),
@@ -100,6 +136,7 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
         att.apply(target)
     except Exception:
         _restore(model, adapter, record)
+        del model._lce_original_rope_parameters
         raise
     model._lce_patch = record
     model.config.lce = {**_spec(pe, att), "rope_parameters": copy.deepcopy(record.rope_parameters)}
@@ -108,6 +145,9 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
 
 
 def _restore(model: nn.Module, adapter: Adapter, record: PatchRecord) -> None:
+    for module in adapter.attention_modules(model):
+        if hasattr(module, "lce_plan"):
+            del module.lce_plan
     if record.rotary is not None:
         adapter.set_rotary(model, record.rotary.to(_device(model)))
     if record.rope_parameters is not None:
@@ -122,7 +162,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is None:
         raise LceError(f"{type(model).__name__} is not patched by lce")
     _restore(model, adapter_for(model), record)
-    del model._lce_patch
+    del model._lce_patch, model._lce_original_rope_parameters
     if hasattr(model.config, "lce"):
         del model.config.lce
     return model

@@ -1,0 +1,96 @@
+"""Attention over position-remapped segments: the reference for DCA, Self-Extend, ReRoPE and StreamingLLM.
+
+These methods keep RoPE but change the relative position seen by each (query, key) pair. Each one is a small set of
+segments; a segment rotates queries at ``q_map(i)`` and keys at ``k_map(j)`` (absolute positions ``i``, ``j``) and
+owns the pairs its ``select(i, j)`` picks, so its logits are ``R(q_map(i)) q_i . R(k_map(j)) k_j``, which depend on
+``q_map(i) - k_map(j)`` only. Scores of all segments are merged *before* one softmax (exact, unlike merging
+separately normalised attention outputs with detached weights).
+
+``segmented_attention`` materialises ``[B, H, block, Tk]`` scores one query block at a time, so memory grows with
+``T * block`` rather than ``T^2``; with ``block >= Tq`` it is the plain eager reference. Keys are rotated once per
+segment (``O(T)`` memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lce.posenc.rotation import Rotation
+
+PositionMap = Callable[[torch.Tensor], torch.Tensor]
+PairSelect = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One way of rotating a (query, key) pair.
+
+    Attributes:
+        q_map: absolute query positions ``[B, Tq]`` -> rotation positions (same shape).
+        k_map: absolute key positions ``[B, Tk]`` -> rotation positions.
+        select: ``(i [B, Tq, 1], j [B, 1, Tk]) -> bool [B, Tq, Tk]``: the causal pairs this segment scores.
+            Segments must not overlap; a causal pair no segment selects is masked out.
+    """
+
+    q_map: PositionMap
+    k_map: PositionMap
+    select: PairSelect
+
+
+def identity(positions: torch.Tensor) -> torch.Tensor:
+    return positions
+
+
+def segmented_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: list[Segment],
+    rotation: Rotation,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    block_size: int = 1024,
+) -> torch.Tensor:
+    """Softmax attention whose logits come from the segment owning each pair.
+
+    Args:
+        query: ``[B, H, Tq, D]`` unrotated queries (already scaled per position if log-n applies).
+        key, value: ``[B, HKV, Tk, D]`` unrotated keys and values (``H`` a multiple of ``HKV``).
+        segments: the method's segments.
+        rotation: the model's rotary embedding.
+        q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
+        scaling: the softmax scale (``1/sqrt(D)``).
+        attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend), or None; combined with causality.
+        block_size: query rows scored at once.
+
+    Returns:
+        ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
+    """
+    batch, heads, tq, dim = query.shape
+    groups = heads // key.shape[1]
+    keys = [rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1) for seg in segments]
+    values = value.repeat_interleave(groups, dim=1)
+    out = query.new_empty(batch, heads, tq, dim)
+    score_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax in at least fp32
+    j = k_pos[:, None, :]
+    for start in range(0, tq, block_size):
+        stop = min(start + block_size, tq)
+        i = q_pos[:, start:stop, None]
+        visible = j <= i
+        if attention_mask is not None:
+            visible = visible & attention_mask[:, 0, start:stop, :]
+        scores = torch.full((batch, heads, stop - start, k_pos.shape[1]), float("-inf"), device=query.device,
+                            dtype=score_dtype)
+        for seg, k_rot in zip(segments, keys):
+            q_rot = rotation.apply(query[:, :, start:stop], seg.q_map(q_pos[:, start:stop]))
+            chosen = (seg.select(i, j) & visible)[:, None]
+            logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * scaling
+            scores = torch.where(chosen, logits, scores)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing
+        out[:, :, start:stop] = torch.matmul(probs.to(values.dtype), values)
+    return out.transpose(1, 2)

@@ -1,0 +1,93 @@
+"""lce's attention dispatcher: an empty plan is the model's SDPA attention; rotation inside attention at the true
+positions is plain RoPE (prefill and decode); masks still reach the function; plans are per instance."""
+
+import torch
+
+from lce.attention.plan import AttentionPlan
+from lce.attention.segments import Segment, identity, segmented_attention
+from lce.hf.adapters import adapter_for
+from lce.hf.patch import PatchTarget
+from tests.conftest import make_tiny_llama
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def everything(i, j):
+    return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+
+
+def rope_in_attention(model):
+    """Plain RoPE re-implemented inside attention through one identity segment."""
+    target = PatchTarget(model, adapter_for(model))
+    rotation = target.rotate_in_attention("test")
+
+    def kernel(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        return segmented_attention(query, key, value, [Segment(identity, identity, everything)], rotation, q_pos,
+                                   k_pos, scaling, mask, block_size=5), None
+
+    target.install_attention("lce_test_rope", lambda index, module: AttentionPlan(kernel=kernel))
+
+
+IDS = torch.randint(3, 259, (2, 23), generator=torch.Generator().manual_seed(0))
+
+
+def test_empty_plan_is_the_models_sdpa_attention():
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    PatchTarget(model, adapter_for(model)).install_attention("lce_test_empty", lambda i, m: AttentionPlan())
+    assert model.config._attn_implementation == "lce_test_empty"
+    assert torch.equal(logits(model, IDS), logits(reference, IDS))
+    assert reference.config._attn_implementation == "sdpa"  # the other instance is untouched
+
+
+def test_rope_inside_attention_equals_stock_rope():
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    rope_in_attention(model)
+    # Block-wise eager softmax vs SDPA: same math, different summation order in fp32.
+    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=2e-5, rtol=2e-5)
+
+
+def test_rope_inside_attention_decodes_like_a_full_forward():
+    model = make_tiny_llama()
+    rope_in_attention(model)
+    full = logits(model, IDS)
+    with torch.no_grad():
+        out = model(IDS[:, :15], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(15, IDS.shape[1]):
+            out = model(IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=2e-5)  # fp32 reduction order
+
+
+def test_padding_mask_reaches_the_kernel():
+    model = make_tiny_llama()
+    rope_in_attention(model)
+    ids = IDS[:1, :10]
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(
+        logits(model, padded, attention_mask=mask, position_ids=position_ids)[:, 4:], logits(model, ids),
+        atol=2e-5, rtol=2e-5,  # fp32 reduction order
+    )
+
+
+def test_segmented_attention_gradients_match_sdpa():
+    rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
+    q = torch.randn(1, 4, 13, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 13, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 13, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(13)[None]
+    out = segmented_attention(q, k, v, [Segment(identity, identity, everything)], rotation, pos, pos, 0.25,
+                              block_size=4)
+    qr, kr = rotation.apply(q, pos), rotation.apply(k, pos)
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, v, is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
