@@ -81,7 +81,7 @@ def test_changed_config_in_an_existing_run_dir_is_refused(multirun):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("+posenc.facter=2", "lce: error: posenc.facter: unknown key; allowed keys: name"),
+        ("+posenc.facter=2", "lce: error: posenc.facter: unknown key; allowed keys: logn, logn_length, name"),
         ("train.lr=fast", "lce: error: train.lr: expected a number, got 'fast'"),
         ("eval.n_docs=0", "lce: error: eval.n_docs: must be >= 1, got 0"),
     ],

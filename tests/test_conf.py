@@ -69,7 +69,7 @@ def test_yaml_defaults_equal_dataclass_defaults(group, option):
 
 def test_unknown_key_added_with_plus_is_rejected():
     cfg = composed(["+posenc.facter=2"])
-    with pytest.raises(ConfigError, match=r"posenc\.facter: unknown key.*allowed keys: name"):
+    with pytest.raises(ConfigError, match=r"posenc\.facter: unknown key.*allowed keys: logn, logn_length, name"):
         parse_run_config(cfg)
 
 

@@ -20,10 +20,11 @@ from torch import nn
 from lce.attention import ATTENTIONS
 from lce.errors import LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
-from lce.attention.plan import AttentionPlan
+from lce.attention.plan import AttentionPlan, Kernel
 from lce.attention.plan import register as register_attention
 from lce.hf.rotary import NeutralRotary
 from lce.posenc import POSENCS
+from lce.posenc.logn import logn_scale, original_length
 from lce.posenc.rotation import Rotation
 
 SPEC_VERSION = 1
@@ -44,6 +45,8 @@ class PatchTarget:
     def __init__(self, model: nn.Module, adapter: Adapter):
         self.model = model
         self.adapter = adapter
+        self._kernel: tuple[str, Callable[[int, nn.Module], Kernel]] | None = None
+        self._q_scale: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @property
     def config(self):
@@ -84,16 +87,32 @@ class PatchTarget:
         self.neutralize_rotary()
         return rotation
 
-    def install_attention(self, name: str, plan_for_layer: Callable[[int, nn.Module], AttentionPlan]) -> None:
-        """Route every attention layer through lce's attention function with its own plan.
+    def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel]) -> None:
+        """Compute attention with ``kernel_for_layer(layer_index, attention_module)`` in every layer.
 
-        Args:
-            name: the registered implementation name, ``lce_<method>``.
-            plan_for_layer: ``(layer_index, attention_module) -> AttentionPlan``.
+        One kernel per model: two methods that both need to own the attention computation do not compose.
         """
+        if self._kernel is not None:
+            raise LceError(f"posenc {method} and {self._kernel[0]} both replace the attention computation; "
+                           "they cannot be combined")
+        self._kernel = (method, kernel_for_layer)
+
+    def scale_queries(self, method: str, q_scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Multiply each query by ``q_scale(positions [B, Tq]) -> [B, Tq]`` before attention (log-n scaling)."""
+        if self._q_scale is not None:
+            raise LceError(f"posenc {method} and {self._q_scale[0]} both scale queries; they cannot be combined")
+        self._q_scale = (method, q_scale)
+
+    def finalize(self) -> None:
+        """Route attention through lce's function if any method asked for a kernel or query scaling."""
+        if self._kernel is None and self._q_scale is None:
+            return
+        names = [part[0] for part in (self._kernel, self._q_scale) if part is not None]
+        q_scale = self._q_scale[1] if self._q_scale else None
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
-            module.lce_plan = plan_for_layer(index, module)
-        self.model.set_attn_implementation(register_attention(name))
+            kernel = self._kernel[1](index, module) if self._kernel else None
+            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale)
+        self.model.set_attn_implementation(register_attention("lce_" + "_".join(names)))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -133,7 +152,10 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
     )
     try:
         pe.apply(target)
+        if pe.logn:
+            target.scale_queries("logn", logn_scale(pe.logn_length or original_length(model.config)))
         att.apply(target)
+        target.finalize()
     except Exception:
         _restore(model, adapter, record)
         del model._lce_original_rope_parameters

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lce.config import check
 from lce.registry import Registry
 
 if TYPE_CHECKING:
@@ -21,9 +22,19 @@ POSENCS: Registry = Registry("posenc")
 
 @dataclass(frozen=True)
 class PosEnc:
-    """Base of position-encoding configs. Subclasses add ``name: str = "<key>"`` and their parameters."""
+    """Base of position-encoding configs. Subclasses add ``name: str = "<key>"`` and their parameters.
+
+    Every method composes with log-n query scaling (``logn: true``, see ``lce.posenc.logn``): it multiplies queries
+    by ``max(1, ln(p + 1) / ln(logn_length))`` at position ``p``, after whatever else the method does.
+    """
 
     name: str
+    logn: bool = False
+    logn_length: int | None = None
+
+    def __post_init__(self):
+        check(self.logn_length is None or self.logn_length >= 2, "posenc.logn_length",
+              f"must be >= 2 (the training length), got {self.logn_length}")
 
     def apply(self, target: PatchTarget) -> None:
         """Patch ``target.model`` in place; must only go through ``target`` so that unpatching restores it."""

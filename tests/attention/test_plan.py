@@ -28,16 +28,20 @@ def rope_in_attention(model):
         return segmented_attention(query, key, value, [Segment(identity, identity, everything)], rotation, q_pos,
                                    k_pos, scaling, mask, block_size=5), None
 
-    target.install_attention("lce_test_rope", lambda index, module: AttentionPlan(kernel=kernel))
+    target.use_kernel("test_rope", lambda index, module: kernel)
+    target.finalize()
 
 
 IDS = torch.randint(3, 259, (2, 23), generator=torch.Generator().manual_seed(0))
 
 
-def test_empty_plan_is_the_models_sdpa_attention():
+def test_plan_without_kernel_is_the_models_sdpa_attention():
     model, reference = make_tiny_llama(), make_tiny_llama()
-    PatchTarget(model, adapter_for(model)).install_attention("lce_test_empty", lambda i, m: AttentionPlan())
-    assert model.config._attn_implementation == "lce_test_empty"
+    target = PatchTarget(model, adapter_for(model))
+    target.scale_queries("test_unit", lambda positions: torch.ones(positions.shape))
+    target.finalize()
+    assert model.config._attn_implementation == "lce_test_unit"
+    assert isinstance(model.model.layers[0].self_attn.lce_plan, AttentionPlan)
     assert torch.equal(logits(model, IDS), logits(reference, IDS))
     assert reference.config._attn_implementation == "sdpa"  # the other instance is untouched
 

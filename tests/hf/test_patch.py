@@ -86,7 +86,7 @@ def test_spec_forms_are_equivalent(tiny_model):
 
     for spec in ["nope", {"name": "nope"}, OmegaConf.create({"name": "nope"}), Nope()]:
         lce.patch(tiny_model, spec)
-        assert tiny_model.config.lce["posenc"] == {"name": "nope"}
+        assert tiny_model.config.lce["posenc"] == {"name": "nope", "logn": False, "logn_length": None}
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_model):
@@ -132,7 +132,7 @@ def test_save_and_load_round_trip(tiny_model, ids, tmp_path):
     lce.save_model(tiny_model, lce.data.ByteTokenizer(), tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
     loaded, tokenizer = lce.load_model(str(tmp_path / "m"))
-    assert loaded.config.lce["posenc"] == {"name": "nope"}
+    assert loaded.config.lce["posenc"]["name"] == "nope"
     assert torch.equal(logits(loaded, ids), logits(tiny_model, ids))
     assert isinstance(tokenizer, lce.data.ByteTokenizer)
 
@@ -148,9 +148,9 @@ def test_saved_tokenizer_loads_in_vanilla_transformers(tmp_path):
 
 
 def test_bad_input_is_a_clear_error(tiny_model):
-    with pytest.raises(ConfigError, match=r"unknown posenc 'yarnn'.*available: nope, rope"):
+    with pytest.raises(ConfigError, match=r"unknown posenc 'yarnn'.*available: logn, nope, rope"):
         lce.patch(tiny_model, "yarnn")
-    with pytest.raises(ConfigError, match=r"posenc\.factor: unknown key; allowed keys: name"):
+    with pytest.raises(ConfigError, match=r"posenc\.factor: unknown key; allowed keys: logn, logn_length, name"):
         lce.patch(tiny_model, "nope", factor=2)
     with pytest.raises(ConfigError, match=r"a 'name' is required"):
         lce.patch(tiny_model, {"factor": 2})
