@@ -27,3 +27,27 @@ def make_tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_model():
     return make_tiny_llama()
+
+
+def logits(model, ids, **kwargs):
+    """Model logits without autograd."""
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def decode_logits(model, ids, prefill: int):
+    """Logits of a prefill of ``prefill`` tokens followed by token-by-token decoding with the KV cache."""
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    return torch.cat(steps, dim=1)
+
+
+def assert_decode_matches_full(model, ids, prefill: int, tol: float = 2e-5):
+    """Prefill + token-by-token decoding == one full forward. The default tolerance allows fp32 reduction-order
+    differences (a query attending one at a time over the cache sums the same terms in another order)."""
+    torch.testing.assert_close(decode_logits(model, ids, prefill), logits(model, ids), atol=tol, rtol=tol)
