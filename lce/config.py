@@ -124,6 +124,13 @@ def check(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+def check_at_least(config: Any, where: str, minimum: float, *names: str) -> None:
+    """Raise ``ConfigError("where.name: must be >= minimum, got value")`` for the first field below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        check(value >= minimum, f"{where}.{name}", f"must be >= {minimum}, got {value}")
+
+
 def non_default_fields(config: Any) -> dict[str, Any]:
     """The fields of a dataclass instance whose values differ from their defaults (for labels)."""
     out = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lce.config import check
+from lce.config import check, check_at_least
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,5 @@ class EvalConfig:
         for length in self.lengths:
             check(length >= 2, "eval.lengths", f"every length must be >= 2 (one prediction), got {length}")
         check(len(set(self.lengths)) == len(self.lengths), "eval.lengths", f"has duplicates: {self.lengths}")
-        check(self.n_docs >= 1, "eval.n_docs", f"must be >= 1, got {self.n_docs}")
-        check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        check_at_least(self, "eval", 1, "n_docs", "batch_size", "loss_chunk_size")
         check(self.bucket_size is None or self.bucket_size >= 1, "eval.bucket_size", f"must be >= 1, got {self.bucket_size}")
-        check(self.loss_chunk_size >= 1, "eval.loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size}")

@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from lce.config import check
+from lce.config import check, check_at_least
 from lce.data.tokenizer import ByteTokenizer, HFTokenizer
 from lce.errors import LceError
 from lce.hf.patch import check_rotary_precision, reapply_saved_patch
@@ -52,9 +52,8 @@ class TinyLlama:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self):
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "max_position_embeddings"):
-            check(getattr(self, field) >= 1, f"model.{field}", f"must be >= 1, got {getattr(self, field)}")
+        check_at_least(self, "model", 1, "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "intermediate_size", "max_position_embeddings")
         check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
               f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_key_value_heads",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lce.config import check
+from lce.config import check, check_at_least
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -73,13 +73,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         w = "train"
-        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "val_batches", "loss_chunk_size"):
-            value = getattr(self, name)
-            check(value >= 1, f"{w}.{name}", f"must be >= 1, got {value}")
-        for name in ("warmup_steps", "val_every", "weight_decay"):
-            value = getattr(self, name)
-            check(value >= 0, f"{w}.{name}", f"must be >= 0, got {value}")
+        check_at_least(self, w, 1, "steps", "seq_len", "micro_batch_size", "grad_accum", "checkpoint_every",
+                       "keep_checkpoints", "log_every", "val_batches", "loss_chunk_size")
+        check_at_least(self, w, 0, "warmup_steps", "val_every", "weight_decay")
         check(self.lr > 0, f"{w}.lr", f"must be > 0, got {self.lr}")
         check(0 <= self.min_lr_ratio <= 1, f"{w}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         check(self.eps > 0, f"{w}.eps", f"must be > 0, got {self.eps}")
