@@ -20,7 +20,7 @@ from lce.attention import ATTENTIONS
 from lce.config import from_mapping, non_default_fields, to_plain
 from lce.data import DATASETS, eval_documents, token_stream
 from lce.errors import ConfigError, did_you_mean
-from lce.eval.config import EvalConfig
+from lce.eval.config import EvalConfig, posenc_label
 from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
 from lce.loggers import LOGGERS
@@ -161,9 +161,7 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
     model.to(device)
     meta = {
         "experiment": run_cfg.experiment_name,
-        "run": run_cfg.run_name,
-        "method": run_cfg.posenc.name,
-        "params": {"posenc": _label(run_cfg.posenc), "attention": _label(run_cfg.attention)},
+        "run_name": run_cfg.run_name,
         "model": _label(run_cfg.model),
         "seed": run_cfg.seed,
         "protocol": {"name": "truncate", "data": run_cfg.data.name, "split": ev.split, "n_docs": ev.n_docs,
@@ -172,8 +170,19 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
         "git_revision": git_revision(),
     }
     store = ResultStore(results_dir / "results.jsonl")
-    rows = run_sweep(model, docs, lengths, store, meta=meta, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
-                     bucket_size=bucket_size, device=device, progress=progress)
+    series = [(run_cfg.run_name, run_cfg.posenc)]
+    if ev.posencs:
+        series = [(label, config) for config, label in
+                  (posenc_label(spec, f"eval.posencs[{i}]") for i, spec in enumerate(ev.posencs))]
+    rows = []
+    for run, posenc in series:
+        if ev.posencs:
+            patch(model, posenc, attention=run_cfg.attention)
+        rows += run_sweep(model, docs, lengths, store,
+                          meta={**meta, "run": run, "method": posenc.name,
+                                "params": {"posenc": _label(posenc), "attention": _label(run_cfg.attention)}},
+                          batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size, bucket_size=bucket_size,
+                          device=device, progress=progress)
     experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
     paths = write_report(experiment_rows, results_dir, train_length=train_length,
                          title=f"{run_cfg.experiment_name}: perplexity vs length")

@@ -97,3 +97,19 @@ def test_unknown_group_option_lists_choices(tmp_path):
     result = lce(tmp_path, "posenc=yarnn")
     assert result.returncode != 0
     assert "Could not find 'posenc/yarnn'" in result.stderr and "nope" in result.stderr
+
+
+def test_training_free_methods_are_series_of_one_model(multirun):
+    """``eval.posencs`` evaluates one trained model under several patches; RoPE reproduces the trained run."""
+    tmp_path, _ = multirun
+    trained = tmp_path / "e2e" / "rope-full" / "model"
+    result = lce(tmp_path, "task=eval", "model=hf", f"model.path={trained}", "run_name=training-free",
+                 "eval.posencs=[{name: rope},{name: logn, logn_length: 16, label: my-logn}]",
+                 *[a for a in TINY if not a.startswith(("model.", "train.steps"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = {(p["run"], p["length"]): p for p in rows(tmp_path / "e2e" / "results.jsonl")}
+    for length in (32, 64, 96):
+        assert points[("rope", length)]["ppl"] == pytest.approx(points[("rope-full", length)]["ppl"], rel=1e-6)
+        assert points[("my-logn", length)]["method"] == "logn"
+        assert points[("my-logn", length)]["params"]["posenc"] == {"name": "logn", "logn_length": 16}
+    assert points[("my-logn", 96)]["ppl"] != points[("rope", 96)]["ppl"]

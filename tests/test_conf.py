@@ -99,3 +99,12 @@ def test_bad_group_option_lists_available():
 
     with pytest.raises(MissingConfigException, match=r"(?s)posenc/yarnn.*Available options in 'posenc'.*nope"):
         composed(["posenc=yarnn"])
+
+
+def test_eval_posencs_are_validated():
+    with pytest.raises(ConfigError, match=r"eval\.posencs\[1\]: unknown posenc 'yarnn'"):
+        parse_run_config(composed(["eval.posencs=[{name: rope},{name: yarnn}]"]))
+    with pytest.raises(ConfigError, match=r"eval\.posencs\[0\]\.facter: unknown key"):
+        parse_run_config(composed(["eval.posencs=[{name: logn, facter: 2}]"]))
+    with pytest.raises(ConfigError, match=r"eval\.posencs: labels must be distinct"):
+        parse_run_config(composed(["eval.posencs=[{name: rope},{name: logn, label: rope}]"]))

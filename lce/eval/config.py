@@ -5,12 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lce.config import check, check_at_least
+from lce.config import check, check_at_least, non_default_fields
+from lce.posenc import POSENCS
+
+
+def posenc_label(spec: dict, where: str = "posenc") -> tuple[object, str]:
+    """A validated position-encoding config and its series label (``label`` key, else name + changed fields)."""
+    spec = dict(spec)
+    label = spec.pop("label", None)
+    config = POSENCS.build(spec, where)
+    if label is None:
+        changed = non_default_fields(config)
+        label = " ".join([config.name, *(f"{k}={v}" for k, v in changed.items())])
+    return config, str(label)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity-vs-length sweep: each test document truncated to each length, NLL summed and divided once."""
+    """Perplexity-vs-length sweep: each test document truncated to each length, NLL summed and divided once.
+
+    ``posencs`` lists training-free position encodings to evaluate the same model with, one series each (e.g.
+    ``[{name: pi, factor: 32}, {name: yarn, factor: 32}]``); each entry may carry a ``label`` for the plot and table
+    (default: the name and its non-default parameters). Empty: the model is evaluated as the run patched it.
+    """
 
     name: str = "default"
     lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
@@ -20,6 +37,7 @@ class EvalConfig:
     batch_size: int = 4
     bucket_size: int | None = None
     loss_chunk_size: int = 4096
+    posencs: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         check(len(self.lengths) > 0, "eval.lengths", "must list at least one length")
@@ -27,4 +45,6 @@ class EvalConfig:
             check(length >= 2, "eval.lengths", f"every length must be >= 2 (one prediction), got {length}")
         check(len(set(self.lengths)) == len(self.lengths), "eval.lengths", f"has duplicates: {self.lengths}")
         check_at_least(self, "eval", 1, "n_docs", "batch_size", "loss_chunk_size")
+        labels = [posenc_label(spec, f"eval.posencs[{i}]")[1] for i, spec in enumerate(self.posencs)]
+        check(len(set(labels)) == len(labels), "eval.posencs", f"labels must be distinct, got {labels}")
         check(self.bucket_size is None or self.bucket_size >= 1, "eval.bucket_size", f"must be >= 1, got {self.bucket_size}")
