@@ -44,10 +44,10 @@ class Registry(Generic[C]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
-    def get(self, name: str) -> type[C]:
+    def get(self, name: str, where: str | None = None) -> type[C]:
         if name not in self._classes:
             raise ConfigError(
-                f"{self.group}: unknown {self.group} '{name}'{did_you_mean(name, self._classes)}; "
+                f"{where or self.group}: unknown {self.group} '{name}'{did_you_mean(name, self._classes)}; "
                 f"available: {', '.join(self.names())}"
             )
         return self._classes[name]
@@ -67,5 +67,5 @@ class Registry(Generic[C]):
         else:
             raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {spec!r}")
         data.update(params)
-        cls = self.get(data["name"])
+        cls = self.get(data["name"], where)
         return from_mapping(cls, data, where)

@@ -38,15 +38,17 @@ last token of a sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from lce.attention.segments import Segment, segmented_attention
 from lce.config import check
 from lce.errors import LceError
 from lce.posenc.base import POSENCS, PosEnc
-from lce.posenc.rotation import Rotation
+
+if TYPE_CHECKING:
+    from lce.attention.segments import Segment
+    from lce.posenc.rotation import Rotation
 
 DcaConvention = Literal["code", "paper"]
 
@@ -93,6 +95,8 @@ class DcaGeometry:
 
     def segments(self) -> list[Segment]:
         """The intra-, successive- and inter-chunk segments (``lce.attention.segments``)."""
+        from lce.attention.segments import Segment  # lce.attention imports lce.posenc: import on use
+
         stride = self.stride
 
         def in_chunk(positions: torch.Tensor) -> torch.Tensor:
@@ -149,6 +153,8 @@ def dca_attention(
     Returns:
         ``[B, Tq, H, D]``.
     """
+    from lce.attention.segments import segmented_attention
+
     if mscale:
         factor = dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2
         query = query * factor[:, None, :, None].to(query.dtype)
