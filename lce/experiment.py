@@ -25,7 +25,7 @@ from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
 from lce.loggers import LOGGERS
 from lce.posenc import POSENCS
-from lce.provenance import git_revision
+from lce.provenance import git_revision, versions
 from lce.train import TrainConfig, train
 from lce.train.data import blocks_from_stream
 
@@ -168,6 +168,8 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
                      "documents": ev.documents, "bucket_size": bucket_size},
         "train_length": train_length,
         "git_revision": git_revision(),
+        "versions": versions(),
+        "config": run_cfg.to_dict(),
     }
     store = ResultStore(results_dir / "results.jsonl")
     series = [(run_cfg.run_name, run_cfg.posenc)]

@@ -1,0 +1,177 @@
+"""ALiBi: attention with linear biases (Press et al. 2022, arXiv:2108.12409).
+
+No position embedding at all: rotation is neutralised and each head ``h`` adds a linear penalty to the score of
+query ``i`` and key ``j <= i`` (paper §3, Figure 3)::
+
+    score(i, j) = q_i . k_j / sqrt(d) - m_h * (i - j)
+
+The slopes ``m_h`` are a geometric sequence (paper §3; ``get_slopes`` in ofirpress/attention_with_linear_biases
+``fairseq/models/transformer.py:742-760``): for ``H`` a power of two, ``m_h = 2^(-8h/H)``, ``h = 1..H``; otherwise the
+``2^floor(log2 H)`` power-of-two slopes followed by every other slope of the ``2 * 2^floor(log2 H)`` sequence
+(``[0::2]``), as many as are missing. attention-gym's ``2^(-8(h+1)/H)`` for every ``H`` is a different sequence for
+non-power-of-two ``H`` and is not what the paper trained.
+
+The reference code adds ``m_h * j`` instead of ``-m_h * (i - j)``: equal after the softmax (a per-row shift), valid for
+causal attention only. lce keeps the ``(i - j)`` form, which is also better conditioned: in fp32 the ``m_h * j`` form
+rounds every logit by up to ``m_h * j * 6e-8`` (3e-3 at ``j = 1e5``), while ``m_h * (i - j)`` is small, hence accurate,
+for the nearby keys that carry the probability mass, and large only for keys the softmax ignores anyway.
+
+Two kernels with one signature: ``alibi_attention_eager`` materialises the ``[B, H, Tq, Tk]`` bias (the readable
+reference), and ``alibi_attention`` (the default) scores one block of queries at a time, so neither the bias nor the
+scores ever exist for all ``Tq`` at once; with more than one block it recomputes each block in the backward pass
+(activation checkpointing per block), so training memory stays ``O(B * H * block * Tk)`` too. CUDA kernels with native
+ALiBi (FlashAttention-2's ``alibi_slopes``) would be a further fast path; none is wired here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lce.config import check
+from lce.posenc.base import POSENCS, PosEnc
+
+
+def _power_of_two_slopes(n: int) -> list[float]:
+    start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))  # = 2^(-8/n); start == ratio
+    return [start ** (h + 1) for h in range(n)]
+
+
+def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The paper's per-head slopes ``m_h``, ``[H]`` (computed in fp64, returned in ``dtype``).
+
+    Example: ``H = 8 -> 1/2, 1/4, ..., 1/256``; ``H = 12 -> 1/2 ... 1/256, 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5``.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = _power_of_two_slopes(closest)
+    if closest != num_heads:
+        slopes += _power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64).to(dtype)
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """``-m_h * (i - j)`` as ``[B, H, Tq, Tk]`` in ``slopes.dtype`` (``q_pos [B, Tq]``, ``k_pos [B, Tk]``)."""
+    distance = (q_pos[:, :, None] - k_pos[:, None, :]).to(slopes.dtype)
+    return -slopes[None, :, None, None] * distance[:, None]
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, Tq, Tk]``: causal by position, and allowed by the boolean mask ``[B, 1, Tq, Tk]`` if any."""
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    if attention_mask is not None:
+        visible = visible & attention_mask[:, 0]
+    return visible
+
+
+def alibi_attention_eager(query, key, value, slopes, q_pos, k_pos, scaling, attention_mask=None, dropout=0.0):
+    """Reference ALiBi attention with the whole bias materialised.
+
+    Args:
+        query: ``[B, H, Tq, D]`` (no rotation).
+        key, value: ``[B, HKV, Tk, D]`` (``H`` a multiple of ``HKV``; query head ``h`` uses KV head ``h // (H/HKV)``).
+        slopes: ``[H]``.
+        q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
+        scaling: softmax scale (``1/sqrt(D)``).
+        attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None; combined with causality.
+        dropout: attention-probability dropout.
+
+    Returns:
+        ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    score_dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
+    scores = scores + alibi_bias(slopes.to(score_dtype), q_pos, k_pos)
+    scores = scores.masked_fill(~_visible(q_pos, k_pos, attention_mask)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dropout > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2)
+
+
+def _alibi_block(query, key, value, slopes, q_pos, k_pos, attention_mask, scaling, dropout):
+    """One query block, KV heads not repeated: ``query [B, HKV, G, b, D]``, ``key/value [B, HKV, 1, Tk, D]``,
+    ``slopes [1, HKV, G, 1, 1]`` -> ``[B, HKV, G, b, D]``."""
+    score_dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
+    distance = (q_pos[:, :, None] - k_pos[:, None, :]).to(score_dtype)
+    scores = scores - slopes.to(score_dtype) * distance[:, None, None]
+    visible = _visible(q_pos, k_pos, attention_mask)
+    # A row with no visible key (a left-pad query) gets a finite uniform softmax that is then zeroed: all -inf would
+    # give NaN probabilities, and their gradients would leak NaN into every key through the backward matmul.
+    alive = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~(visible | ~alive)[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * alive[:, None, None]
+    if dropout > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def alibi_attention(query, key, value, slopes, q_pos, k_pos, scaling, attention_mask=None, dropout=0.0,
+                    block_size: int = 256):
+    """Block-wise ALiBi attention: same arguments and result as ``alibi_attention_eager``.
+
+    Scores ``[B, H, block_size, Tk]`` at a time (KV heads are broadcast, not copied per query head). With more than
+    one block and gradients required, each block is recomputed in the backward pass instead of keeping its
+    probabilities, so memory stays ``O(B * H * block_size * Tk)`` in training as well.
+    """
+    batch, heads, tq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups, tq, dim)
+    k, v = key[:, :, None], value[:, :, None]
+    m = slopes.reshape(1, kv_heads, groups, 1, 1)
+    recompute = tq > block_size and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    outs = []
+    for start in range(0, tq, block_size):
+        stop = min(start + block_size, tq)
+        mask = attention_mask[:, :, start:stop] if attention_mask is not None else None
+        args = (q[:, :, :, start:stop], k, v, m, q_pos[:, start:stop], k_pos, mask, scaling, dropout)
+        outs.append(checkpoint(_alibi_block, *args, use_reentrant=False) if recompute else _alibi_block(*args))
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    return out.reshape(batch, heads, tq, out.shape[-1]).transpose(1, 2)
+
+
+@POSENCS.register("alibi")
+@dataclass(frozen=True)
+class Alibi(PosEnc):
+    """ALiBi: no rotation; per-head linear distance penalty with the paper's slopes, in every layer.
+
+    Attributes:
+        kernel: ``blockwise`` (query blocks, memory ``O(T * block_size)``) or ``eager`` (materialised ``[B, H, T, T]``
+            bias; the reference, for checks only).
+        block_size: query rows scored at once by the block-wise kernel.
+    """
+
+    name: str = "alibi"
+    kernel: Literal["blockwise", "eager"] = "blockwise"
+    block_size: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.kernel in ("blockwise", "eager"), "posenc.kernel",
+              f"{self.kernel!r} is not allowed; choose one of 'blockwise', 'eager'")
+        check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
+
+    def apply(self, target) -> None:
+        if target.has_rotary():
+            target.neutralize_rotary()
+        slopes = alibi_slopes(target.config.num_attention_heads)
+        eager, block_size = self.kernel == "eager", self.block_size
+
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            m = slopes.to(query.device)
+            if eager:
+                return alibi_attention_eager(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout), None
+            return alibi_attention(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
+                                   block_size=block_size), None
+
+        target.use_kernel("alibi", lambda layer_index, module: kernel)

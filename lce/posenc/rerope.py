@@ -1,0 +1,94 @@
+"""ReRoPE: rectified rotary position embedding (Su 2023, https://kexue.fm/archives/9708; code: bojone/rerope
+``rerope_patch.py``, copied as ``scaled_rope/LlamaReRoPE.py`` in jquesnelle/yarn; YaRN paper arXiv:2309.00071 §2.4).
+
+RoPE logits depend on the relative position ``i - j`` only. ReRoPE clips it at a window ``w``::
+
+    r(i, j) = min(i - j, w),    score(i, j) = q_i . R(r(i, j)) k_j * scaling    (R the RoPE rotation; j <= i)
+
+so a query never sees a relative position larger than ``w``, whatever the sequence length: positions within the
+window are exact (local order intact), everything farther looks "w tokens away". As in the reference code this is two
+RoPE score matrices merged before one softmax (``lce.attention.segments``):
+
+- near (``i - j < w``): query rotated at ``i``, key at ``j``;
+- far (``i - j >= w``): query rotated at ``w``, key at ``0`` (unrotated), relative position ``w``.
+
+The reference also multiplies queries by ``max(1, ln(i + 1) / ln(L))`` (log-n, ``L`` = training length, 4096 there);
+lce's ``logn`` field is exactly that formula, and it defaults to **true** here to match the original. ``logn: false``
+gives the bare clipped positions; ``logn_length: null`` takes ``L`` from the model config. The reference uses
+``window = 512`` with ``training_length = 4096`` (``rerope_patch.py``; its README results use ``w = 1024``).
+
+Keys are cached unrotated (rotation happens inside attention), so prefill + decode equals one full forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lce.attention.segments import Segment, identity, segmented_attention
+from lce.config import check
+from lce.errors import LceError
+from lce.posenc.base import POSENCS, PosEnc
+from lce.posenc.rotation import Rotation
+
+
+def rerope_segments(window: int) -> list[Segment]:
+    """The two segments of ReRoPE with window ``w``: exact positions below ``w``, query at ``w`` and key at 0 beyond."""
+    near = Segment(identity, identity, lambda i, j: i - j < window)
+    far = Segment(lambda p: torch.full_like(p, window), torch.zeros_like, lambda i, j: i - j >= window)
+    return [near, far]
+
+
+def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
+                     q_pos: torch.Tensor, k_pos: torch.Tensor, scaling: float, window: int,
+                     attention_mask: torch.Tensor | None = None, block_size: int = 1024) -> torch.Tensor:
+    """Causal attention with relative positions clipped at ``window``.
+
+    Args:
+        query: ``[B, H, Tq, D]`` unrotated (log-n scaled if enabled); key, value: ``[B, HKV, Tk, D]`` unrotated.
+        rotation: the model's rotary embedding.
+        q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
+        scaling: softmax scale; window: ``w``; attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal);
+        block_size: query rows scored at once.
+
+    Returns:
+        ``[B, Tq, H, D]``.
+    """
+    return segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
+                               attention_mask, block_size=block_size)
+
+
+@POSENCS.register("rerope")
+@dataclass(frozen=True)
+class ReRope(PosEnc):
+    """ReRoPE in every layer.
+
+    Attributes:
+        window: ``w``, the largest relative position any (query, key) pair sees.
+        block_size: query rows scored at once (memory ``O(B * H * block_size * T)``).
+        logn: log-n query scaling, on by default as in the reference implementation.
+    """
+
+    name: str = "rerope"
+    window: int = 512
+    block_size: int = 1024
+    logn: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.window >= 1, "posenc.window", f"must be >= 1 (the clipping distance), got {self.window}")
+        check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
+
+    def apply(self, target) -> None:
+        rotation = target.rotate_in_attention("rerope")
+        window, block_size = self.window, self.block_size
+
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+            if dropout:
+                raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
+                                    block_size), None
+
+        target.use_kernel("rerope", lambda layer_index, module: kernel)
