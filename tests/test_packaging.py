@@ -19,12 +19,12 @@ def wheel_files(tmp_path_factory):
     )
     (wheel,) = out.glob("lce-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        return set(z.namelist())
+        return {name: z.read(name).decode() if name.endswith(".txt") else "" for name in z.namelist()}
 
 
 def test_every_config_file_is_in_the_wheel(wheel_files):
     configs = {f"lce/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
-    assert configs and configs <= wheel_files
+    assert configs and configs <= set(wheel_files)
 
 
 def test_kernels_only_as_a_subpackage(wheel_files):
@@ -34,4 +34,4 @@ def test_kernels_only_as_a_subpackage(wheel_files):
 
 def test_console_script(wheel_files):
     (entry_points,) = [n for n in wheel_files if n.endswith("entry_points.txt")]
-    assert entry_points
+    assert "lce = lce.cli:main" in wheel_files[entry_points]
