@@ -2,6 +2,7 @@
 
     lce experiment=quickstart
     lce -m posenc=rope,nope train.steps=200
+    lce report outputs/quickstart outputs/other --out report/
 
 Errors in the user's input (``LceError``) are printed as one line naming the bad value, without a traceback.
 """
@@ -40,6 +41,11 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """``lce report ...`` merges result files (``lce.eval.compare``); anything else is the Hydra app."""
+    if sys.argv[1:2] == ["report"]:
+        from lce.eval.compare import main as report
+
+        sys.exit(report(sys.argv[2:]))
     app()
 
 

@@ -21,6 +21,7 @@ from lce.config import from_mapping, non_default_fields, to_plain
 from lce.data import DATASETS, eval_documents, token_stream
 from lce.errors import ConfigError, did_you_mean
 from lce.eval.config import EvalConfig, posenc_label
+from lce.eval.protocols import protocol_meta
 from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
 from lce.loggers import LOGGERS
@@ -149,14 +150,20 @@ def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, progress
 
 
 def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, progress: bool) -> list[dict]:
+    """Perplexity vs length (and retrieval, when configured) of each evaluated series; then the report."""
     from lce.eval.report import write_report
     from lce.eval.sweep import ResultStore, run_sweep
 
     ev = run_cfg.eval
     lengths = list(ev.lengths)
-    docs = eval_documents(run_cfg.data, tokenizer, max(lengths), ev.n_docs, ev.split, ev.documents)
     train_length = run_cfg.train.seq_len
-    bucket_size = ev.bucket_size or train_length
+    protocol = ev.protocol_config()
+    if getattr(protocol, "bucket_size", 0) is None:
+        protocol = dataclasses.replace(protocol, bucket_size=ev.bucket_size or train_length)
+    if protocol.input == "documents":
+        data = eval_documents(run_cfg.data, tokenizer, max(lengths), ev.n_docs, ev.split, ev.documents)
+    else:
+        data = token_stream(run_cfg.data, tokenizer, ev.split)
     device = resolve_device(run_cfg.device)
     model.to(device)
     meta = {
@@ -164,8 +171,8 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
         "run_name": run_cfg.run_name,
         "model": _label(run_cfg.model),
         "seed": run_cfg.seed,
-        "protocol": {"name": "truncate", "data": run_cfg.data.name, "split": ev.split, "n_docs": ev.n_docs,
-                     "documents": ev.documents, "bucket_size": bucket_size},
+        "protocol": {**protocol_meta(protocol), "data": run_cfg.data.name, "split": ev.split,
+                     "n_docs": ev.n_docs, "documents": ev.documents},
         "train_length": train_length,
         "git_revision": git_revision(),
         "versions": versions(),
@@ -180,13 +187,31 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
     for run, posenc in series:
         if ev.posencs:
             patch(model, posenc, attention=run_cfg.attention)
-        rows += run_sweep(model, docs, lengths, store,
-                          meta={**meta, "run": run, "method": posenc.name,
-                                "params": {"posenc": _label(posenc), "attention": _label(run_cfg.attention)}},
-                          batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size, bucket_size=bucket_size,
+        identity = {"run": run, "method": posenc.name,
+                    "params": {"posenc": _label(posenc), "attention": _label(run_cfg.attention)}}
+        rows += run_sweep(model, data, lengths, store, meta={**meta, **identity}, protocol=protocol,
+                          bos_id=tokenizer.bos_id, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
                           device=device, progress=progress)
+        _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
     experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
     paths = write_report(experiment_rows, results_dir, train_length=train_length,
                          title=f"{run_cfg.experiment_name}: perplexity vs length")
     logger.log_sweep(rows, paths.get("png"))
     return rows
+
+
+def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device, progress: bool) -> None:
+    """Run each configured retrieval task on the current series and redraw its heatmaps."""
+    from lce.eval.heatmap import plot_heatmap
+    from lce.eval.retrieval import build_retrieval, cell_accuracy, corpus_text, model_generate_fn, run_retrieval
+
+    ev = run_cfg.eval
+    for i, spec in enumerate(ev.retrieval):
+        task = build_retrieval(spec, f"eval.retrieval[{i}]")
+        haystack = corpus_text(run_cfg.data, tokenizer, max(task.lengths), ev.split) if task.needs_corpus else None
+        rows = run_retrieval(model_generate_fn(model, tokenizer.eos_id, device), tokenizer, task,
+                             results_dir / "retrieval.jsonl", haystack_text=haystack, bos_id=tokenizer.bos_id,
+                             meta={**meta, "protocol": {"data": run_cfg.data.name, "split": ev.split}},
+                             device=device, progress=progress)
+        plot_heatmap(cell_accuracy(rows), results_dir / f"retrieval_{meta['run']}_{task.name}.png",
+                     title=f"{task.name}: {meta['run']}", train_length=run_cfg.train.seq_len)

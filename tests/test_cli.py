@@ -113,3 +113,25 @@ def test_training_free_methods_are_series_of_one_model(multirun):
         assert points[("my-logn", length)]["method"] == "logn"
         assert points[("my-logn", length)]["params"]["posenc"] == {"name": "logn", "logn_length": 16}
     assert points[("my-logn", 96)]["ppl"] != points[("rope", 96)]["ppl"]
+
+
+def test_protocol_retrieval_and_report(multirun):
+    """Another protocol, a passkey grid and ``lce report`` over the experiment, through the CLI."""
+    tmp_path, _ = multirun
+    trained = tmp_path / "e2e" / "nope-full" / "model"
+    result = lce(tmp_path, "task=eval", "model=hf", f"model.path={trained}", "posenc=nope", "run_name=sliding",
+                 "eval.protocol={name: sliding, stride: 16}",
+                 "eval.retrieval=[{name: passkey, lengths: [320], depths: [0.0, 1.0], trials: 1, key_digits: 2}]",
+                 *[a for a in TINY if not a.startswith(("model.", "train.steps", "eval.n_docs"))], "eval.n_docs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = [p for p in rows(tmp_path / "e2e" / "results.jsonl") if p["run"] == "sliding"]
+    assert {p["protocol"]["name"] for p in points} == {"sliding"} and len(points) == 3
+    trials = rows(tmp_path / "e2e" / "retrieval.jsonl")
+    assert sorted(t["depth"] for t in trials) == [0.0, 1.0] and all(t["status"] == "ok" for t in trials)
+    assert (tmp_path / "e2e" / "retrieval_sliding_passkey.png").stat().st_size > 5_000
+
+    report = subprocess.run([sys.executable, "-m", "lce.cli", "report", str(tmp_path / "e2e"), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "sliding" in text and "rope-full" in text

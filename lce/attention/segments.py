@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from lce.posenc.rotation import Rotation
+if TYPE_CHECKING:  # an annotation only: importing lce.posenc here would import every method (a cycle)
+    from lce.posenc.rotation import Rotation
 
 PositionMap = Callable[[torch.Tensor], torch.Tensor]
 PairSelect = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

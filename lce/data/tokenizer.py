@@ -19,6 +19,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
     pad_id: int
+    bos_id: int | None
 
     def encode(self, text: str) -> torch.Tensor: ...
 
@@ -33,6 +34,7 @@ class ByteTokenizer:
     OFFSET = 3
     vocab_size = 256 + OFFSET
     pad_id, eos_id, unk_id = 0, 1, 2
+    bos_id = None
     kind = "bytes"
 
     def encode(self, text: str) -> torch.Tensor:
@@ -62,6 +64,7 @@ class HFTokenizer:
         if self.eos_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos or sep token to separate documents")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id = tokenizer.bos_token_id
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.hf(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lce.config import check, check_at_least, non_default_fields
+from lce.eval.protocols import build_protocol
+from lce.eval.retrieval import build_retrieval
 from lce.posenc import POSENCS
 
 
@@ -27,6 +29,9 @@ class EvalConfig:
     ``posencs`` lists training-free position encodings to evaluate the same model with, one series each (e.g.
     ``[{name: pi, factor: 32}, {name: yarn, factor: 32}]``); each entry may carry a ``label`` for the plot and table
     (default: the name and its non-default parameters). Empty: the model is evaluated as the run patched it.
+    ``protocol`` selects the perplexity protocol (``lce.eval.protocols``: canonical, yarn, longlora_stream, sliding,
+    fairseq) with its parameters (None: canonical; a mapping, so a Hydra override replaces it whole); ``canonical``'s buckets default to the training length. ``retrieval`` lists
+    retrieval tasks (``lce.eval.retrieval``: passkey, needle) run after the perplexity sweep.
     """
 
     name: str = "default"
@@ -38,6 +43,12 @@ class EvalConfig:
     bucket_size: int | None = None
     loss_chunk_size: int = 4096
     posencs: list[dict] = field(default_factory=list)
+    protocol: dict | None = None
+    retrieval: list[dict] = field(default_factory=list)
+
+    def protocol_config(self):
+        """The validated protocol config (``canonical`` when none is set)."""
+        return build_protocol(self.protocol or "canonical", "eval.protocol")
 
     def __post_init__(self):
         check(len(self.lengths) > 0, "eval.lengths", "must list at least one length")
@@ -45,6 +56,9 @@ class EvalConfig:
             check(length >= 2, "eval.lengths", f"every length must be >= 2 (one prediction), got {length}")
         check(len(set(self.lengths)) == len(self.lengths), "eval.lengths", f"has duplicates: {self.lengths}")
         check_at_least(self, "eval", 1, "n_docs", "batch_size", "loss_chunk_size")
+        self.protocol_config()
+        for i, spec in enumerate(self.retrieval):
+            build_retrieval(spec, f"eval.retrieval[{i}]")
         labels = [posenc_label(spec, f"eval.posencs[{i}]")[1] for i, spec in enumerate(self.posencs)]
         check(len(set(labels)) == len(labels), "eval.posencs", f"labels must be distinct, got {labels}")
         check(self.bucket_size is None or self.bucket_size >= 1, "eval.bucket_size", f"must be >= 1, got {self.bucket_size}")

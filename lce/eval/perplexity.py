@@ -14,6 +14,7 @@ the first ``bucket_size`` predictions). The last bucket may be smaller.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -70,6 +71,76 @@ def check_documents(docs: list[torch.Tensor], length: int) -> None:
             raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the evaluation length {length}")
 
 
+NllFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_nll_fn(model: nn.Module, chunk_size: int = 4096, device: torch.device | str | None = None) -> NllFn:
+    """Wrap a causal LM as ``nll_fn(input_ids [B, T]) -> [B, T-1]``: the float32 NLL (nats) of token ``t+1`` given
+    tokens ``0..t``, from ``lce.hf.lm.hidden_states`` and chunked logits (never ``T x V`` at once).
+
+    The model runs on all ``T`` tokens, the last included although it is only a target: methods whose rotation
+    depends on the input length (dynamic NTK) must see the evaluation length. Runs under ``torch.inference_mode``;
+    the result stays on ``device``.
+
+    Args:
+        model: a causal LM supported by ``lce.hf.adapters``.
+        chunk_size: rows of logits materialised at once (see ``lce.eval.loss.token_nll``).
+        device: where to run; ``None`` means the device of the model's parameters.
+    """
+    check(chunk_size >= 1, "chunk_size", f"must be at least 1, got {chunk_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    logits_fn = partial(logits_from_hidden, model)
+
+    def nll_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
+        ids = input_ids.to(device)
+        with torch.inference_mode():
+            hidden = hidden_states(model, ids)  # [B, T, C]
+            nll = token_nll(logits_fn, hidden.flatten(0, 1), shifted_targets(ids).flatten(), chunk_size)
+        # The last position has no target (its NLL is 0 by ignore_index): dropped, not counted.
+        return nll.view(ids.shape)[:, :-1]
+
+    return nll_fn
+
+
+def document_nll(
+    nll_fn: NllFn, docs: list[torch.Tensor], length: int, batch_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of ``docs`` each truncated to their first ``length`` tokens, summed two ways.
+
+    Returns:
+        ``(position_nll, doc_nll)``: float64 CPU tensors ``[length - 1]`` (summed over documents, per predicting
+        position) and ``[n_docs]`` (summed over positions, per document).
+    """
+    check(length >= 2, "length", f"must be at least 2 to score one prediction, got {length}")
+    check(batch_size >= 1, "batch_size", f"must be at least 1, got {batch_size}")
+    check_documents(docs, length)
+    # Summing per position (rather than per bucket) keeps the bucket boundaries out of the hot loop.
+    position_nll = torch.zeros(length - 1, dtype=torch.float64)
+    doc_nll = []
+    for start in range(0, len(docs), batch_size):
+        ids = torch.stack([doc[:length] for doc in docs[start : start + batch_size]])  # [B, T]
+        nll = nll_fn(ids).double().cpu()  # [B, T-1]
+        position_nll += nll.sum(0)
+        doc_nll.append(nll.sum(1))
+    return position_nll, torch.cat(doc_nll)
+
+
+def point_score(position_nll: torch.Tensor, n_docs: int, bucket_size: int | None = None) -> PointScore:
+    """A ``PointScore`` from per-position NLL sums over ``n_docs`` windows (``bucket_size`` None: one bucket)."""
+    bucket_size = position_nll.numel() + 1 if bucket_size is None else bucket_size
+    check(bucket_size >= 1, "bucket_size", f"must be at least 1, got {bucket_size}")
+    buckets = position_nll.split(bucket_size)
+    return PointScore(
+        nll_sum=position_nll.sum().item(),
+        tokens=n_docs * position_nll.numel(),
+        bucket_size=bucket_size,
+        bucket_nll=[b.sum().item() for b in buckets],
+        bucket_tokens=[n_docs * b.numel() for b in buckets],
+    )
+
+
 def score_documents(
     model: nn.Module,
     docs: list[torch.Tensor],
@@ -81,6 +152,8 @@ def score_documents(
     device: torch.device | str | None = None,
 ) -> PointScore:
     """Summed next-token NLL of ``docs`` each truncated to their first ``length`` tokens.
+
+    This is the ``canonical`` protocol of ``lce.eval.protocols`` without its confidence interval.
 
     Args:
         model: a causal LM supported by ``lce.hf.adapters``.
@@ -96,30 +169,7 @@ def score_documents(
     """
     check(length >= 2, "length", f"must be at least 2 to score one prediction, got {length}")
     check(batch_size >= 1, "batch_size", f"must be at least 1, got {batch_size}")
-    check(chunk_size >= 1, "chunk_size", f"must be at least 1, got {chunk_size}")
-    bucket_size = length if bucket_size is None else bucket_size
-    check(bucket_size >= 1, "bucket_size", f"must be at least 1, got {bucket_size}")
-    check_documents(docs, length)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    logits_fn = partial(logits_from_hidden, model)
-
-    # Summing per position (rather than per bucket) keeps the bucket boundaries out of the hot loop.
-    position_nll = torch.zeros(length - 1, dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for start in range(0, len(docs), batch_size):
-            ids = torch.stack([doc[:length] for doc in docs[start : start + batch_size]]).to(device)  # [B, T]
-            hidden = hidden_states(model, ids)  # [B, T, C]
-            nll = token_nll(logits_fn, hidden.flatten(0, 1), shifted_targets(ids).flatten(), chunk_size)
-            # The last position has no target (its NLL is 0 by ignore_index), so it is dropped, not counted.
-            position_nll += nll.view(ids.shape)[:, :-1].double().sum(0)
-
-    position_nll = position_nll.cpu()
-    n_docs = len(docs)
-    buckets = position_nll.split(bucket_size)
-    return PointScore(
-        nll_sum=position_nll.sum().item(),
-        tokens=n_docs * (length - 1),
-        bucket_size=bucket_size,
-        bucket_nll=[b.sum().item() for b in buckets],
-        bucket_tokens=[n_docs * b.numel() for b in buckets],
-    )
+    check(bucket_size is None or bucket_size >= 1, "bucket_size", f"must be at least 1, got {bucket_size}")
+    nll_fn = model_nll_fn(model, chunk_size, device)
+    position_nll, _ = document_nll(nll_fn, docs, length, batch_size)
+    return point_score(position_nll, len(docs), length if bucket_size is None else bucket_size)

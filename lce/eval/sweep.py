@@ -32,14 +32,17 @@ from tqdm.auto import tqdm
 from lce.config import check
 from lce.errors import ConfigError, LceError
 from lce.eval.memory import measure_peak_memory
-from lce.eval.perplexity import score_documents
+from lce.eval.perplexity import NllFn, model_nll_fn
+from lce.eval.protocols import CanonicalProtocol
 
 KEY_FIELDS = ("run", "method", "params", "model", "length", "seed", "protocol")
 META_FIELDS = tuple(k for k in KEY_FIELDS if k != "length")
-MEASURED_FIELDS = (
-    "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb", "mem_kind", "seconds",
-    "bucket_size", "bucket_nll", "bucket_tokens", "time", "error",
+SCORE_FIELDS = (
+    "ppl", "nll", "tokens", "aggregation", "windows", "token_nll", "bucket_size", "bucket_nll", "bucket_tokens",
+    "ppl_low", "ppl_high", "confidence",
 )
+MEASURED_FIELDS = ("length", "status", *SCORE_FIELDS, "tokens_per_s", "peak_mem_mb", "mem_kind", "seconds", "time",
+                   "error")
 DONE_STATUSES = ("ok", "oom")
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator")
 
@@ -137,19 +140,14 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_point(
-    model: nn.Module, docs: list[torch.Tensor], length: int, *, batch_size: int, chunk_size: int,
-    bucket_size: int | None, device: torch.device,
-) -> dict:
-    """The measured fields of one length: score, wall time and peak memory, or an OOM record."""
+def _measure_point(nll_fn: NllFn, data, length: int, *, protocol, bos_id: int | None, batch_size: int,
+                   device: torch.device) -> dict:
+    """The measured fields of one length: the protocol's score, wall time and peak memory, or an OOM record."""
     error = None
     start = time.perf_counter()
     with measure_peak_memory(device) as mem:
         try:
-            score = score_documents(
-                model, docs, length, batch_size=batch_size, chunk_size=chunk_size, bucket_size=bucket_size,
-                device=device,
-            )
+            score = protocol.score(nll_fn, data, length, bos_id=bos_id, batch_size=batch_size)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -160,15 +158,11 @@ def _measure_point(
     if error is not None:
         # The exception (and the tensors its traceback pinned) is gone once the except block ends; free it now.
         _free_memory(device)
-        return {
-            **common, "status": "oom", "ppl": None, "nll": None, "tokens": None, "tokens_per_s": None,
-            "bucket_size": length if bucket_size is None else bucket_size, "bucket_nll": None, "bucket_tokens": None,
-            **stamp, "error": error,
-        }
+        return {**common, "status": "oom", **dict.fromkeys(SCORE_FIELDS), "tokens_per_s": None, **stamp,
+                "error": error}
     return {
-        **common, "status": "ok", "ppl": score.ppl, "nll": score.nll, "tokens": score.tokens,
-        "tokens_per_s": score.tokens / seconds if seconds > 0 else math.inf, "bucket_size": score.bucket_size,
-        "bucket_nll": score.bucket_mean_nll, "bucket_tokens": score.bucket_tokens, **stamp,
+        **common, "status": "ok", **score.row_fields(),
+        "tokens_per_s": score.tokens / seconds if seconds > 0 else math.inf, **stamp,
     }
 
 
@@ -181,11 +175,13 @@ def _check_meta(meta: dict) -> None:
 
 def run_sweep(
     model: nn.Module,
-    docs: list[torch.Tensor],
+    docs: list[torch.Tensor] | torch.Tensor,
     lengths: Iterable[int],
     store: ResultStore | str | Path,
     *,
     meta: dict,
+    protocol=None,
+    bos_id: int | None = None,
     batch_size: int = 1,
     chunk_size: int = 4096,
     bucket_size: int | None = None,
@@ -196,12 +192,15 @@ def run_sweep(
 
     Args:
         model: a causal LM supported by ``lce.hf.adapters``.
-        docs: 1-D int64 token tensors; each must have at least ``max(lengths)`` tokens.
+        docs: 1-D int64 token tensors (each at least ``max(lengths)`` tokens long for document protocols), or one
+            stream for stream protocols.
         lengths: evaluation lengths, scored in the given order.
         store: the JSONL result file (or its path).
         meta: fields written into every row; must hold the identity fields run, method, params, model, seed and
             protocol (a dict describing the evaluation: n_docs, split, doc policy, bucket_size, ...), and may hold
             more (train_length, git revision, ...) that is recorded but not part of the identity.
+        protocol: a ``lce.eval.protocols`` config; None: ``canonical`` with ``bucket_size`` and no bootstrap.
+        bos_id: the start token for protocols that prepend one (``yarn``, ``fairseq``).
         batch_size: windows per forward pass.
         chunk_size: rows of logits materialised at once.
         bucket_size: predicting positions per NLL bucket; ``None`` is one bucket per window.
@@ -220,12 +219,14 @@ def run_sweep(
     check(len(docs) > 0, "docs", "no documents to score")
     for length in lengths:
         check(isinstance(length, int) and length >= 2, "lengths", f"each must be an integer >= 2, got {length!r}")
-    shortest = min(range(len(docs)), key=lambda i: docs[i].numel())
-    too_long = [length for length in lengths if length > docs[shortest].numel()]
-    check(
-        not too_long, "lengths",
-        f"{too_long} exceed docs[{shortest}], the shortest document ({docs[shortest].numel()} tokens)",
-    )
+    protocol = protocol if protocol is not None else CanonicalProtocol(bucket_size=bucket_size, n_bootstrap=0)
+    if protocol.input == "documents":
+        shortest = min(range(len(docs)), key=lambda i: docs[i].numel())
+        too_long = [length for length in lengths if length > docs[shortest].numel()]
+        check(
+            not too_long, "lengths",
+            f"{too_long} exceed docs[{shortest}], the shortest document ({docs[shortest].numel()} tokens)",
+        )
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
@@ -234,15 +235,14 @@ def run_sweep(
         if row.get("status") in DONE_STATUSES:
             done.setdefault(point_key(row), row)
 
+    nll_fn = model_nll_fn(model, chunk_size, device)
     bar = tqdm(lengths, desc="ppl vs length", unit="len", disable=not progress)
     for length in bar:
         key = point_key({**meta, "length": length})
         bar.set_postfix_str(f"length={length}")
         if key not in done:
-            row = {**meta, **_measure_point(
-                model, docs, length, batch_size=batch_size, chunk_size=chunk_size, bucket_size=bucket_size,
-                device=device,
-            )}
+            row = {**meta, **_measure_point(nll_fn, docs, length, protocol=protocol, bos_id=bos_id,
+                                            batch_size=batch_size, device=device)}
             store.append(row)
             done[key] = row
         ppl = done[key]["ppl"]

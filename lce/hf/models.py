@@ -108,7 +108,7 @@ class HFModel:
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str | None = None
     tokenizer: str | None = None
 
     def __post_init__(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from lce.attention import ATTENTIONS
-from lce.errors import LceError, UnsupportedModelError
-from lce.hf.adapters import Adapter, adapter_for
 from lce.attention.plan import AttentionPlan, Kernel
 from lce.attention.plan import register as register_attention
-from lce.hf.rotary import NeutralRotary
+from lce.errors import LceError, UnsupportedModelError
+from lce.hf.adapters import Adapter, adapter_for
+from lce.hf.rotary import NeutralRotary, rotary_inv_freqs
 from lce.posenc import POSENCS
 from lce.posenc.logn import logn_scale, original_length
 from lce.posenc.rotation import Rotation
@@ -47,6 +47,7 @@ class PatchTarget:
         self.adapter = adapter
         self._kernel: tuple[str, Callable[[int, nn.Module], Kernel]] | None = None
         self._q_scale: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        self._rotations: list[Rotation] | None = None
 
     @property
     def config(self):
@@ -71,27 +72,73 @@ class PatchTarget:
         """Merge ``override`` into the model's original ``rope_parameters`` and rebuild its rotary module.
 
         Merging keeps ``rope_theta`` and any other original key (an override without it breaks from_pretrained).
+        Families with one rotation per layer type (Gemma3) merge it into the layer types the adapter extends
+        (``RotarySlot.extended``: Gemma3's full-attention layers).
         """
         self.require_rotary(method)
         original = copy.deepcopy(self.model._lce_original_rope_parameters)
-        self.model.config.rope_parameters = {**original, **override}
+        try:
+            merged = self.adapter.merge_rope_parameters(self.model, original, override)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"posenc={method}: {e}") from None
+        self.model.config.rope_parameters = merged
         self.adapter.set_rotary(self.model, self.adapter.build_rotary(self.model))
 
     def replace_rotary(self, method: str, build: Callable[[nn.Module], nn.Module]) -> None:
-        """Replace the rotary module with ``build(current_rotary_module)``."""
-        self.adapter.set_rotary(self.model, build(self.require_rotary(method)).to(_device(self.model)))
+        """Replace the rotary module with ``build(current_rotary_module)``.
 
-    def rotate_in_attention(self, method: str) -> Rotation:
-        """Make the model's rotary embedding an identity and return it as a ``Rotation`` for attention kernels."""
-        rotation = self.adapter.rotation(self.require_rotary(method))
-        self.neutralize_rotary()
-        return rotation
+        ``build`` receives a plain rotary module (``inv_freq``, ``attention_scaling``, ``forward(x, position_ids)``);
+        for families with one rotation per layer type it is called once per extended layer type.
+        """
+        self.require_rotary(method)
+        self.adapter.set_rotary(self.model, self.adapter.replaced_rotary(self.model, build).to(_device(self.model)))
 
-    def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel]) -> None:
+    def rotate_in_attention(self, method: str, layer: int | None = None) -> Rotation:
+        """Make the model's rotary embedding an identity and return it as a ``Rotation`` for attention kernels.
+
+        May be called again (e.g. once per layer from ``kernel_for_layer``): the rotations are taken once, before the
+        rotary module is neutralised.
+
+        Args:
+            method: the calling method's name, for error messages.
+            layer: the decoder layer whose rotation to return. Needed for families whose layers do not all rotate
+                alike (Gemma3's per-layer-type frequencies, SmolLM3's NoPE layers, whose rotation is the identity).
+
+        Raises:
+            UnsupportedModelError: ``layer`` is None but the layers rotate differently, or the rotation depends on
+                the sequence length (dynamic NTK, LongRoPE).
+        """
+        self.require_rotary(method)
+        if self._rotations is None:
+            try:
+                rotations = self.adapter.layer_rotations(self.model)
+            except UnsupportedModelError as e:
+                raise UnsupportedModelError(f"posenc={method}: {e}") from None
+            if layer is None:
+                _same_rotation(rotations, self.adapter, method)
+            self._rotations = rotations
+            self.neutralize_rotary()
+        if layer is None:
+            return _same_rotation(self._rotations, self.adapter, method)
+        return self._rotations[layer]
+
+    def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel],
+                   handles: Collection[str] = ()) -> None:
         """Compute attention with ``kernel_for_layer(layer_index, attention_module)`` in every layer.
 
         One kernel per model: two methods that both need to own the attention computation do not compose.
+
+        Args:
+            handles: what the kernel does beyond causal softmax attention (``Adapter.attention_features``):
+                ``softcap`` (it soft-caps logits by ``kwargs["softcap"]``), ``bidirectional``. A model whose
+                attention needs more is refused rather than computed wrongly.
         """
+        missing = sorted(self.adapter.attention_features(self.model) - set(handles))
+        if missing:
+            raise UnsupportedModelError(
+                f"posenc {method} replaces the attention computation, but {self.adapter.family} attention needs "
+                f"{', '.join(missing)}, which its kernel does not handle"
+            )
         if self._kernel is not None:
             raise LceError(f"posenc {method} and {self._kernel[0]} both replace the attention computation; "
                            "they cannot be combined")
@@ -110,13 +157,27 @@ class PatchTarget:
         names = [part[0] for part in (self._kernel, self._q_scale) if part is not None]
         q_scale = self._q_scale[1] if self._q_scale else None
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
-            kernel = self._kernel[1](index, module) if self._kernel else None
+            kernel = self._kernel[1](index, module) if self._kernel else self.adapter.native_kernel(self.model)
             module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale)
         self.model.set_attn_implementation(register_attention("lce_" + "_".join(names)))
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _same_rotation(rotations: list[Rotation], adapter: Adapter, method: str) -> Rotation:
+    """The one rotation every layer applies; a clear error when layers rotate differently."""
+    first = rotations[0]
+    for index, rotation in enumerate(rotations):
+        if (rotation.style, rotation.attention_scaling) != (first.style, first.attention_scaling) or not torch.equal(
+                rotation.inv_freq, first.inv_freq):
+            raise UnsupportedModelError(
+                f"posenc={method} rotates every layer alike, but {adapter.family} layers 0 and {index} rotate "
+                "differently (per-layer-type frequencies or NoPE layers); take each layer's rotation with "
+                "rotate_in_attention(method, layer=index)"
+            )
+    return first
 
 
 def _spec(posenc, attention) -> dict:
@@ -218,9 +279,9 @@ def check_rotary_precision(model: nn.Module) -> None:
     adapter = adapter_for(model)
     if not PatchTarget(model, adapter).has_rotary():
         return
-    inv_freq = adapter.rotary(model).inv_freq
-    if inv_freq.dtype != torch.float32:
-        raise LceError(
-            f"rotary inv_freq is {inv_freq.dtype}, not float32: the model was cast with .to()/.half(); "
-            "load it with lce.load_model(..., dtype=...) or from_pretrained(dtype=...) instead"
-        )
+    for name, inv_freq in rotary_inv_freqs(adapter.rotary(model)).items():
+        if inv_freq.dtype != torch.float32:
+            raise LceError(
+                f"rotary {name} is {inv_freq.dtype}, not float32: the model was cast with .to()/.half(); "
+                "load it with lce.load_model(..., dtype=...) or from_pretrained(dtype=...) instead"
+            )

@@ -1,24 +1,110 @@
-"""Rotary modules lce swaps into a model instance."""
+"""Rotary modules lce swaps into a model instance.
+
+Most families hold one rotary module with one ``inv_freq`` (``forward(x, position_ids) -> (cos, sin)``). Gemma3 holds
+one module with a set of frequencies per layer type (``{layer_type}_inv_freq``, ``forward(x, position_ids,
+layer_type)``); ``LayerTypeView`` shows one layer type of it as a plain rotary module, and ``LayerTypeRotary``
+assembles per-layer-type modules back into the shape Gemma3's model calls.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from lce.errors import UnsupportedModelError
+
+
+def rotary_inv_freqs(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every inverse-frequency buffer a rotary module (and its submodules) holds, by buffer name.
+
+    ``original_inv_freq`` copies (kept by transformers for dynamic scaling) are left out.
+    """
+    found = {name: buf for name, buf in module.named_buffers()
+             if name.endswith("inv_freq") and not name.endswith("original_inv_freq")}
+    if not found and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+        found["inv_freq"] = module.inv_freq
+    return found
+
 
 class NeutralRotary(nn.Module):
     """Returns ``cos = 1, sin = 0``: the model's ``apply_rotary_pos_emb`` becomes an exact identity.
 
     Used by methods that remove rotation (NoPE, ALiBi) or rotate inside attention instead (DCA, Self-Extend, ReRoPE).
-    Keeps the replaced module's ``inv_freq`` (fp32, not persistent) so the rotary width and frequencies stay
-    inspectable.
+    Keeps the replaced module's inverse frequencies (fp32, not persistent) so the rotary width and frequencies stay
+    inspectable: ``inv_freq`` for a one-rotation module, ``{layer_type}_inv_freq`` for Gemma3's. Accepts and ignores
+    the ``layer_type`` argument of multi-rotation modules: every layer type of one model rotates the same width.
     """
 
     def __init__(self, replaced: nn.Module):
         super().__init__()
-        self.inv_freq = nn.Buffer(replaced.inv_freq.detach().clone().float(), persistent=False)
+        freqs = rotary_inv_freqs(replaced)
+        widths = {2 * f.numel() for f in freqs.values()}
+        if len(widths) != 1:
+            raise UnsupportedModelError(
+                f"{type(replaced).__name__}: cannot neutralise a rotary module with rotary widths {sorted(widths)} "
+                "(needs exactly one width)"
+            )
+        for name, freq in freqs.items():
+            self.register_buffer(name.replace(".", "_"), freq.detach().clone().float(), persistent=False)
+        self.rotary_dim = widths.pop()
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *layer_type) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, C]``, ``position_ids [B|1, T]`` -> ``cos, sin [B|1, T, rotary_dim]`` in ``x.dtype``."""
+        shape = (*position_ids.shape, self.rotary_dim)
+        return x.new_ones(shape), x.new_zeros(shape)
+
+
+class LayerTypeView(nn.Module):
+    """One layer type of a multi-rotation module (Gemma3's) as a plain rotary module.
+
+    Exposes what a one-rotation module has (``inv_freq``, ``attention_scaling``, ``rope_type``, ``config``) plus the
+    layer type's own ``rope_parameters``; ``forward(x, position_ids)`` returns that layer type's ``(cos, sin)``.
+    The viewed module is shared, not copied.
+    """
+
+    def __init__(self, rotary: nn.Module, layer_type: str):
+        super().__init__()
+        self.rotary = rotary
+        self.layer_type = layer_type
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return getattr(self.rotary, f"{self.layer_type}_inv_freq")
+
+    @property
+    def original_inv_freq(self) -> torch.Tensor:
+        return getattr(self.rotary, f"{self.layer_type}_original_inv_freq")
+
+    @property
+    def attention_scaling(self) -> float:
+        return getattr(self.rotary, f"{self.layer_type}_attention_scaling")
+
+    @property
+    def rope_type(self) -> str:
+        return self.rotary.rope_type[self.layer_type]
+
+    @property
+    def config(self):
+        return self.rotary.config
+
+    @property
+    def rope_parameters(self) -> dict:
+        return self.rotary.config.rope_parameters[self.layer_type]
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [B, T, C]``, ``position_ids [B|1, T]`` -> ``cos, sin [B|1, T, rotary_dim]`` in ``x.dtype``."""
-        shape = (*position_ids.shape, 2 * self.inv_freq.numel())
-        return x.new_ones(shape), x.new_zeros(shape)
+        return self.rotary(x, position_ids, self.layer_type)
+
+
+class LayerTypeRotary(nn.Module):
+    """Per-layer-type rotary modules behind Gemma3's ``rotary_emb(x, position_ids, layer_type)`` call.
+
+    Args:
+        slots: ``{layer_type: module}`` with ``module(x, position_ids) -> (cos, sin)``.
+    """
+
+    def __init__(self, slots: dict[str, nn.Module]):
+        super().__init__()
+        self.slots = nn.ModuleDict(slots)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+        return self.slots[layer_type](x, position_ids)

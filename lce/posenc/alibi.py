@@ -100,15 +100,21 @@ def _alibi_block(query, key, value, slopes, q_pos, k_pos, attention_mask, scalin
     """One query block, KV heads not repeated: ``query [B, HKV, G, b, D]``, ``key/value [B, HKV, 1, Tk, D]``,
     ``slopes [1, HKV, G, 1, 1]`` -> ``[B, HKV, G, b, D]``."""
     score_dtype = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
+    # Masking and bias are built at [B, b, Tk] (H times smaller than the scores) and applied in one fused pass:
+    # scores -= m_h * distance, with distance = +inf where a key is hidden (slopes are > 0, so that is -inf).
     distance = (q_pos[:, :, None] - k_pos[:, None, :]).to(score_dtype)
-    scores = scores - slopes.to(score_dtype) * distance[:, None, None]
-    visible = _visible(q_pos, k_pos, attention_mask)
-    # A row with no visible key (a left-pad query) gets a finite uniform softmax that is then zeroed: all -inf would
-    # give NaN probabilities, and their gradients would leak NaN into every key through the backward matmul.
-    alive = visible.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~(visible | ~alive)[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1) * alive[:, None, None]
+    hidden = distance < 0
+    if attention_mask is not None:
+        hidden |= ~attention_mask[:, 0]
+    # A row with no visible key (a left-pad query) gets a finite softmax that is then zeroed: all -inf would give NaN
+    # probabilities, and their gradients would leak NaN into every key through the backward matmul.
+    alive = ~hidden.all(dim=-1, keepdim=True)
+    distance = distance.masked_fill_(hidden & alive, float("inf"))
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).to(score_dtype)
+    scores = scores.addcmul_(slopes.to(score_dtype), distance[:, None, None], value=-1.0)
+    probs = torch.softmax(scores, dim=-1)
+    if not bool(alive.all()):
+        probs = probs * alive[:, None, None]
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs.to(value.dtype), value)

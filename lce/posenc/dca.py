@@ -4,12 +4,12 @@ arXiv:2402.17463, §3; reference code ``HKUNLP/ChunkLlama: chunkllama_attn_repla
 DCA keeps every relative position a RoPE model sees inside its pre-training range ``c`` by rotating keys at their
 position *within a chunk* and giving queries one of three position sets, chosen by how far apart the chunks of the
 query ``i`` and the key ``j`` are. A pair's logit is ``R(P_q[i]) q_i . R(P_k[j]) k_j``, so its effective relative
-distance is ``M[i][j] = P_q[i] - P_k[j]``:
+distance is ``M[i][j] = P_q[i] - P_k[j]`` (the paper's relative position matrix, §3; Algorithm 1 in App. A):
 
-- intra-chunk (same chunk, §3.1): ``P_q = P_k`` -> ``M = i - j``, exact;
-- successive-chunk (adjacent chunks, §3.3): the first queries of a chunk keep exact distances to the end of the
+- intra-chunk (same chunk): ``P_q = P_k`` -> ``M = i - j``, exact;
+- successive-chunk (adjacent chunks): the first queries of a chunk keep exact distances to the end of the
   previous chunk, the others are clipped;
-- inter-chunk (two or more chunks apart, §3.2): one constant query position, so ``M`` only depends on the key.
+- inter-chunk (two or more chunks apart): one constant query position, so ``M`` only depends on the key.
 
 The paper and its code place the chunks differently; ``convention`` chooses (``s`` chunk size, ``w`` local window,
 ``c`` pre-training length):
@@ -17,7 +17,8 @@ The paper and its code place the chunks differently; ``convention`` chooses (``s
 ``code`` (ChunkLlama, the default): chunks have stride ``L = s - w``; ``P_k[j] = j mod L``; intra
 ``P_q = i mod L``; successive ``P_q = min(i mod L + L, s)`` (exact for the first ``w + 1`` queries of a chunk);
 inter ``P_q = min(2L - 1, s)`` (ChunkLlama's ``qc_cos[chunk_len - 1]``, which is ``s`` whenever ``w < s / 2``, as
-with every default). Largest effective distance: ``s`` (3072 for Llama-2, ``s = 3c/4``).
+with every default). Largest effective distance: that inter position, ``s`` with the defaults (3072 for Llama-2,
+``s = 3c/4``).
 
 ``paper``: chunks have stride ``s``; ``P_k[j] = j mod s``; intra ``P_q = i mod s``; successive
 ``P_q = s + (i mod s)`` for the first ``w`` queries of a chunk and ``c - 1`` for the rest; inter ``P_q = c - 1``.
@@ -83,8 +84,9 @@ class DcaGeometry:
 
     @property
     def max_relative_position(self) -> int:
-        """The largest effective relative distance at any length: ``s`` (code) or ``c - 1`` (paper)."""
-        return self.chunk_size if self.convention == "code" else self.pretraining_length - 1
+        """The largest effective relative distance at any length: the inter-chunk query position, ``s`` (code, when
+        ``w < s/2``; ``2(s - w) - 1`` for wider windows) or ``c - 1`` (paper)."""
+        return self.inter_query_position
 
     def successive_query_positions(self, offset: torch.Tensor) -> torch.Tensor:
         """Successive-chunk query positions from the offset of the query inside its chunk."""

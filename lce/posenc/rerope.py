@@ -26,17 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
-from lce.attention.segments import Segment, identity, segmented_attention
+# Module, not names: lce.attention.segments imports lce.posenc.rotation, whose package imports this module, so the
+# names may not exist yet while this module is imported; they are looked up when called.
+from lce.attention import segments
 from lce.config import check
 from lce.errors import LceError
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.rotation import Rotation
 
 
-def rerope_segments(window: int) -> list[Segment]:
+def rerope_segments(window: int) -> list[segments.Segment]:
     """The two segments of ReRoPE with window ``w``: exact positions below ``w``, query at ``w`` and key at 0 beyond."""
-    near = Segment(identity, identity, lambda i, j: i - j < window)
-    far = Segment(lambda p: torch.full_like(p, window), torch.zeros_like, lambda i, j: i - j >= window)
+    near = segments.Segment(segments.identity, segments.identity, lambda i, j: i - j < window)
+    far = segments.Segment(lambda p: torch.full_like(p, window), torch.zeros_like, lambda i, j: i - j >= window)
     return [near, far]
 
 
@@ -55,8 +57,8 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     Returns:
         ``[B, Tq, H, D]``.
     """
-    return segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
-                               attention_mask, block_size=block_size)
+    return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
+                                        attention_mask, block_size=block_size)
 
 
 @POSENCS.register("rerope")

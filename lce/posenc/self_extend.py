@@ -13,7 +13,8 @@ Two attention segments share one softmax (``lce.attention.segments.segmented_att
 
 Grouped distances grow ``G`` times slower than true ones, so a model pre-trained on ``L`` tokens sees distances
 below ``L`` up to the length ``(L - W) * G + W`` (``self_extend_max_length``; Llama-2, ``W = 1024``, ``G = 8``:
-25 600).
+25 600). When ``G`` divides ``W`` (every published setting) that bound is exact: the largest distance at that length
+is ``L - 1`` and one more token reaches ``L``; the grouped distance at ``i - j = W`` is then exactly ``W``.
 
 Differences from the reference code, none of which changes a result it produces:
 - its eager path uses ``W - W / G`` (a float when ``G`` does not divide ``W``; its flash decode path uses ``W // G``);

@@ -96,13 +96,13 @@ def test_resume_after_sigkill(model, tmp_path, reference):
         "import lce.eval.sweep as sweep\n"
         "from tests.eval.test_sweep import sweep_inputs\n"
         "model, docs, lengths, meta = sweep_inputs()\n"
-        "score, calls = sweep.score_documents, []\n"
+        "score, calls = sweep.CanonicalProtocol.score, []\n"
         "def slow_after_first(*args, **kwargs):\n"
         "    calls.append(None)\n"
         "    if len(calls) > 1:\n"
         "        time.sleep(120)\n"
         "    return score(*args, **kwargs)\n"
-        "sweep.score_documents = slow_after_first\n"
+        "sweep.CanonicalProtocol.score = slow_after_first\n"
         "sweep.run_sweep(model, docs, lengths, sys.argv[1], meta=meta, bucket_size=16, progress=False)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -148,14 +148,14 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
     ids=["cuda_oom", "cpu_oom"],
 )
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(model, tmp_path, monkeypatch, reference, error):
-    score = sweep.score_documents
+    score = sweep.CanonicalProtocol.score
 
-    def fail_at_48(model, docs, length, **kwargs):
+    def fail_at_48(protocol, nll_fn, docs, length, **kwargs):
         if length == 48:
             raise error
-        return score(model, docs, length, **kwargs)
+        return score(protocol, nll_fn, docs, length, **kwargs)
 
-    monkeypatch.setattr(sweep, "score_documents", fail_at_48)
+    monkeypatch.setattr(sweep.CanonicalProtocol, "score", fail_at_48)
     path = tmp_path / "rows.jsonl"
     rows = {row["length"]: row for row in sweep_into(model, path)}
     oom = rows[48]
@@ -163,7 +163,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(model, tmp_path, monkey
     assert oom["error"] == str(error).splitlines()[0]
     assert_same_points([rows[32], rows[64]], {k: reference[k] for k in (32, 64)})
     # An OOM point is finished: a rerun does not retry it.
-    monkeypatch.setattr(sweep, "score_documents", score)
+    monkeypatch.setattr(sweep.CanonicalProtocol, "score", score)
     assert sweep_into(model, path)[1]["status"] == "oom"
 
 
@@ -171,7 +171,7 @@ def test_other_errors_propagate_and_write_nothing(model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(sweep, "score_documents", broken)
+    monkeypatch.setattr(sweep.CanonicalProtocol, "score", broken)
     path = tmp_path / "rows.jsonl"
     with pytest.raises(ValueError, match="a bug"):
         sweep_into(model, path)

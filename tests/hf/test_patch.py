@@ -148,7 +148,7 @@ def test_saved_tokenizer_loads_in_vanilla_transformers(tmp_path):
 
 
 def test_bad_input_is_a_clear_error(tiny_model):
-    with pytest.raises(ConfigError, match=r"unknown posenc 'yarnn'.*available: logn, nope, rope"):
+    with pytest.raises(ConfigError, match=r"unknown posenc 'yarnn'.*available: .*nope.*rope"):
         lce.patch(tiny_model, "yarnn")
     with pytest.raises(ConfigError, match=r"posenc\.factor: unknown key; allowed keys: logn, logn_length, name"):
         lce.patch(tiny_model, "nope", factor=2)
@@ -172,17 +172,7 @@ def test_bf16_cast_rotary_is_refused(tiny_model):
         lce.patch(tiny_model, "rope")
 
 
-def _family_model(family):
-    import transformers
-
-    configs = {
-        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-    }
-    config = configs[family](vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+from tests.hf.test_adapters import family_model as _family_model
 
 
 @pytest.mark.parametrize("family", sorted(ADAPTERS))

@@ -1,0 +1,352 @@
+"""``lce report``: merge result files of any set of runs into one comparison (markdown or CSV) and plots.
+
+    lce report outputs/ multirun/2025-01-01/ --out report/
+    lce report a/results.jsonl b/results.jsonl --format csv --run 'rope*' --experiment quickstart
+
+Inputs are ``results.jsonl`` / ``retrieval.jsonl`` files or directories searched recursively for them. Rows are
+deduplicated by experiment and identity (``lce.eval.sweep.point_key``, plus depth and trial for retrieval rows), so
+a file given twice, or both directly and through its directory, counts once. A series is an (experiment, run,
+protocol) triple, labelled by the parts that differ between the selected rows. Perplexities whose protocol does not
+average token-weighted (``yarn``, ``longlora_stream``: see ``lce.eval.protocols``) are marked with a dagger.
+
+Output: the report on stdout; with ``--out DIR`` also ``report.md``, ``ppl.csv``, ``retrieval.csv``,
+``ppl_vs_length.png`` and one ``retrieval_<series>_<task>.png`` heatmap per series and task. The output depends
+only on the rows, never on file order, paths or the time. ``--wandb`` logs the tables and plots to Weights & Biases:
+offline unless an API key is configured (``WANDB_MODE`` is respected), never prompting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from lce.errors import ConfigError, LceError
+from lce.eval.heatmap import plot_heatmap
+from lce.eval.report import format_ppl, plot
+from lce.eval.retrieval import KIND, cell_accuracy, retrieval_key
+from lce.eval.sweep import DONE_STATUSES, ResultStore, point_key
+
+RESULT_FILES = ("results.jsonl", "retrieval.jsonl")
+TOKEN_MEAN = "token_mean"
+PPL_COLUMNS = (
+    "series", "experiment", "run", "method", "protocol", "length", "status", "ppl", "ppl_low", "ppl_high", "nll",
+    "aggregation", "tokens", "tokens_per_s", "peak_mem_mb", "mem_kind", "seconds",
+)
+RETRIEVAL_COLUMNS = ("series", "task", "length", "depth", "trials", "correct", "accuracy", "status")
+
+
+def find_result_files(paths: list[str | Path]) -> list[Path]:
+    """Result files named by ``paths``: files as given, directories searched recursively for ``RESULT_FILES``."""
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            for name in RESULT_FILES:
+                for file in sorted(path.rglob(name)):
+                    found.setdefault(file.resolve())
+        elif path.is_file():
+            found.setdefault(path.resolve())
+        else:
+            raise ConfigError(f"report: {path} is neither a result file nor a directory")
+    return list(found)
+
+
+def load_rows(paths: list[str | Path]) -> list[dict]:
+    """Finished rows (status ok or oom) of every result file under ``paths``, each (experiment, identity) once."""
+    rows: dict[str, dict] = {}
+    for file in find_result_files(paths):
+        for row in ResultStore(file).rows():
+            if row.get("status") not in DONE_STATUSES:
+                continue
+            key = retrieval_key(row) if row.get("kind") == KIND else point_key(row)
+            # The sweep's identity is per results file; across files the experiment tells runs apart.
+            rows.setdefault(json.dumps(row.get("experiment")) + key, row)
+    return list(rows.values())
+
+
+def select(rows: list[dict], experiments: list[str] | None = None, runs: list[str] | None = None) -> list[dict]:
+    """Rows whose ``experiment`` is one of ``experiments`` and whose ``run`` matches one of the glob ``runs``."""
+    if experiments:
+        rows = [r for r in rows if str(r.get("experiment")) in experiments]
+    if runs:
+        rows = [r for r in rows if any(fnmatch.fnmatchcase(str(r["run"]), pattern) for pattern in runs)]
+    return rows
+
+
+def _protocol_name(row: dict) -> str:
+    protocol = row.get("protocol")
+    return str(protocol.get("name", "")) if isinstance(protocol, dict) else str(protocol or "")
+
+
+class Labeller:
+    """Series labels built from the parts (experiment, run, protocol) that vary across ``rows``."""
+
+    def __init__(self, rows: list[dict]):
+        self.experiment = len({r.get("experiment") for r in rows}) > 1
+        self.protocol = len({_protocol_name(r) for r in rows if r.get("kind") != KIND}) > 1
+
+    def __call__(self, row: dict) -> str:
+        label = str(row["run"])
+        if self.experiment:
+            label = f"{row.get('experiment')}/{label}"
+        if self.protocol and row.get("kind") != KIND:
+            label = f"{label} [{_protocol_name(row)}]"
+        if row.get("aggregation", TOKEN_MEAN) != TOKEN_MEAN and row.get("kind") != KIND:
+            label += " †"
+        return label
+
+
+def ppl_table(rows: list[dict], label: Labeller) -> tuple[list[str], list[int], dict[str, dict[int, dict]]]:
+    """``(series, lengths, table[series][length] = row)`` of the perplexity rows, series and lengths sorted.
+
+    Raises:
+        ConfigError: if two different points share a series and a length.
+    """
+    table: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        if row.get("kind") == KIND:
+            continue
+        name, length = label(row), int(row["length"])
+        series = table.setdefault(name, {})
+        if length in series:
+            raise ConfigError(
+                f"report: two different points for series '{name}' at length {length} (they differ in model, params, "
+                "seed or protocol); select one with --run / --experiment, or give the runs distinct names"
+            )
+        series[length] = row
+    names = sorted(table)
+    lengths = sorted({length for series in table.values() for length in series})
+    return names, lengths, table
+
+
+def retrieval_cells(rows: list[dict], label: Labeller) -> dict[tuple[str, str], list[dict]]:
+    """Accuracy cells per (series, task), sorted; see ``lce.eval.retrieval.cell_accuracy``.
+
+    Raises:
+        ConfigError: if one series and task mixes trials of different task parameters.
+    """
+    retrieval = [r for r in rows if r.get("kind") == KIND]
+    protocols: dict[tuple[str, str], set[str]] = {}
+    for row in retrieval:
+        protocols.setdefault((label(row), row["task"]), set()).add(json.dumps(row["protocol"], sort_keys=True))
+    for (name, task), variants in protocols.items():
+        if len(variants) > 1:
+            raise ConfigError(f"report: series '{name}' has {task} trials with {len(variants)} different task "
+                              "parameter sets; select one with --run / --experiment")
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for cell in cell_accuracy(retrieval, label):
+        grouped.setdefault((cell["series"], cell["task"]), []).append(cell)
+    return {key: sorted(cells, key=lambda c: (c["depth"], c["length"])) for key, cells in sorted(grouped.items())}
+
+
+def _markdown_table(header: list[str], body: list[list[str]], align: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def _ppl_cell(row: dict | None, best: float | None) -> str:
+    if row is None:
+        return "-"
+    if row["status"] == "oom":
+        return "OOM"
+    text = format_ppl(row["ppl"])
+    if best is not None and row["ppl"] == best:
+        text = f"**{text}**"
+    if row.get("ppl_low") is not None and row.get("ppl_high") is not None:
+        text += f" ({format_ppl(row['ppl_low'])}–{format_ppl(row['ppl_high'])})"
+    return text
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(rows: list[dict], title: str | None = None) -> str:
+    """The whole comparison as markdown: perplexity, tokens/s and peak memory per series x length, then one
+    depth x length accuracy table per retrieval series and task."""
+    label = Labeller(rows)
+    out = [f"# {title or 'lce report'}", ""]
+    names, lengths, table = ppl_table(rows, label)
+    if names:
+        header = ["series", *map(str, lengths)]
+        align = [":--", *["--:"] * len(lengths)]
+        best = {}
+        for length in lengths:
+            values = [s[length]["ppl"] for s in table.values() if length in s and s[length]["status"] == "ok"]
+            best[length] = min(values) if len(values) > 1 else None
+        body = [[name, *(_ppl_cell(table[name].get(n), best[n]) for n in lengths)] for name in names]
+        out += ["## Perplexity", "", *_markdown_table(header, body, align), ""]
+        notes = ["Best per length in bold", "(low–high): bootstrap confidence interval over documents",
+                 "OOM: out of memory", "-: not evaluated"]
+        if any("†" in name for name in names):
+            notes.append("†: mean of per-window (or per-batch) mean losses, as the protocol's reference reports it, "
+                         "not token-weighted")
+        out += ["; ".join(notes) + ".", ""]
+        for heading, field, fmt in (("Tokens per second", "tokens_per_s", ".0f"),
+                                    ("Peak memory (MiB)", "peak_mem_mb", ".1f")):
+            body = [[name, *(_number(table[name][n].get(field), fmt) if n in table[name] else "-" for n in lengths)]
+                    for name in names]
+            out += [f"## {heading}", "", *_markdown_table(header, body, align), ""]
+    for (name, task), cells in retrieval_cells(rows, label).items():
+        lengths = sorted({c["length"] for c in cells})
+        depths = sorted({c["depth"] for c in cells})
+        grid = {(c["depth"], c["length"]): c for c in cells}
+        body = []
+        for depth in depths:
+            row = [f"{depth:.0%}"]
+            for length in lengths:
+                cell = grid.get((depth, length))
+                row.append("-" if cell is None else "OOM" if cell["accuracy"] is None else f"{cell['accuracy']:.0%}")
+            body.append(row)
+        means = []
+        for length in lengths:
+            done = [c for c in cells if c["length"] == length and c["trials"]]
+            trials = sum(c["trials"] for c in done)
+            means.append(f"{sum(c['correct'] for c in done) / trials:.0%}" if trials else "OOM")
+        body.append(["**all**", *means])
+        out += [f"## Retrieval accuracy: {task}, {name}", "",
+                *_markdown_table(["depth \\ length", *map(str, lengths)], body, ["--:"] * (len(lengths) + 1)), ""]
+    if len(out) == 2:
+        out += ["No finished rows.", ""]
+    return "\n".join(out)
+
+
+def _csv_value(value) -> str | int | float:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def ppl_csv(rows: list[dict]) -> str:
+    """Perplexity points in long format (``PPL_COLUMNS``), sorted by series and length."""
+    label = Labeller(rows)
+    names, lengths, table = ppl_table(rows, label)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PPL_COLUMNS)
+    for name in names:
+        for length in lengths:
+            row = table[name].get(length)
+            if row is not None:
+                values = {**row, "series": name, "protocol": _protocol_name(row),
+                          "aggregation": row.get("aggregation", TOKEN_MEAN)}
+                writer.writerow(_csv_value(values.get(c)) for c in PPL_COLUMNS)
+    return buffer.getvalue()
+
+
+def retrieval_csv(rows: list[dict]) -> str:
+    """Retrieval accuracy cells in long format (``RETRIEVAL_COLUMNS``), sorted by series, task, depth, length."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(RETRIEVAL_COLUMNS)
+    for cells in retrieval_cells(rows, Labeller(rows)).values():
+        for cell in cells:
+            writer.writerow(_csv_value(cell.get(c)) for c in RETRIEVAL_COLUMNS)
+    return buffer.getvalue()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "series"
+
+
+def _train_length(rows: list[dict]) -> int | None:
+    lengths = {r.get("train_length") for r in rows}
+    return lengths.pop() if len(lengths) == 1 and None not in lengths else None
+
+
+def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_length: int | None) -> dict[str, Path]:
+    """Write the report files (see the module docstring) and return their paths by kind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "report.md", "ppl_csv": out_dir / "ppl.csv"}
+    paths["md"].write_text(markdown(rows, title) + "\n", encoding="utf-8")
+    paths["ppl_csv"].write_text(ppl_csv(rows), encoding="utf-8")
+    label = Labeller(rows)
+    ppl_rows = [{**r, "run": label(r)} for r in rows if r.get("kind") != KIND]
+    if ppl_rows:
+        paths["ppl_png"] = plot(ppl_rows, out_dir / "ppl_vs_length.png", train_length=train_length,
+                                title=f"{title}: perplexity vs length" if title else None)
+    cells = retrieval_cells(rows, label)
+    if cells:
+        paths["retrieval_csv"] = out_dir / "retrieval.csv"
+        paths["retrieval_csv"].write_text(retrieval_csv(rows), encoding="utf-8")
+    for (name, task), series_cells in cells.items():
+        paths[f"heatmap:{name}:{task}"] = plot_heatmap(
+            series_cells, out_dir / f"retrieval_{_slug(name)}_{_slug(task)}.png", title=f"{task}: {name}",
+            train_length=train_length,
+        )
+    return paths
+
+
+def log_wandb(rows: list[dict], paths: dict[str, Path], project: str, name: str | None, out_dir: Path) -> None:
+    """Log the comparison to Weights & Biases: tables of points and cells, and every plot."""
+    import wandb
+
+    from lce.loggers import wandb_key_available
+
+    mode = os.environ.get("WANDB_MODE") or "online"
+    if mode == "online" and not wandb_key_available():
+        mode = "offline"
+    run = wandb.init(project=project, name=name, job_type="report", mode=mode, dir=str(out_dir),
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        payload = {}
+        for key, text in (("ppl", ppl_csv(rows)), ("retrieval", retrieval_csv(rows))):
+            table = list(csv.reader(io.StringIO(text)))
+            if len(table) > 1:
+                payload[key] = wandb.Table(columns=table[0], data=table[1:])
+        for key, path in paths.items():
+            if path.suffix == ".png":
+                payload[key.replace(":", "/")] = wandb.Image(str(path))
+        run.log(payload)
+    finally:
+        run.finish()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lce report", description="Compare the results of any set of lce runs.")
+    p.add_argument("paths", nargs="+", help="results.jsonl / retrieval.jsonl files or directories holding them")
+    p.add_argument("--out", type=Path, help="write report.md, CSVs and plots into this directory")
+    p.add_argument("--format", choices=("md", "csv"), default="md", help="what to print (default: md)")
+    p.add_argument("--experiment", action="append", help="keep only this experiment (repeatable)")
+    p.add_argument("--run", action="append", help="keep only runs matching this glob (repeatable)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--train-length", type=int, help="mark this length in plots (default: the rows' train_length)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without an API key)")
+    p.add_argument("--wandb-project", default="lce", help="wandb project (default: lce)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lce report``; returns the exit status (2 for bad input, reported as one line on stderr)."""
+    args = parser().parse_args(argv)
+    try:
+        rows = select(load_rows(args.paths), args.experiment, args.run)
+        if not rows:
+            raise ConfigError("report: no finished rows in the given paths (after --experiment / --run filters)")
+        train_length = args.train_length if args.train_length is not None else _train_length(rows)
+        if args.format == "md":
+            text = markdown(rows, args.title)
+        else:
+            parts = [ppl_csv(rows) if any(r.get("kind") != KIND for r in rows) else "",
+                     retrieval_csv(rows) if any(r.get("kind") == KIND for r in rows) else ""]
+            text = "\n".join(p for p in parts if p).rstrip("\n")
+        paths = write_outputs(rows, args.out, args.title, train_length) if args.out is not None else {}
+        if args.wandb:
+            log_wandb(rows, paths, args.wandb_project, args.title, args.out or Path.cwd())
+    except LceError as e:
+        print(f"lce report: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Attention sinks / StreamingLLM (Xiao et al. 2024, arXiv:2309.17453, §3.2 "Rolling KV cache with attention sinks";
+code: mit-han-lab/streaming-llm ``streaming_llm/kv_cache.py`` and ``streaming_llm/pos_shift/modify_llama.py``).
+
+StreamingLLM keeps the KV entries of the first ``start_size`` tokens (the sinks) and of the most recent tokens, and
+assigns RoPE positions by place *in the cache* rather than in the text ("pos-shift", paper §3.2: "positions within the
+cache"), so relative positions never exceed the cache size. With ``S = start_size`` and ``R = recent_size`` (the
+recent window, counting the current token), query ``i`` sees key ``j`` iff::
+
+    j < S   or   i - j < R
+
+and its relative position is the cache-local one:
+
+- recent keys (``i - j < R``): ``i - j`` (query and key rotated at their true positions);
+- sink keys beyond the window (``j < S``, ``i - j >= R``): the cache holds ``S + R`` entries, the query is the last
+  one, so it sits at ``S + R - 1`` and the sink at ``j``: relative position ``S + R - 1 - j``. Before the cache fills
+  (``i < S + R - 1``) nothing has been evicted and true positions are cache positions, hence ``q_map = min(i, S+R-1)``.
+
+These are two segments of ``lce.attention.segments`` plus the visibility rule (pairs neither segment selects are
+masked). A full forward with this mask gives exactly what token-by-token streaming with an evicting, pos-shifted cache
+gives, because every layer's state of every token was computed under the same visibility. lce does not evict: the
+KV cache keeps every token (memory ``O(T)``), but each query block only scores the keys it may see, so compute is
+``O(T * (S + R + block_size))``.
+
+Cache-size conventions: the streaming-llm eval loop (``examples/eval_long_ppl.py``) prunes the cache to
+``start + recent`` *after* each step, so the current token is an extra entry: its ``--recent_size r`` is lce's
+``recent_size = r + 1``. Defaults here are the paper's 4 + 1020 (cache 1024; ``attention_sinks`` uses the same
+4/1020); alternatives: paper 4 + 2044, chat demo 4 + 2000 (``run_streaming_llama.py``), PPL script 1 + 255
+(``streaming_llm/utils.py``). ``start_size = 0`` is a pos-shifted sliding window without sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Module, not names: lce.attention.segments imports lce.posenc.rotation, whose package imports this module, so the
+# names may not exist yet while this module is imported; they are looked up when called.
+from lce.attention import segments
+from lce.config import check
+from lce.errors import LceError
+from lce.posenc.base import POSENCS, PosEnc
+from lce.posenc.rotation import Rotation
+
+
+def sink_segments(start_size: int, recent_size: int) -> list[segments.Segment]:
+    """Recent keys at true positions; sink keys beyond the window with the query at cache position ``S + R - 1``."""
+    last = start_size + recent_size - 1
+    recent = segments.Segment(segments.identity, segments.identity, lambda i, j: i - j < recent_size)
+    sink = segments.Segment(lambda p: p.clamp(max=last), segments.identity,
+                            lambda i, j: (j < start_size) & (i - j >= recent_size))
+    return [recent, sink]
+
+
+def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
+                    q_pos: torch.Tensor, k_pos: torch.Tensor, scaling: float, start_size: int, recent_size: int,
+                    attention_mask: torch.Tensor | None = None, block_size: int = 1024) -> torch.Tensor:
+    """StreamingLLM attention (sinks + recent window, cache-local positions).
+
+    Each block of queries is scored against the key columns some query of the block may see (the sinks and the
+    union of the block's windows) only; the others would get probability 0 anyway.
+
+    Args:
+        query: ``[B, H, Tq, D]`` unrotated; key, value: ``[B, HKV, Tk, D]`` unrotated.
+        rotation: the model's rotary embedding.
+        q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
+        scaling: softmax scale; start_size, recent_size: ``S``, ``R``;
+        attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal); block_size: query rows scored at once.
+
+    Returns:
+        ``[B, Tq, H, D]``.
+    """
+    parts = sink_segments(start_size, recent_size)
+    outs = []
+    for start in range(0, query.shape[2], block_size):
+        stop = min(start + block_size, query.shape[2])
+        i = q_pos[:, start:stop]
+        mask = attention_mask[:, :, start:stop] if attention_mask is not None else None
+        maybe = ((k_pos < start_size) | (k_pos > i.min(-1, keepdim=True).values - recent_size)) & (
+            k_pos <= i.max(-1, keepdim=True).values)
+        columns = maybe.any(dim=0).nonzero().squeeze(-1)
+        k, v, kp = key, value, k_pos
+        if columns.numel() < k_pos.shape[1]:
+            k, v, kp = key[:, :, columns], value[:, :, columns], k_pos[:, columns]
+            mask = mask[..., columns] if mask is not None else None
+        outs.append(segments.segmented_attention(query[:, :, start:stop], k, v, parts, rotation, i, kp, scaling, mask,
+                                                 block_size=block_size))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+@POSENCS.register("sinks")
+@dataclass(frozen=True)
+class Sinks(PosEnc):
+    """StreamingLLM attention sinks with pos-shift in every layer.
+
+    Attributes:
+        start_size: ``S``, number of initial tokens every query keeps (the attention sinks).
+        recent_size: ``R``, the recent window including the current token.
+        block_size: query rows scored at once.
+    """
+
+    name: str = "sinks"
+    start_size: int = 4
+    recent_size: int = 1020
+    block_size: int = 1024
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.start_size >= 0, "posenc.start_size", f"must be >= 0, got {self.start_size}")
+        check(self.recent_size >= 1, "posenc.recent_size",
+              f"must be >= 1 (the window includes the current token), got {self.recent_size}")
+        check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
+
+    def apply(self, target) -> None:
+        rotation = target.rotate_in_attention("sinks")
+        start_size, recent_size, block_size = self.start_size, self.recent_size, self.block_size
+
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+            if dropout:
+                raise LceError("posenc=sinks does not implement attention dropout; set attention_dropout=0")
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
+                                   attention_mask, block_size), None
+
+        target.use_kernel("sinks", lambda layer_index, module: kernel)

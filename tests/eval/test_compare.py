@@ -1,0 +1,192 @@
+"""``lce report``: exact markdown and CSV on fixed inputs, deduplication, filters, output files and wandb."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from lce.eval import compare
+from lce.eval.compare import load_rows, main, markdown
+
+
+def ppl_row(run, length, ppl, status="ok", experiment="quick", protocol="canonical", **extra):
+    return {
+        "experiment": experiment, "run": run, "method": run, "params": {"posenc": {"name": run}},
+        "model": {"name": "tiny"}, "seed": 0, "protocol": {"name": protocol, "n_docs": 4}, "train_length": 128,
+        "length": length, "status": status, "ppl": ppl if status == "ok" else None, "nll": None, "tokens": 100,
+        "tokens_per_s": 1234.5 if status == "ok" else None, "peak_mem_mb": 12.25, "mem_kind": "cpu_rss_delta",
+        "seconds": 0.5, **extra,
+    }
+
+
+def trial_row(run, length, depth, trial, correct, experiment="quick", status="ok"):
+    return {
+        "experiment": experiment, "run": run, "method": run, "params": {}, "model": {"name": "tiny"}, "seed": 0,
+        "protocol": {"name": "passkey", "key_digits": 5}, "train_length": 128, "kind": "retrieval",
+        "task": "passkey", "length": length, "depth": depth, "trial": trial, "status": status,
+        "correct": correct if status == "ok" else None, "answer": 12345, "output": " 12345",
+    }
+
+
+PPL_ROWS = [
+    ppl_row("rope", 128, 3.14159), ppl_row("rope", 256, None, status="oom"),
+    ppl_row("yarn", 128, 3.5, ppl_low=3.25, ppl_high=3.75), ppl_row("yarn", 256, 41.0),
+]
+RETRIEVAL_ROWS = [
+    trial_row("rope", 256, 0.0, 0, True), trial_row("rope", 256, 0.0, 1, True),
+    trial_row("rope", 256, 1.0, 0, False), trial_row("rope", 256, 1.0, 1, True),
+    trial_row("rope", 512, 0.0, 0, False), trial_row("rope", 512, 0.0, 1, False),
+    trial_row("rope", 512, 1.0, 0, None, status="oom"), trial_row("rope", 512, 1.0, 1, None, status="oom"),
+]
+
+EXPECTED_MD = """\
+# lce report
+
+## Perplexity
+
+| series | 128 | 256 |
+| :-- | --: | --: |
+| rope | **3.142** | OOM |
+| yarn | 3.500 (3.250–3.750) | 41.00 |
+
+Best per length in bold; (low–high): bootstrap confidence interval over documents; OOM: out of memory; -: not \
+evaluated.
+
+## Tokens per second
+
+| series | 128 | 256 |
+| :-- | --: | --: |
+| rope | 1234 | - |
+| yarn | 1234 | 1234 |
+
+## Peak memory (MiB)
+
+| series | 128 | 256 |
+| :-- | --: | --: |
+| rope | 12.2 | 12.2 |
+| yarn | 12.2 | 12.2 |
+
+## Retrieval accuracy: passkey, rope
+
+| depth \\ length | 256 | 512 |
+| --: | --: | --: |
+| 0% | 100% | 0% |
+| 100% | 50% | OOM |
+| **all** | 75% | 0% |
+"""
+
+EXPECTED_CSV = """\
+series,experiment,run,method,protocol,length,status,ppl,ppl_low,ppl_high,nll,aggregation,tokens,tokens_per_s,\
+peak_mem_mb,mem_kind,seconds
+rope,quick,rope,rope,canonical,128,ok,3.14159,,,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
+rope,quick,rope,rope,canonical,256,oom,,,,,token_mean,100,,12.25,cpu_rss_delta,0.5
+yarn,quick,yarn,yarn,canonical,128,ok,3.5,3.25,3.75,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
+yarn,quick,yarn,yarn,canonical,256,ok,41.0,,,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
+
+series,task,length,depth,trials,correct,accuracy,status
+rope,passkey,256,0.0,2,2,1.0,ok
+rope,passkey,512,0.0,2,0,0.0,ok
+rope,passkey,256,1.0,2,1,0.5,ok
+rope,passkey,512,1.0,0,0,,oom
+"""
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Two run directories as lce writes them, plus a training log that must be ignored."""
+    write_jsonl(tmp_path / "runs" / "quick" / "results.jsonl", PPL_ROWS[::-1])
+    write_jsonl(tmp_path / "runs" / "quick" / "rope" / "retrieval.jsonl", RETRIEVAL_ROWS[::2] + RETRIEVAL_ROWS[1::2])
+    write_jsonl(tmp_path / "runs" / "quick" / "rope" / "train_log.jsonl", [{"step": 1, "loss": 2.0}])
+    return tmp_path / "runs"
+
+
+def test_markdown_is_exact(results, capsys):
+    assert main([str(results)]) == 0
+    assert capsys.readouterr().out == EXPECTED_MD + "\n"
+
+
+def test_csv_is_exact(results, capsys):
+    assert main([str(results), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == EXPECTED_CSV
+
+
+def test_output_does_not_depend_on_file_order_or_duplicates(results, tmp_path, capsys):
+    again = write_jsonl(tmp_path / "copy" / "results.jsonl", PPL_ROWS)
+    assert main([str(again), str(results), str(results / "quick" / "results.jsonl")]) == 0
+    assert capsys.readouterr().out == EXPECTED_MD + "\n"
+    assert len(load_rows([results, again])) == len(PPL_ROWS) + len(RETRIEVAL_ROWS)
+
+
+def test_filters_and_labels(tmp_path, capsys):
+    rows = PPL_ROWS + [ppl_row("rope", 128, 2.5, experiment="other"),
+                       ppl_row("rope", 128, 2.75, protocol="yarn", aggregation="mean_of_window_means")]
+    path = write_jsonl(tmp_path / "results.jsonl", rows)
+    assert main([str(path), "--experiment", "quick", "--run", "y*"]) == 0
+    out = capsys.readouterr().out
+    assert "| yarn | 3.500 (3.250–3.750) | 41.00 |" in out and "rope" not in out
+    # Experiments and protocols are named only when they differ; non-token-weighted protocols carry a dagger.
+    assert main([str(path), "--run", "rope"]) == 0
+    out = capsys.readouterr().out
+    assert "| other/rope [canonical] | **2.500** |" in out
+    assert "| quick/rope [yarn] † | 2.750 |" in out and "†: mean of per-window" in out
+
+
+def test_clashing_points_and_missing_inputs_are_errors(tmp_path, capsys):
+    clash = write_jsonl(tmp_path / "results.jsonl", [ppl_row("rope", 128, 3.0), ppl_row("rope", 128, 4.0, seed=1)])
+    assert main([str(clash)]) == 2
+    assert "two different points for series 'rope' at length 128" in capsys.readouterr().err
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "neither a result file nor a directory" in capsys.readouterr().err
+    assert main([str(clash), "--run", "none*"]) == 2
+    assert "no finished rows" in capsys.readouterr().err
+
+
+def test_out_dir_files(results, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(results), "--out", str(out), "--title", "quick"]) == 0
+    capsys.readouterr()
+    assert (out / "report.md").read_text() == EXPECTED_MD.replace("# lce report", "# quick") + "\n"
+    assert (out / "ppl.csv").read_text() + "\n" + (out / "retrieval.csv").read_text() == EXPECTED_CSV
+    for png in ("ppl_vs_length.png", "retrieval_rope_passkey.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wandb_logs_offline_without_a_key(results, tmp_path, monkeypatch, capsys):
+    calls = {}
+
+    class Run:
+        def log(self, payload):
+            calls["logged"] = sorted(payload)
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    fake = types.SimpleNamespace(
+        init=init, Settings=lambda **kw: kw, Table=lambda columns, data: ("table", columns, len(data)),
+        Image=lambda path: ("image", path),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr("lce.loggers.wandb_key_available", lambda: False)
+    assert main([str(results), "--out", str(tmp_path / "r"), "--wandb"]) == 0
+    capsys.readouterr()
+    assert calls["init"]["mode"] == "offline" and calls["init"]["job_type"] == "report" and calls["finished"]
+    assert calls["logged"] == ["heatmap/rope/passkey", "ppl", "ppl_png", "retrieval"]
+
+
+def test_markdown_of_retrieval_only_rows():
+    text = markdown(RETRIEVAL_ROWS)
+    assert "## Perplexity" not in text and "## Retrieval accuracy: passkey, rope" in text
+    assert compare.retrieval_csv(RETRIEVAL_ROWS).splitlines()[1] == "rope,passkey,256,0.0,2,2,1.0,ok"

@@ -1,0 +1,274 @@
+"""Every model family's adapter on a tiny random model of that family: logits formed exactly as the model forms
+them, nope/unpatch, rope re-implemented inside attention at the true positions (prefill and decode), the dispatcher
+path with the family's attention arguments (soft-capping, sliding windows), frequency methods through
+``rope_parameters`` and a replaced rotary module, save/load, and clear refusals for what lce cannot do."""
+
+import pytest
+import torch
+from torch import nn
+
+import lce
+from lce.errors import UnsupportedModelError
+from lce.hf.adapters import ADAPTERS, NO_ROTATION, adapter_for
+from lce.hf.lm import hidden_states, logits_from_hidden
+from lce.hf.patch import PatchTarget
+from lce.hf.rotary import NeutralRotary
+from lce.posenc.rotation import Rotation
+from tests.conftest import decode_logits, logits
+
+# Per family: the config class name and what makes its tiny model exercise the family's particulars. Sliding windows
+# (8) are shorter than the test sequences (21 tokens) so that they change the result.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                                         "layer_types": ["sliding_attention", "full_attention"],
+                                         "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.75}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "num_key_value_heads": None}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.5, "use_qk_norm": True}),
+    "olmo2": ("Olmo2Config", {}),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25, "qk_layernorm": True}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": 8}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0, "attention_multiplier": 0.3, "embedding_multiplier": 2.0,
+                                  "residual_multiplier": 0.5}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),  # layer 0 rotates, layer 1 is a NoPE layer
+}
+
+# Expected rotation of each family's tiny model: (style, rotated dims of the 16-dim heads).
+ROTATIONS = {family: ("half", 16) for family in FAMILIES}
+ROTATIONS.update(cohere=("interleaved", 16), phi3=("half", 12), gpt_neox=("half", 4), stablelm=("half", 4))
+
+IDS = torch.randint(3, 64, (2, 21), generator=torch.Generator().manual_seed(0))
+
+
+def family_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random causal LM of ``family``: 2 layers, hidden 64, 4 heads of 16 dims (2 KV heads where the family
+    has GQA), vocabulary 64. Weights are larger than the usual 0.02 init so that attention is far from uniform and
+    positions, soft-caps and windows visibly matter."""
+    import transformers
+
+    name, particular = FAMILIES[family]
+    params = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+              "initializer_range": 0.25, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    params.update(particular)
+    params.update(overrides)
+    config = getattr(transformers, name)(**{k: v for k, v in params.items() if v is not None})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def eager_reference(query, key, value, mask, scaling, q_pos, k_pos, softcap=None):
+    """Causal softmax attention written out: ``query [B, H, Tq, D]``, ``key/value [B, HKV, Tk, D]``, boolean or
+    absent mask, optional logit soft-cap ``c * tanh(s / c)``; returns ``[B, Tq, H, D]``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
+    if mask is not None:
+        visible = visible & mask
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.matmul(probs, value).transpose(1, 2)
+
+
+def rope_in_attention(model) -> None:
+    """Neutralise the rotary module and rotate q/k inside attention at the true positions, layer by layer."""
+    target = PatchTarget(model, adapter_for(model))
+
+    def kernel_for_layer(index, module):
+        rotation = target.rotate_in_attention("test", layer=index)
+
+        def kernel(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
+            query, key = rotation.apply(query, q_pos), rotation.apply(key, k_pos)
+            return eager_reference(query, key, value, mask, scaling, q_pos, k_pos, kwargs.get("softcap")), None
+
+        return kernel
+
+    target.rotate_in_attention("test", layer=0)
+    target.use_kernel("test_rope", kernel_for_layer, handles={"softcap"})
+    target.finalize()
+
+
+class HalfAngleRotary(nn.Module):
+    """A replacement rotary module rotating at half the angles of the one it replaces (= linear interpolation 2)."""
+
+    def __init__(self, replaced: nn.Module, rotation: Rotation):
+        super().__init__()
+        self.rotation = Rotation(replaced.inv_freq.float() / 2, rotation.attention_scaling, rotation.style)
+
+    def forward(self, x, position_ids):
+        return self.rotation.cos_sin(position_ids, x.dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_rope_nope_unpatch(family):
+    """Logits from hidden states equal the model's own (soft-caps, scales); rope is the identity; nope changes the
+    output; unpatch restores the original rotary module and output exactly."""
+    model = family_model(family)
+    before = logits(model, IDS)
+    with torch.no_grad():
+        assert torch.equal(logits_from_hidden(model, hidden_states(model, IDS)), before)
+    rotary = adapter_for(model).rotary(model)
+    lce.patch(model, "rope")
+    assert torch.equal(logits(model, IDS), before)
+    lce.patch(model, "nope")
+    assert isinstance(adapter_for(model).rotary(model), NeutralRotary)
+    assert not torch.equal(logits(model, IDS), before)
+    lce.unpatch(model)
+    assert adapter_for(model).rotary(model) is rotary
+    assert torch.equal(logits(model, IDS), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_inside_attention_equals_stock_model(family):
+    model, reference = family_model(family), family_model(family)
+    rope_in_attention(model)
+    # Eager fp32 attention vs the stock SDPA/eager kernel: same math, another summation order (2e-5 as test_plan).
+    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=2e-5, rtol=2e-5)
+    # Prefill then decoding over the cache (sliding-window layers keep only the window) == one full forward.
+    torch.testing.assert_close(decode_logits(model, IDS, 13), logits(model, IDS), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logn_goes_through_the_dispatcher_with_the_familys_attention(family):
+    """Within the training length log-n is the identity: lce's attention function (which receives the family's
+    softcap and sliding window) reproduces the stock model exactly. Below it, queries are scaled."""
+    model = family_model(family)
+    before, implementation = logits(model, IDS), model.config._attn_implementation
+    lce.patch(model, "logn", logn_length=IDS.shape[1])
+    assert model.config._attn_implementation == "lce_logn"
+    assert torch.equal(logits(model, IDS), before)
+    lce.patch(model, "logn", logn_length=4)
+    scaled = logits(model, IDS)
+    assert not torch.equal(scaled, before)
+    torch.testing.assert_close(decode_logits(model, IDS, 13), scaled, atol=2e-5, rtol=2e-5)
+    lce.unpatch(model)
+    assert model.config._attn_implementation == implementation
+    assert torch.equal(logits(model, IDS), before)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi3"])
+def test_rope_parameters_equal_a_model_built_with_them(family):
+    """External parity: linear interpolation through ``set_rope_parameters`` == the family built with that config
+    (Gemma3: in its full-attention layers only)."""
+    model = family_model(family)
+    before = logits(model, IDS)
+    lce.patch(model, "rope")  # records the original rope_parameters
+    target = PatchTarget(model, adapter_for(model))
+    target.set_rope_parameters("test", rope_type="linear", factor=2.0)
+    expected = family_model(family, rope_parameters=model.config.rope_parameters)
+    if family == "gemma3_text":
+        assert model.config.rope_parameters["full_attention"]["rope_type"] == "linear"
+        assert model.config.rope_parameters["sliding_attention"]["rope_type"] == "default"
+    scaled = logits(model, IDS)
+    assert torch.equal(scaled, logits(expected, IDS))
+    assert not torch.equal(scaled, before)
+
+
+def test_rope_parameters_the_config_rejects_are_refused():
+    """Phi-3's config accepts only ``longrope``: a linear-scaled checkpoint would not reload, so it is refused."""
+    model = family_model("phi3")
+    with pytest.raises(UnsupportedModelError, match=r"posenc=pi: phi3 config rejects rope_parameters"):
+        lce.patch(model, "rope")
+        PatchTarget(model, adapter_for(model)).set_rope_parameters("pi", rope_type="linear", factor=2.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaced_rotary_goes_where_the_model_calls_it(family):
+    """``replace_rotary`` hands each extended slot to the builder as a plain rotary module and puts the results where
+    the family's model calls them: a module rotating at half the angles == the stock model with its extended
+    frequencies halved in place."""
+    replaced, expected = family_model(family), family_model(family)
+    adapter = adapter_for(replaced)
+    lce.patch(replaced, "rope")
+    PatchTarget(replaced, adapter).replace_rotary("test", lambda old: HalfAngleRotary(old, adapter.rotation(old)))
+    for slot in adapter.slots(expected):
+        if slot.extended:
+            adapter.slot_rotary(adapter.rotary(expected), slot.key).inv_freq.div_(2)
+    assert torch.equal(logits(replaced, IDS), logits(expected, IDS))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotation_style_width_and_layers(family):
+    model = family_model(family)
+    adapter = adapter_for(model)
+    style, width = ROTATIONS[family]
+    rotations = adapter.layer_rotations(model)
+    rotating = [r for r in rotations if r.rotary_dim]
+    assert all((r.style, r.rotary_dim) == (style, width) for r in rotating)
+    assert adapter.rotary_dim(model) == width
+    assert len(rotating) == (1 if family == "smollm3" else 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_round_trip(family, tmp_path):
+    model = family_model(family)
+    lce.patch(model, "logn", logn_length=4)
+    lce.save_model(model, lce.data.ByteTokenizer(), tmp_path / "m")
+    # attn_implementation=None: the family's default (lce.load_model's "sdpa" is refused by Gemma2, which has none).
+    loaded, _ = lce.load_model(str(tmp_path / "m"), attn_implementation=None)
+    assert type(loaded) is type(model)
+    assert loaded.config.lce["posenc"]["name"] == "logn"
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+def test_unsupported_family_lists_every_supported_one():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*supported families: llama, mistral") as info:
+        lce.patch(model, "nope")
+    assert all(family in str(info.value) for family in FAMILIES)
+    assert set(ADAPTERS) == set(FAMILIES)
+
+
+def test_gemma3_rotates_each_layer_type_with_its_own_frequencies():
+    model = family_model("gemma3_text")
+    adapter = adapter_for(model)
+    slots = {slot.key: slot for slot in adapter.slots(model)}
+    assert slots["sliding_attention"].layers == (0,) and not slots["sliding_attention"].extended
+    assert slots["full_attention"].layers == (1,) and slots["full_attention"].extended
+    local, global_ = adapter.layer_rotations(model)
+    torch.testing.assert_close(local.inv_freq[1] / global_.inv_freq[1], torch.tensor(100.0 ** (2 / 16)))
+    with pytest.raises(UnsupportedModelError, match=r"posenc=dca rotates every layer alike, but gemma3_text"):
+        PatchTarget(model, adapter).rotate_in_attention("dca")
+    with pytest.raises(UnsupportedModelError, match="one rotation per layer type"):
+        adapter.rotation(adapter.rotary(model))
+    neutral = NeutralRotary(adapter.rotary(model))
+    cos, sin = neutral(torch.zeros(1, 5, 64), torch.arange(5)[None], "sliding_attention")
+    assert cos.shape == (1, 5, 16) and torch.equal(cos, torch.ones_like(cos)) and not sin.any()
+
+
+def test_smollm3_nope_layers_do_not_rotate_in_attention():
+    model = family_model("smollm3")
+    target = PatchTarget(model, adapter_for(model))
+    with pytest.raises(UnsupportedModelError, match=r"posenc=dca rotates every layer alike, but smollm3"):
+        target.rotate_in_attention("dca")
+    assert target.rotate_in_attention("dca", layer=0).rotary_dim == 16
+    assert target.rotate_in_attention("dca", layer=1) is NO_ROTATION
+    x = torch.randn(1, 2, 3, 16)
+    assert torch.equal(NO_ROTATION.apply(x, torch.arange(3)[None]), x)
+
+
+def test_gemma2_kernel_that_ignores_softcap_is_refused():
+    model = family_model("gemma2")
+    target = PatchTarget(model, adapter_for(model))
+    target.rotate_in_attention("dca")
+    with pytest.raises(UnsupportedModelError, match="posenc dca replaces the attention computation, but gemma2 "
+                                                    "attention needs softcap"):
+        target.use_kernel("dca", lambda index, module: None)
+
+
+def test_length_dependent_rope_is_refused_inside_attention():
+    model = family_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match=r"posenc=dca: llama: rope_type 'dynamic' recomputes"):
+        PatchTarget(model, adapter_for(model)).rotate_in_attention("dca")

@@ -1,0 +1,242 @@
+"""Attention sinks (StreamingLLM with pos-shift): every score equals an independent per-pair reference that simulates
+the evicting cache (first S + latest R tokens, RoPE positions = indices in the cache); the masked full forward equals
+real token-by-token streaming with an evicting KV cache; S + R >= T is plain RoPE; decode == full forward; padding;
+key pruning; training; unpatch; save/load; log-n composition."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+import lce
+from lce.attention import segments
+from lce.errors import ConfigError
+from lce.hf.adapters import adapter_for
+from lce.posenc.logn import logn_scale
+from lce.posenc.sinks import sinks_attention
+from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+
+IDS = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(0))
+
+
+def per_pair_reference(q, k, v, distance, scaling, rotary):
+    """Attention with each score written from its relative distance: s = q_i . R(-r) k_j * scaling, where
+    ``distance(b, i) = {j: r}`` lists the keys query i attends and their relative positions, and R is transformers'
+    own rotary embedding (R(m)^T R(n) = R(n - m), so rotating only the key by -r gives the logit of a pair r apart)."""
+    batch, heads, tq, dim = q.shape
+    groups = heads // k.shape[1]
+    out = torch.zeros(batch, tq, heads, dim, dtype=q.dtype)
+    for b in range(batch):
+        for i in range(tq):
+            pairs = distance(b, i)
+            keys = sorted(pairs)
+            if not keys:
+                continue
+            rel = torch.tensor([[pairs[j] for j in keys]])
+            cos, sin = rotary(k, -rel)
+            k_rot, _ = apply_rotary_pos_emb(k[b : b + 1, :, keys], k[b : b + 1, :, keys], cos, sin)
+            k_rot, vals = k_rot[0].repeat_interleave(groups, 0), v[b, :, keys].repeat_interleave(groups, 0)
+            scores = (q[b, :, i, None, :] * k_rot).sum(-1) * scaling  # [H, n]
+            out[b, i] = torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), vals)
+    return out
+
+
+def streaming_distance(q_pos, k_pos, start, recent, mask=None):
+    """Relative positions as StreamingLLM's cache gives them, from token order alone: the text so far is the visible
+    key columns up to and including the query's own; the cache keeps its first ``start`` and last ``recent`` tokens;
+    RoPE positions are indices in the cache, the query being the last entry."""
+    def distance(b, i):
+        text = [c for c in range(k_pos.shape[1])
+                if k_pos[b, c] <= q_pos[b, i] and (mask is None or bool(mask[b, 0, i, c]))]
+        cache = [c for n, c in enumerate(text) if n < start or len(text) - n <= recent]
+        return {c: len(cache) - 1 - n for n, c in enumerate(cache)}
+    return distance
+
+
+def random_qkv(batch, heads, kv_heads, tq, tk, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, tq, dim), (batch, kv_heads, tk, dim), (batch, kv_heads, tk, dim)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def dispatcher_positions(batch, tq, tk, pads):
+    """Positions and mask as lce's dispatcher passes them: row b has pads[b] left pads (negative key positions)."""
+    k_pos = torch.stack([torch.arange(tk) - p for p in pads[:batch]])
+    q_pos = k_pos[:, tk - tq:].clamp(min=0)
+    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # by index, as sdpa_mask builds it
+    mask = (causal[None] & (k_pos[:, None, :] >= 0))[:, None]  # pad queries see nothing
+    return q_pos, k_pos, mask if any(pads[:batch]) else None
+
+
+CASES = {  # (B, H, HKV, Tq, Tk, start, recent, block, pads)
+    "odd-T15-gqa4:2-S2-R4-block4": (1, 4, 2, 15, 15, 2, 4, 4, [0]),
+    "B2-left-padded-T13-S3-R3-block5": (2, 4, 2, 13, 13, 3, 3, 5, [0, 4]),
+    "cached-prefix-Tq5-Tk17-S1-R6-block2": (2, 4, 4, 5, 17, 1, 6, 2, [3, 0]),
+    "no-sinks-S0-R3": (1, 2, 1, 11, 11, 0, 3, 3, [0]),
+    "window-1-S2-R1": (1, 2, 1, 9, 9, 2, 1, 4, [0]),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernel_matches_per_pair_reference_forward_and_backward(case):
+    batch, heads, kv_heads, tq, tk, start, recent, block, pads = case
+    q, k, v = random_qkv(batch, heads, kv_heads, tq, tk)
+    q_pos, k_pos, mask = dispatcher_positions(batch, tq, tk, pads)
+    rotary = LlamaRotaryEmbedding(config=make_tiny_llama().config)
+    rotation = adapter_for(make_tiny_llama()).rotation(rotary)
+    out = sinks_attention(q, k, v, rotation, q_pos, k_pos, 0.25, start, recent, mask, block_size=block)
+    ref = per_pair_reference(q, k, v, streaming_distance(q_pos, k_pos, start, recent, mask), 0.25, rotary)
+    # Both sides take cos/sin from fp32 angles (lce: R(i), R(j); reference: R(-r)): ~1e-7 relative rounding.
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    weight = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+
+
+def test_patched_model_matches_per_pair_reference():
+    """One layer, 30 tokens, 3 sinks + 8 recent: the model's attention output from its own projections."""
+    model = make_tiny_llama(num_hidden_layers=1)
+    lce.patch(model, "sinks", start_size=3, recent_size=8, block_size=7)
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"], out[0])), with_kwargs=True)
+    logits(model, IDS)
+    hidden, out = calls[0]
+    attn = model.model.layers[0].self_attn
+    batch, length, _ = hidden.shape
+    heads_of = lambda proj: proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2).double()
+    pos = torch.arange(length).expand(batch, length)
+    ref = per_pair_reference(heads_of(attn.q_proj), heads_of(attn.k_proj), heads_of(attn.v_proj),
+                             streaming_distance(pos, pos, 3, 8), attn.head_dim**-0.5,
+                             LlamaRotaryEmbedding(config=model.config))
+    ref = attn.o_proj(ref.reshape(batch, length, -1).float())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # fp32 model vs fp64 reference
+
+
+def test_full_forward_equals_streaming_with_an_evicting_cache():
+    """The masked full forward is StreamingLLM: decode token by token while really evicting the KV cache down to
+    S sinks + the latest R - 1 entries (the current token is the R-th) and feeding cache-local positions, as
+    streaming-llm's pos-shift does. Two layers, so evicted tokens' deeper states must agree too."""
+    start, recent = 2, 5
+    model = make_tiny_llama()
+    lce.patch(model, "sinks", start_size=start, recent_size=recent, block_size=8)
+    ids = IDS[:1, :24]
+    prefill = start + recent - 1  # nothing to evict yet
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(prefill, ids.shape[1]):
+            for layer in cache.layers:
+                if layer.keys.shape[2] > start + recent - 1:
+                    layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, -(recent - 1):]], 2)
+                    layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, -(recent - 1):]], 2)
+            position = torch.tensor([[min(t, start + recent - 1)]])
+            out = model(ids[:, t : t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    assert cache.get_seq_length() == start + recent
+    torch.testing.assert_close(torch.cat(steps, 1), logits(model, ids), atol=2e-5, rtol=2e-5)  # fp32 order
+
+
+@pytest.mark.parametrize("start,recent", [(4, 26), (0, 30), (2, 100)], ids=["S4-R26", "S0-R30", "S2-R100"])
+def test_cache_covering_the_sequence_is_plain_rope(start, recent):
+    model = make_tiny_llama()
+    lce.patch(model, "sinks", start_size=start, recent_size=recent, block_size=7)
+    torch.testing.assert_close(logits(model, IDS), logits(make_tiny_llama(), IDS), atol=2e-5, rtol=2e-5)  # fp32 order
+
+
+def test_decode_matches_full_forward_beyond_the_cache():
+    model = make_tiny_llama(max_position_embeddings=16)
+    lce.patch(model, "sinks", start_size=2, recent_size=6, block_size=4)
+    ids = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(3))
+    assert_decode_matches_full(model, ids, prefill=12)
+
+
+def test_left_padding_does_not_change_real_tokens():
+    """Sinks are the first real tokens (positions from the attention mask), not the pads."""
+    model = make_tiny_llama()
+    lce.patch(model, "sinks", start_size=2, recent_size=4, block_size=4)
+    ids = IDS[:1, :15]
+    padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 15, dtype=torch.long)], 1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = logits(model, padded, attention_mask=mask, position_ids=position_ids)
+    torch.testing.assert_close(out[:, 6:], logits(model, ids), atol=2e-5, rtol=2e-5)  # fp32 reduction order
+
+
+def test_each_block_scores_only_the_keys_it_may_see(monkeypatch):
+    """At 2048 tokens with S = 4, R = 60, blocks of 64 queries: at most S + R + block - 1 keys per block."""
+    seen = []
+    original = segments.segmented_attention
+
+    def spy(query, key, *args, **kwargs):
+        seen.append(key.shape[2])
+        return original(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(segments, "segmented_attention", spy)
+    q, k, v = (t.detach().float() for t in random_qkv(1, 2, 1, 2048, 2048))
+    pos = torch.arange(2048)[None]
+    rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
+    with torch.no_grad():
+        sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, block_size=64)
+    assert len(seen) == 32 and max(seen) <= 4 + 60 + 64 - 1
+
+
+def test_training_step_with_activation_checkpointing():
+    model = make_tiny_llama()
+    lce.patch(model, "sinks", start_size=2, recent_size=6, block_size=8)
+    model.train()
+    model.activation_checkpointing_enable()
+    model.config.use_cache = False
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_patch_then_unpatch_equals_never_patched(tiny_model):
+    before = logits(tiny_model, IDS)
+    rotary = tiny_model.model.rotary_emb
+    lce.patch(tiny_model, "sinks", start_size=1, recent_size=4)
+    assert not torch.allclose(logits(tiny_model, IDS), before)
+    lce.unpatch(tiny_model)
+    assert torch.equal(logits(tiny_model, IDS), before)
+    assert tiny_model.model.rotary_emb is rotary
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_tiny_llama()
+    lce.patch(model, "sinks", start_size=3, recent_size=5)
+    lce.save_model(model, lce.data.ByteTokenizer(), tmp_path)
+    loaded, _ = lce.load_model(str(tmp_path))
+    assert lce.patch_spec(loaded)["posenc"] == {"name": "sinks", "start_size": 3, "recent_size": 5,
+                                                "block_size": 1024, "logn": False, "logn_length": None}
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+def test_composes_with_logn():
+    """Reference: sinks without log-n and queries scaled through a q_proj hook (RoPE is linear, so scaling before
+    or after rotation is the same); log-n uses the true position, not the cache-local one."""
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    lce.patch(model, "sinks", start_size=2, recent_size=6, logn=True, logn_length=8)
+    lce.patch(reference, "sinks", start_size=2, recent_size=6)
+    assert model.config._attn_implementation == "lce_sinks_logn"
+    factor = logn_scale(8)(torch.arange(IDS.shape[1])[None])[0]
+    for layer in reference.model.layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=1e-5, rtol=1e-5)  # fp32 order
+    assert_decode_matches_full(model, IDS, prefill=9)
+
+
+def test_bad_parameters_name_the_field():
+    with pytest.raises(ConfigError, match=r"posenc\.start_size: must be >= 0"):
+        lce.patch(make_tiny_llama(), "sinks", start_size=-1)
+    for recent in (0, -5):
+        with pytest.raises(ConfigError, match=r"posenc\.recent_size: must be >= 1"):
+            lce.patch(make_tiny_llama(), "sinks", recent_size=recent)
+    with pytest.raises(ConfigError, match=r"posenc\.block_size: must be >= 1"):
+        lce.patch(make_tiny_llama(), "sinks", block_size=0)
