@@ -7,8 +7,8 @@ owns the pairs its ``select(i, j)`` picks, so its logits are ``R(q_map(i)) q_i .
 separately normalised attention outputs with detached weights).
 
 ``segmented_attention`` materialises ``[B, H, block, Tk]`` scores one query block at a time, so memory grows with
-``T * block`` rather than ``T^2``; with ``block >= Tq`` it is the plain eager reference. Keys are rotated once per
-segment (``O(T)`` memory).
+``T * block`` rather than ``T^2`` (in training too: blocks are recomputed in the backward pass); with
+``block >= Tq`` it is the plain eager reference. Keys are rotated once per segment (``O(T)`` memory).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:  # an annotation only: importing lce.posenc here would import every method (a cycle)
     from lce.posenc.rotation import Rotation
@@ -77,22 +78,27 @@ def segmented_attention(
     groups = heads // key.shape[1]
     keys = [rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1) for seg in segments]
     values = value.repeat_interleave(groups, dim=1)
-    out = query.new_empty(batch, heads, tq, dim)
-    score_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax in at least fp32
-    j = k_pos[:, None, :]
+    # Under autograd each block is recomputed in the backward pass, so training keeps one block of scores, not T^2.
+    recompute = torch.is_grad_enabled() and tq > block_size
+    blocks = []
     for start in range(0, tq, block_size):
         stop = min(start + block_size, tq)
-        i = q_pos[:, start:stop, None]
-        visible = j <= i
-        if attention_mask is not None:
-            visible = visible & attention_mask[:, 0, start:stop, :]
-        scores = torch.full((batch, heads, stop - start, k_pos.shape[1]), float("-inf"), device=query.device,
-                            dtype=score_dtype)
-        for seg, k_rot in zip(segments, keys):
-            q_rot = rotation.apply(query[:, :, start:stop], seg.q_map(q_pos[:, start:stop]))
-            chosen = (seg.select(i, j) & visible)[:, None]
-            logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * scaling
-            scores = torch.where(chosen, logits, scores)
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing
-        out[:, :, start:stop] = torch.matmul(probs.to(values.dtype), values)
-    return out.transpose(1, 2)
+        mask = attention_mask[:, 0, start:stop, :] if attention_mask is not None else None
+        args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling)
+        blocks.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
+    return torch.cat(blocks, dim=2).transpose(1, 2)
+
+
+def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling) -> torch.Tensor:
+    """Attention of one query block ``[B, H, Tb, D]`` over all keys: segment logits merged, one softmax."""
+    score_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax in at least fp32
+    i, j = q_pos[:, :, None], k_pos[:, None, :]
+    visible = j <= i if mask is None else (j <= i) & mask
+    scores = torch.full((*query.shape[:3], k_pos.shape[1]), float("-inf"), device=query.device, dtype=score_dtype)
+    for seg, k_rot in zip(segments, keys):
+        q_rot = rotation.apply(query, seg.q_map(q_pos))
+        chosen = (seg.select(i, j) & visible)[:, None]
+        logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * scaling
+        scores = torch.where(chosen, logits, scores)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing
+    return torch.matmul(probs.to(values.dtype), values)

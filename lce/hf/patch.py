@@ -64,9 +64,9 @@ class PatchTarget:
             )
         return self.adapter.rotary(self.model)
 
-    def neutralize_rotary(self) -> None:
+    def neutralize_rotary(self, method: str = "nope") -> None:
         """Replace the rotary module with one that makes rotation an exact identity."""
-        self.adapter.set_rotary(self.model, NeutralRotary(self.require_rotary("nope")).to(_device(self.model)))
+        self.adapter.set_rotary(self.model, NeutralRotary(self.require_rotary(method)).to(_device(self.model)))
 
     def set_rope_parameters(self, method: str, **override: Any) -> None:
         """Merge ``override`` into the model's original ``rope_parameters`` and rebuild its rotary module.
@@ -117,7 +117,7 @@ class PatchTarget:
             if layer is None:
                 _same_rotation(rotations, self.adapter, method)
             self._rotations = rotations
-            self.neutralize_rotary()
+            self.neutralize_rotary(method)
         if layer is None:
             return _same_rotation(self._rotations, self.adapter, method)
         return self._rotations[layer]

@@ -168,7 +168,7 @@ class Alibi(PosEnc):
 
     def apply(self, target) -> None:
         if target.has_rotary():
-            target.neutralize_rotary()
+            target.neutralize_rotary("alibi")
         slopes = alibi_slopes(target.config.num_attention_heads)
         eager, block_size = self.kernel == "eager", self.block_size
 

@@ -95,3 +95,26 @@ def test_segmented_attention_gradients_match_sdpa():
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def test_segmented_attention_training_keeps_one_block_of_scores():
+    """Blocks are recomputed in the backward pass: autograd saves O(T * block), not the [B, H, T, T] scores."""
+    rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
+    heads, t, block = 4, 1024, 64
+    q = torch.randn(1, heads, t, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+    pos = torch.arange(t)[None]
+    saved = {}  # storage -> bytes: every block saves the same rotated keys and values, which exist once
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = segmented_attention(q, k, v, [Segment(identity, identity, everything)], rotation, pos, pos, 0.25,
+                                  block_size=block)
+    full_scores = heads * t * t * 4
+    total = sum(saved.values())
+    assert total < full_scores / 8, f"autograd saved {total} bytes; the scores alone are {full_scores}"
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
