@@ -9,10 +9,16 @@ attention function and padding is silently ignored.
 A plan scales queries by position (log-n) and then runs its kernel, or transformers' SDPA attention when it has
 none. Kernels receive unrotated or rotated q/k depending on the method (see ``PatchTarget.rotate_in_attention``),
 boolean masks ``[B, 1, Tq, Tk]`` (or None for plain causal), and query and key positions.
+
+A sparse attention variant adds a ``Restriction`` to the plan of the layers it selects: which (query, key) pairs may
+attend, as a predicate on absolute positions plus a block map. The dispatcher hands it to the layer's kernel as
+``visible=`` (the position encoding's kernel, or lce's block-wise kernel when the encoding has none); a kernel that
+takes no ``visible`` argument is refused when the model is patched (``accepts_visible``), never silently unrestricted.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +26,42 @@ import torch
 from torch import nn
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+#: ``(start, stop)`` half-open ranges of absolute key positions.
+KeyRanges = list[tuple[int, int]]
+
+
+class Restriction:
+    """Which (query, key) pairs may attend: the pattern of a sparse attention variant, on absolute positions.
+
+    Kernels combine it with causality (``j <= i``) and the padding mask, so a restriction only says what else is
+    hidden. Subclasses are frozen dataclasses (``lce.attention.sliding_window.SlidingWindowPattern``, ...) that
+    implement ``visible`` and, to let kernels skip keys, ``key_ranges``.
+
+    Attributes:
+        query_block: query rows lce's block-wise kernel scores at once (kernels of position encodings use their own
+            block size).
+    """
+
+    query_block: int = 128
+
+    def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """The predicate: query positions ``i [B, Tq, 1]``, key positions ``j [B, 1, Tk]`` -> bool ``[B, Tq, Tk]``
+        (or ``[B, H, Tq, Tk]`` for patterns that differ per query head). Pairs with ``j > i`` may be anything."""
+        raise NotImplementedError
+
+    def key_ranges(self, q_lo: int, q_hi: int) -> KeyRanges | None:
+        """The block map: ranges of key positions that hold every key visible to some query with a position in
+        ``[q_lo, q_hi]``; keys outside them are never scored. None: any key up to ``q_hi`` may be visible."""
+        return None
+
+    def at(self, module: nn.Module, kv_len: int) -> Restriction | None:
+        """The restriction in force for one call of ``module`` over ``kv_len`` keys; None = unrestricted (e.g. S²-Attn
+        outside training). Patterns that do not depend on the call return themselves."""
+        return self
+
+    def __call__(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.visible(i, j)
 
 
 @dataclass(frozen=True)
@@ -31,10 +73,23 @@ class AttentionPlan:
             (out [B, Tq, H, D], weights | None)`` with ``query [B, H, Tq, D]``, ``key/value [B, HKV, Tk, D]``,
             ``q_pos [B, Tq]``, ``k_pos [B, Tk]``; None runs transformers' SDPA attention.
         q_scale: maps query positions ``[B, Tq]`` to per-query multipliers ``[B, Tq]`` (log-n scaling); None: 1.
+        restriction: the sparse pattern of this layer, or None (every causal pair may attend). When set, ``kernel``
+            is not None and takes a ``visible`` keyword: it receives ``restriction.at(module, kv_len)``.
     """
 
     kernel: Kernel | None = None
     q_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    restriction: Restriction | None = None
+
+
+def accepts_visible(kernel: Kernel) -> bool:
+    """Whether ``kernel`` declares a ``visible`` parameter (swallowing it in ``**kwargs`` does not count: such a kernel
+    would compute unrestricted attention)."""
+    try:
+        parameter = inspect.signature(kernel).parameters.get("visible")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def query_positions(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -67,6 +122,8 @@ def lce_attention_forward(module: nn.Module, query, key, value, attention_mask, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     k_pos = key_positions(q_pos, key.shape[2])
+    if plan.restriction is not None:
+        kwargs["visible"] = plan.restriction.at(module, key.shape[2])
     return plan.kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs)
 
 

@@ -9,6 +9,10 @@ separately normalised attention outputs with detached weights).
 ``segmented_attention`` materialises ``[B, H, block, Tk]`` scores one query block at a time, so memory grows with
 ``T * block`` rather than ``T^2`` (in training too: blocks are recomputed in the backward pass); with
 ``block >= Tq`` it is the plain eager reference. Keys are rotated once per segment (``O(T)`` memory).
+
+A sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``) hides further pairs, and
+each query block then scores only the key columns the restriction's block map and causality leave
+(``lce.attention.blockwise.key_columns``): DCA or ReRoPE under a sliding window of ``W`` cost ``O(T * (W + block))``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:  # an annotation only: importing lce.posenc here would import every method (a cycle)
+from lce.attention.blockwise import allowed_pairs, key_columns
+
+if TYPE_CHECKING:  # annotations only: importing lce.posenc here would import every method (a cycle)
+    from lce.attention.plan import Restriction
     from lce.posenc.rotation import Rotation
 
 PositionMap = Callable[[torch.Tensor], torch.Tensor]
@@ -58,6 +65,7 @@ def segmented_attention(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     block_size: int = 1024,
+    visible: Restriction | None = None,
 ) -> torch.Tensor:
     """Softmax attention whose logits come from the segment owning each pair.
 
@@ -70,6 +78,7 @@ def segmented_attention(
         scaling: the softmax scale (``1/sqrt(D)``).
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend), or None; combined with causality.
         block_size: query rows scored at once.
+        visible: a sparse variant's restriction of the pairs that may attend, or None.
 
     Returns:
         ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
@@ -83,21 +92,27 @@ def segmented_attention(
     blocks = []
     for start in range(0, tq, block_size):
         stop = min(start + block_size, tq)
-        mask = attention_mask[:, 0, start:stop, :] if attention_mask is not None else None
-        args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling)
+        mask = attention_mask[:, :, start:stop, :] if attention_mask is not None else None
+        # Without a restriction every key column is scored, as before restrictions existed (same summation order).
+        columns = key_columns(visible, q_pos[:, start:stop], k_pos) if visible is not None else slice(None)
+        args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling,
+                columns, visible)
         blocks.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
     return torch.cat(blocks, dim=2).transpose(1, 2)
 
 
-def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling) -> torch.Tensor:
-    """Attention of one query block ``[B, H, Tb, D]`` over all keys: segment logits merged, one softmax."""
+def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling, columns, visible) -> torch.Tensor:
+    """Attention of one query block ``[B, H, Tb, D]`` over its key columns: segment logits merged, one softmax."""
     score_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax in at least fp32
+    k_pos, keys, values = k_pos[:, columns], [k[:, :, columns] for k in keys], values[:, :, columns]
+    if mask is not None:
+        mask = mask[..., columns]
     i, j = q_pos[:, :, None], k_pos[:, None, :]
-    visible = j <= i if mask is None else (j <= i) & mask
+    allowed = allowed_pairs(q_pos, k_pos, mask, visible)  # [B, 1 or H, Tb, Tk]
     scores = torch.full((*query.shape[:3], k_pos.shape[1]), float("-inf"), device=query.device, dtype=score_dtype)
     for seg, k_rot in zip(segments, keys):
         q_rot = rotation.apply(query, seg.q_map(q_pos))
-        chosen = (seg.select(i, j) & visible)[:, None]
+        chosen = seg.select(i, j)[:, None] & allowed
         logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * scaling
         scores = torch.where(chosen, logits, scores)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing

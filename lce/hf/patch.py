@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lce.attention import ATTENTIONS
-from lce.attention.plan import AttentionPlan, Kernel
+from lce.attention.blockwise import blockwise_kernel
+from lce.attention.plan import AttentionPlan, Kernel, Restriction, accepts_visible
 from lce.attention.plan import register as register_attention
 from lce.errors import LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
@@ -47,6 +48,7 @@ class PatchTarget:
         self.adapter = adapter
         self._kernel: tuple[str, Callable[[int, nn.Module], Kernel]] | None = None
         self._q_scale: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        self._restriction: tuple[str, Callable[[int, nn.Module], Restriction | None]] | None = None
         self._rotations: list[Rotation] | None = None
 
     @property
@@ -150,15 +152,52 @@ class PatchTarget:
             raise LceError(f"posenc {method} and {self._q_scale[0]} both scale queries; they cannot be combined")
         self._q_scale = (method, q_scale)
 
+    def restrict(self, method: str, restriction_for_layer: Callable[[int, nn.Module], Restriction | None]) -> None:
+        """Let each query of layer ``i`` attend only the pairs ``restriction_for_layer(i, attention_module)`` makes
+        visible (``lce.attention.plan.Restriction``); a layer that gets None keeps its attention unchanged.
+
+        Composes with the position encoding: its kernel (``use_kernel``) receives the restriction as ``visible=`` and
+        must declare that parameter, or ``finalize`` refuses the combination; without one, lce's block-wise kernel
+        (``lce.attention.blockwise``) computes the restricted layers from the rotated queries and keys.
+
+        Raises:
+            UnsupportedModelError: the model's attention is bidirectional (the restrictions are causal).
+            LceError: another method already restricts attention.
+        """
+        if "bidirectional" in self.adapter.attention_features(self.model):
+            raise UnsupportedModelError(
+                f"attention={method} restricts causal attention, but {self.adapter.family} attention is bidirectional"
+            )
+        if self._restriction is not None:
+            raise LceError(f"attention {method} and {self._restriction[0]} both restrict attention; they cannot be "
+                           "combined")
+        self._restriction = (method, restriction_for_layer)
+
     def finalize(self) -> None:
-        """Route attention through lce's function if any method asked for a kernel or query scaling."""
-        if self._kernel is None and self._q_scale is None:
+        """Route attention through lce's function if any method asked for a kernel, query scaling or a restriction.
+
+        Raises:
+            LceError: a layer is restricted but the position encoding's kernel takes no ``visible`` argument.
+        """
+        if self._kernel is None and self._q_scale is None and self._restriction is None:
             return
-        names = [part[0] for part in (self._kernel, self._q_scale) if part is not None]
+        names = [part[0] for part in (self._kernel, self._q_scale, self._restriction) if part is not None]
         q_scale = self._q_scale[1] if self._q_scale else None
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
             kernel = self._kernel[1](index, module) if self._kernel else self.adapter.native_kernel(self.model)
-            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale)
+            restriction = self._restriction[1](index, module) if self._restriction else None
+            if restriction is not None:
+                if self._kernel is None:
+                    kernel = blockwise_kernel(kernel)
+                elif not accepts_visible(kernel):
+                    raise LceError(
+                        f"attention={self._restriction[0]} restricts which keys each query sees, but the attention "
+                        f"kernel of posenc {self._kernel[0]} takes no `visible` argument, so it would attend to every "
+                        "key; the two cannot be combined (kernels that honour restrictions: lce's block-wise kernel "
+                        "for rotary encodings such as rope/pi/yarn, alibi, and segmented_attention-based ones that "
+                        "pass `visible` on)"
+                    )
+            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale, restriction=restriction)
         self.model.set_attn_implementation(register_attention("lce_" + "_".join(names)))
 
 
@@ -231,6 +270,10 @@ def _restore(model: nn.Module, adapter: Adapter, record: PatchRecord) -> None:
     for module in adapter.attention_modules(model):
         if hasattr(module, "lce_plan"):
             del module.lce_plan
+        for handle in getattr(module, "lce_hooks", ()):
+            handle.remove()
+        if hasattr(module, "lce_hooks"):
+            del module.lce_hooks
     if record.rotary is not None:
         adapter.set_rotary(model, record.rotary.to(_device(model)))
     if record.rope_parameters is not None:

@@ -21,6 +21,10 @@ reference), and ``alibi_attention`` (the default) scores one block of queries at
 scores ever exist for all ``Tq`` at once; with more than one block it recomputes each block in the backward pass
 (activation checkpointing per block), so training memory stays ``O(B * H * block * Tk)`` too. CUDA kernels with native
 ALiBi (FlashAttention-2's ``alibi_slopes``) would be a further fast path; none is wired here.
+
+Both kernels honour a sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``): the
+eager one masks the hidden pairs, the block-wise one also scores only the key columns the restriction's block map
+leaves, so ALiBi under a sliding window or BigBird's blocks costs ``O(T * visible keys)``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lce.attention.blockwise import allowed_pairs, key_columns
 from lce.config import check
 from lce.posenc.base import POSENCS, PosEnc
 
@@ -61,15 +66,8 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -
     return -slopes[None, :, None, None] * distance[:, None]
 
 
-def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``[B, Tq, Tk]``: causal by position, and allowed by the boolean mask ``[B, 1, Tq, Tk]`` if any."""
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]
-    if attention_mask is not None:
-        visible = visible & attention_mask[:, 0]
-    return visible
-
-
-def alibi_attention_eager(query, key, value, slopes, q_pos, k_pos, scaling, attention_mask=None, dropout=0.0):
+def alibi_attention_eager(query, key, value, slopes, q_pos, k_pos, scaling, attention_mask=None, dropout=0.0,
+                          visible=None):
     """Reference ALiBi attention with the whole bias materialised.
 
     Args:
@@ -80,6 +78,7 @@ def alibi_attention_eager(query, key, value, slopes, q_pos, k_pos, scaling, atte
         scaling: softmax scale (``1/sqrt(D)``).
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None; combined with causality.
         dropout: attention-probability dropout.
+        visible: a sparse variant's restriction of the pairs that may attend, or None.
 
     Returns:
         ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
@@ -89,44 +88,54 @@ def alibi_attention_eager(query, key, value, slopes, q_pos, k_pos, scaling, atte
     score_dtype = torch.promote_types(query.dtype, torch.float32)
     scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
     scores = scores + alibi_bias(slopes.to(score_dtype), q_pos, k_pos)
-    scores = scores.masked_fill(~_visible(q_pos, k_pos, attention_mask)[:, None], float("-inf"))
+    scores = scores.masked_fill(~allowed_pairs(q_pos, k_pos, attention_mask, visible), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs.to(value.dtype), value).transpose(1, 2)
 
 
-def _alibi_block(query, key, value, slopes, q_pos, k_pos, attention_mask, scaling, dropout):
-    """One query block, KV heads not repeated: ``query [B, HKV, G, b, D]``, ``key/value [B, HKV, 1, Tk, D]``,
-    ``slopes [1, HKV, G, 1, 1]`` -> ``[B, HKV, G, b, D]``."""
-    score_dtype = torch.promote_types(query.dtype, torch.float32)
-    # Masking and bias are built at [B, b, Tk] (H times smaller than the scores) and applied in one fused pass:
-    # scores -= m_h * distance, with distance = +inf where a key is hidden (slopes are > 0, so that is -inf).
-    distance = (q_pos[:, :, None] - k_pos[:, None, :]).to(score_dtype)
-    hidden = distance < 0
+def _alibi_block(query, key, value, slopes, q_pos, k_pos, attention_mask, scaling, dropout, columns=slice(None),
+                 visible=None):
+    """One query block over its key columns, KV heads not repeated: ``query [B, HKV, G, b, D]``, ``key/value
+    [B, HKV, 1, Tk, D]``, ``slopes [1, HKV, G, 1, 1]`` -> ``[B, HKV, G, b, D]``."""
+    batch, kv_heads, groups, rows, _ = query.shape
+    key, value, k_pos = key[:, :, :, columns], value[:, :, :, columns], k_pos[:, columns]
     if attention_mask is not None:
-        hidden |= ~attention_mask[:, 0]
+        attention_mask = attention_mask[..., columns]
+    score_dtype = torch.promote_types(query.dtype, torch.float32)
+    # Masking and bias are built at [B, b, Tk] (H times smaller than the scores; per head only for a per-head
+    # restriction) and applied in one fused pass: scores -= m_h * distance, with distance = +inf where a key is hidden
+    # (slopes are > 0, so that is -inf).
+    distance = (q_pos[:, :, None] - k_pos[:, None, :]).to(score_dtype)
+    hidden = ~allowed_pairs(q_pos, k_pos, attention_mask, visible)  # [B, 1 or H, b, Tk]
+    if hidden.shape[1] == 1:
+        distance, hidden = distance[:, None, None], hidden[:, :, None]
+    else:
+        distance = distance[:, None, None].expand(batch, kv_heads, groups, rows, -1)
+        hidden = hidden.reshape(batch, kv_heads, groups, rows, -1)
     # A row with no visible key (a left-pad query) gets a finite softmax that is then zeroed: all -inf would give NaN
     # probabilities, and their gradients would leak NaN into every key through the backward matmul.
     alive = ~hidden.all(dim=-1, keepdim=True)
-    distance = distance.masked_fill_(hidden & alive, float("inf"))
+    distance = distance.masked_fill(hidden & alive, float("inf"))
     scores = torch.matmul(query * scaling, key.transpose(-1, -2)).to(score_dtype)
-    scores = scores.addcmul_(slopes.to(score_dtype), distance[:, None, None], value=-1.0)
+    scores = scores.addcmul_(slopes.to(score_dtype), distance, value=-1.0)
     probs = torch.softmax(scores, dim=-1)
     if not bool(alive.all()):
-        probs = probs * alive[:, None, None]
+        probs = probs * alive
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs.to(value.dtype), value)
 
 
 def alibi_attention(query, key, value, slopes, q_pos, k_pos, scaling, attention_mask=None, dropout=0.0,
-                    block_size: int = 256):
+                    block_size: int = 256, visible=None):
     """Block-wise ALiBi attention: same arguments and result as ``alibi_attention_eager``.
 
     Scores ``[B, H, block_size, Tk]`` at a time (KV heads are broadcast, not copied per query head). With more than
     one block and gradients required, each block is recomputed in the backward pass instead of keeping its
-    probabilities, so memory stays ``O(B * H * block_size * Tk)`` in training as well.
+    probabilities, so memory stays ``O(B * H * block_size * Tk)`` in training as well. Under a restriction
+    (``visible``) a block scores only the key columns its block map and causality leave.
     """
     batch, heads, tq, dim = query.shape
     kv_heads = key.shape[1]
@@ -139,7 +148,9 @@ def alibi_attention(query, key, value, slopes, q_pos, k_pos, scaling, attention_
     for start in range(0, tq, block_size):
         stop = min(start + block_size, tq)
         mask = attention_mask[:, :, start:stop] if attention_mask is not None else None
-        args = (q[:, :, :, start:stop], k, v, m, q_pos[:, start:stop], k_pos, mask, scaling, dropout)
+        # Without a restriction every key column is scored, as before restrictions existed (same summation order).
+        columns = key_columns(visible, q_pos[:, start:stop], k_pos) if visible is not None else slice(None)
+        args = (q[:, :, :, start:stop], k, v, m, q_pos[:, start:stop], k_pos, mask, scaling, dropout, columns, visible)
         outs.append(checkpoint(_alibi_block, *args, use_reentrant=False) if recompute else _alibi_block(*args))
     out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
     return out.reshape(batch, heads, tq, out.shape[-1]).transpose(1, 2)
@@ -172,12 +183,14 @@ class Alibi(PosEnc):
         slopes = alibi_slopes(target.config.num_attention_heads)
         eager, block_size = self.kernel == "eager", self.block_size
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                   **kwargs):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             m = slopes.to(query.device)
             if eager:
-                return alibi_attention_eager(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout), None
+                return alibi_attention_eager(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
+                                             visible=visible), None
             return alibi_attention(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
-                                   block_size=block_size), None
+                                   block_size=block_size, visible=visible), None
 
         target.use_kernel("alibi", lambda layer_index, module: kernel)

@@ -138,6 +138,7 @@ def dca_attention(
     attention_mask: torch.Tensor | None = None,
     mscale: bool = True,
     block_size: int = 1024,
+    visible=None,
 ) -> torch.Tensor:
     """Dual chunk attention with one softmax over the three segments.
 
@@ -151,6 +152,7 @@ def dca_attention(
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None.
         mscale: multiply the logits of the query at position ``i`` by ``dca_mscale(i + 1, c)^2``.
         block_size: query rows scored at once.
+        visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
@@ -161,7 +163,7 @@ def dca_attention(
         factor = dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2
         query = query * factor[:, None, :, None].to(query.dtype)
     return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
-                               attention_mask, block_size=block_size)
+                               attention_mask, block_size=block_size, visible=visible)
 
 
 @POSENCS.register("dca")
@@ -226,11 +228,12 @@ class Dca(PosEnc):
         rotation = target.rotate_in_attention("dca")
         mscale = self.mscale
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                   **kwargs):
             if dropout:
                 raise LceError(f"posenc=dca has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
             out = dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
-                                mscale=mscale)
+                                mscale=mscale, visible=visible)
             return out, None
 
         target.use_kernel("dca", lambda layer_index, module: kernel)

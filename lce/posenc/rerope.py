@@ -44,7 +44,8 @@ def rerope_segments(window: int) -> list[segments.Segment]:
 
 def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
                      q_pos: torch.Tensor, k_pos: torch.Tensor, scaling: float, window: int,
-                     attention_mask: torch.Tensor | None = None, block_size: int = 1024) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, block_size: int = 1024,
+                     visible=None) -> torch.Tensor:
     """Causal attention with relative positions clipped at ``window``.
 
     Args:
@@ -52,13 +53,13 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         rotation: the model's rotary embedding.
         q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
         scaling: softmax scale; window: ``w``; attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal);
-        block_size: query rows scored at once.
+        block_size: query rows scored at once; visible: an attention variant's sparsity pattern, or None.
 
     Returns:
         ``[B, Tq, H, D]``.
     """
     return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
-                                        attention_mask, block_size=block_size)
+                                        attention_mask, block_size=block_size, visible=visible)
 
 
 @POSENCS.register("rerope")
@@ -86,11 +87,12 @@ class ReRope(PosEnc):
         rotation = target.rotate_in_attention("rerope")
         window, block_size = self.window, self.block_size
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                   **kwargs):
             if dropout:
                 raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
-                                    block_size), None
+                                    block_size, visible=visible), None
 
         target.use_kernel("rerope", lambda layer_index, module: kernel)

@@ -75,6 +75,7 @@ def self_extend_attention(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     block_size: int = 1024,
+    visible=None,
 ) -> torch.Tensor:
     """Self-Extend attention: neighbor and grouped logits merged before one softmax.
 
@@ -88,6 +89,7 @@ def self_extend_attention(
         scaling: softmax scale (``1/sqrt(D)``).
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None.
         block_size: query rows scored at once.
+        visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
@@ -95,7 +97,7 @@ def self_extend_attention(
     from lce.attention.segments import segmented_attention
 
     return segmented_attention(query, key, value, self_extend_segments(group_size, neighbor_window), rotation,
-                               q_pos, k_pos, scaling, attention_mask, block_size=block_size)
+                               q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible)
 
 
 def self_extend_relative_positions(group_size: int, neighbor_window: int, length: int) -> torch.Tensor:
@@ -145,12 +147,13 @@ class SelfExtend(PosEnc):
         rotation = target.rotate_in_attention("self_extend")
         group_size, neighbor_window = self.group_size, self.neighbor_window
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                   **kwargs):
             if dropout:
                 raise LceError(f"posenc=self_extend has no attention dropout; got dropout={dropout} "
                                "(set attention_dropout=0)")
             out = self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
-                                        scaling, attention_mask)
+                                        scaling, attention_mask, visible=visible)
             return out, None
 
         target.use_kernel("self_extend", lambda layer_index, module: kernel)

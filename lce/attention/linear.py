@@ -1,0 +1,472 @@
+"""Causal linear attention: the machinery shared by ``linear_elu``, ``linear_relu``, ``performer``, ``transnormer`` and
+``retention``.
+
+Every variant maps queries and keys to features ``φ(q_i), φ(k_j) ∈ R^F`` and, per head, computes::
+
+    num_i = Σ_{j<=i} d_ij (φ(q_i)·φ(k_j)) v_j      den_i = Σ_{j<=i} d_ij (φ(q_i)·φ(k_j))
+    d_ij  = exp(a_{j+1} + ... + a_i)               (a_t <= 0: a per-step log-decay; 0 for no decay)
+
+then turns ``(num, den)`` into the output: ``num / den`` (Katharopoulos et al.'s normalisation: linear_elu and
+linear_relu add ``eps`` to ``den``, performer divides exactly) or a norm of ``num`` (transnormer, retention). The
+decay is retention's ``γ^(i-j)`` and also carries performer's numerical stabiliser (see ``lce.attention.performer``).
+
+Decoding also needs transformers internals (the KV cache object and its layers); they are confined to
+``DecodeStates``, ``_capture_cache`` and ``_refuse_windowed_layers``.
+
+Three forms of one op, laid out as flash-linear-attention lays out each of its ops (``fla/ops/*``):
+
+- ``linear_attention_parallel``: the reference. Materialises the ``[Tq, Tk]`` scores ``φ(Q)φ(K)ᵀ ⊙ D`` (D the causal
+  decay mask) and multiplies by V. ``O(T^2)`` memory.
+- ``linear_attention_chunked``: chunks of ``C`` positions; inside a chunk the ``C x C`` scores are materialised, across
+  chunks a running state carries the past (RetNet's chunkwise form, arXiv:2307.08621 eq. 7). ``O(T * C)`` memory, also
+  for training (autograd keeps one ``C x C`` block per chunk and one ``F x E`` state per chunk).
+- ``linear_attention_recurrent``: the RNN form ``S_t = e^{a_t} S_{t-1} + φ(k_t) v_tᵀ``, ``z_t = e^{a_t} z_{t-1} +
+  φ(k_t)``, ``num_t = φ(q_t)ᵀ S_t``, ``den_t = φ(q_t)·z_t`` (Katharopoulos et al. §3.4; RetNet eq. 6); used to decode.
+
+Integration (``LinearKernel``, the per-layer kernel registered through ``PatchTarget.use_kernel``):
+
+- Initialisation: only how attention is computed from the model's q/k/v changes; its q/k/v/o projections (pretrained
+  weights) are used as they are. No parameter is added (norms have no gain: ``o_proj`` absorbs a per-channel gain),
+  so checkpoints keep the family's state dict and reload in transformers.
+- Positions: q and k arrive rotated by the model's rotary embedding (any frequency method composes: rope, pi, yarn,
+  ...). For a linear feature map (retention) ``(R_i q)·(R_j k) = q·R_{j-i} k`` is RoPE's relative form, which is
+  RetNet's ``Θ`` rotation. For a nonlinear ``φ`` (elu+1, relu, Performer's random features) ``φ(R_i q)·φ(R_j k)``
+  is no longer a function of ``i - j`` only: the rotation just makes the features position-dependent (Performer's
+  features estimate ``exp(R_i q·R_j k / √d)``, i.e. RoPE softmax attention, in expectation).
+- GQA: keys and values are repeated to the query heads (per-head decays and stabilisers need one state per query head).
+- Padding: a key is visible when some query of the call may attend to it (the boolean mask transformers builds from
+  ``attention_mask``); invisible keys (left padding) contribute nothing to any state. Windows in the mask are ignored:
+  linear attention attends to every past token, and layers whose KV cache keeps only a window are refused.
+- Attention dropout has no counterpart on linear attention's implicit weights and is not applied.
+- Decoding (``Tq == 1``) runs the recurrent form from the state of the cached prefix. The state is kept per layer and
+  per KV cache object (``DecodeStates``): ``O(1)`` per token in the context length while the cache holds exactly the
+  tensors the state was computed from; otherwise (crop, beam reorder, reset, a cache that copies, gradients enabled)
+  the state is recomputed from the cached keys and values with the chunked form, ``O(T)``. Both are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lce.attention.base import AttentionVariant, select_layers
+from lce.config import check
+from lce.errors import UnsupportedModelError
+
+Form = Literal["chunked", "parallel", "recurrent"]
+
+#: Positive and signed feature maps, by config name.
+FEATURE_MAPS = {
+    "elu_plus_one": lambda x: F.elu(x) + 1.0,
+    "elu": F.elu,
+    "relu": F.relu,
+    "identity": lambda x: x,
+}
+
+
+@dataclass(frozen=True)
+class LinearState:
+    """What the recurrence carries past a prefix, per batch row and head.
+
+    Attributes:
+        S: ``[B, H, F, E]``, ``Σ_j d_tj φ(k_j) v_jᵀ``.
+        z: ``[B, H, F]``, ``Σ_j d_tj φ(k_j)``.
+        carry: a variant's own running quantity (Performer: the running maximum of its key log-features, ``[B, H]``).
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    carry: torch.Tensor | None = None
+
+
+def empty_state(fk: torch.Tensor, v: torch.Tensor) -> LinearState:
+    batch, heads, _, features = fk.shape
+    return LinearState(fk.new_zeros(batch, heads, features, v.shape[-1]), fk.new_zeros(batch, heads, features))
+
+
+def linear_attention_parallel(fq, fk, v, log_decay=None):
+    """Reference: materialised causal scores ``(φ(Q) φ(K)ᵀ ⊙ D) V``.
+
+    Args:
+        fq: ``[B, H, Tq, F]`` query features; queries sit at the last ``Tq`` of the ``Tk`` key positions.
+        fk: ``[B, H, Tk, F]`` key features (zero for keys that must not be seen).
+        v: ``[B, H, Tk, E]``.
+        log_decay: ``[B, H, Tk]`` per-step log-decays ``a_t <= 0``, or None for no decay.
+
+    Returns:
+        ``num [B, H, Tq, E]`` and ``den [B, H, Tq]``.
+    """
+    tq, tk = fq.shape[2], fk.shape[2]
+    i = torch.arange(tk - tq, tk, device=fq.device)[:, None]
+    j = torch.arange(tk, device=fq.device)[None, :]
+    causal = j <= i
+    scores = fq @ fk.transpose(-1, -2)
+    if log_decay is None:
+        weights = scores.masked_fill(~causal, 0.0)
+    else:
+        b = log_decay.double().cumsum(-1)  # fp64: differences of long cumulative sums stay exact enough
+        gap = (b[..., tk - tq:, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))
+        weights = scores * gap.exp().to(scores.dtype)
+    return weights @ v, weights.sum(-1)
+
+
+def _blocks(x: torch.Tensor, chunks: int, size: int) -> torch.Tensor:
+    """``[B, H, T, ...] -> [B, H, chunks, size, ...]``, zero-padded at the end (padding adds nothing, decays nothing)."""
+    pad = chunks * size - x.shape[2]
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.reshape(*x.shape[:2], chunks, size, *x.shape[3:])
+
+
+def linear_attention_chunked(fq, fk, v, log_decay=None, state: LinearState | None = None, chunk_size: int = 64):
+    """Chunkwise form: scores within chunks of ``chunk_size``, a running state across them.
+
+    For a chunk starting after state ``(S, z)`` with ``b_p = a_s + ... + a_p`` (cumulated inside the chunk)::
+
+        num_p = e^{b_p} φ(q_p) S + Σ_{s<=j<=p} e^{b_p - b_j} (φ(q_p)·φ(k_j)) v_j
+        S'    = e^{b_last} S + Σ_j e^{b_last - b_j} φ(k_j) v_jᵀ          (z likewise, without v)
+
+    Args:
+        fq: ``[B, H, T, F]`` query features aligned with the keys, or None to compute the final state only.
+        fk, v, log_decay: as in ``linear_attention_parallel`` (``T`` positions, following ``state``).
+        state: the state before the first position, or None (empty).
+        chunk_size: ``C``.
+
+    Returns:
+        ``num [B, H, T, E]``, ``den [B, H, T]`` (None when ``fq`` is None) and the state after the last position.
+    """
+    batch, heads, length, _ = fk.shape
+    state = state or empty_state(fk, v)
+    chunks = -(-length // chunk_size)
+    k_c, v_c = _blocks(fk, chunks, chunk_size), _blocks(v, chunks, chunk_size)
+    b = None if log_decay is None else _blocks(log_decay, chunks, chunk_size).cumsum(-1)  # [B, H, N, C]
+    k_end = k_c if b is None else k_c * (b[..., -1:] - b).exp()[..., None]  # decayed to the chunk's end
+    chunk_dS, chunk_dz = k_end.transpose(-1, -2) @ v_c, k_end.sum(-2)  # [B, H, N, F, E], [B, H, N, F]
+    S, z = state.S, state.z
+    entering = []
+    for n in range(chunks):
+        entering.append((S, z))
+        if b is not None:
+            through = b[:, :, n, -1].exp()
+            S, z = S * through[..., None, None], z * through[..., None]
+        S, z = S + chunk_dS[:, :, n], z + chunk_dz[:, :, n]
+    final = LinearState(S, z, state.carry)
+    if fq is None:
+        return None, None, final
+    q_c = _blocks(fq, chunks, chunk_size)
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=fk.device).tril()
+    scores = q_c @ k_c.transpose(-1, -2)  # [B, H, N, C, C]
+    if b is None:
+        scores, q_start = scores.masked_fill(~causal, 0.0), q_c
+    else:
+        gap = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))
+        scores, q_start = scores * gap.exp(), q_c * b.exp()[..., None]
+    S_in = torch.stack([s for s, _ in entering], dim=2)
+    z_in = torch.stack([z for _, z in entering], dim=2)
+    num = scores @ v_c + q_start @ S_in
+    den = scores.sum(-1) + (q_start * z_in[..., None, :]).sum(-1)
+    num = num.reshape(batch, heads, chunks * chunk_size, -1)[:, :, :length]
+    den = den.reshape(batch, heads, chunks * chunk_size)[:, :, :length]
+    return num, den, final
+
+
+def linear_attention_recurrent(fq, fk, v, log_decay=None, state: LinearState | None = None):
+    """Recurrent form, one position at a time (decoding). Arguments and returns as ``linear_attention_chunked``."""
+    state = state or empty_state(fk, v)
+    S, z = state.S, state.z
+    nums, dens = [], []
+    for t in range(fk.shape[2]):
+        if log_decay is not None:
+            step = log_decay[:, :, t].exp()
+            S, z = S * step[..., None, None], z * step[..., None]
+        S = S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        z = z + fk[:, :, t]
+        nums.append((fq[:, :, t, None, :] @ S).squeeze(-2))
+        dens.append((fq[:, :, t] * z).sum(-1))
+    return torch.stack(nums, dim=2), torch.stack(dens, dim=2), LinearState(S, z, state.carry)
+
+
+def divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
+    """Katharopoulos et al.'s normalisation ``num / (den + eps)``: ``[B, H, T, E]``, ``[B, H, T]`` -> ``[B, H, T, E]``."""
+    return num / (den + eps)[..., None]
+
+
+def head_norm(x: torch.Tensor, kind: Literal["rmsnorm", "layernorm"], eps: float, per_head: bool = True):
+    """RMSNorm or LayerNorm of ``x [B, H, T, E]`` over each head's ``E`` channels (``per_head``; LayerNorm per head is
+    GroupNorm with ``H`` groups) or over all ``H * E`` channels of a token. No gain or bias: ``o_proj`` absorbs them."""
+    dims = (-1,) if per_head else (1, -1)
+    if kind == "layernorm":
+        x = x - x.mean(dims, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+
+
+def mask_keys(fk: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the features of keys that no query may see (``valid [B, T]``, None: all visible)."""
+    return fk if valid is None else fk.masked_fill(~valid[:, None, :, None], 0.0)
+
+
+def key_validity(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """``[B, Tk]``: keys some query of this call may attend to (None: all). Boolean masks are True where visible;
+    additive float masks are 0 where visible and the dtype's minimum elsewhere."""
+    if attention_mask is None:
+        return None
+    visible = attention_mask if attention_mask.dtype == torch.bool else (
+        attention_mask > torch.finfo(attention_mask.dtype).min / 2)
+    return visible.any(dim=(1, 2))[:, -kv_len:]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
+
+
+@dataclass(frozen=True)
+class _SavedState:
+    """A layer's state after the first ``length`` cached positions, and the cache tensors it was computed from."""
+
+    state: LinearState
+    length: int
+    keys: weakref.ref
+    values: weakref.ref
+    versions: tuple[int | None, int | None]
+
+    def holds(self, keys, values) -> bool:
+        """Whether the cache layer still holds exactly those tensors, unmodified."""
+        return (keys is not None and values is not None and self.keys() is keys and self.values() is values
+                and (_version(keys), _version(values)) == self.versions)
+
+
+@dataclass(frozen=True)
+class _Armed:
+    """The cache of the current call, as the forward pre-hook found it before the cache update."""
+
+    cache: weakref.ref
+    layer: weakref.ref
+    saved: _SavedState | None
+
+
+class DecodeStates:
+    """One layer's recurrent states, one per KV cache object it decodes with (two generations never share one).
+
+    transformers does not pass the cache to attention functions, so a forward pre-hook on the attention module
+    (``_capture_cache``) finds it and ``arm``s this object before the cache update. A saved state is used only while the
+    cache layer holds the very tensors it was computed from: transformers' ``DynamicLayer`` replaces its tensors on
+    every update, crop, reorder (beam search), batch selection and reset, and in-place writes bump a tensor's version,
+    so identity + version + length catch every change. Everything is weakly referenced: a state dies with its cache.
+    """
+
+    def __init__(self):
+        self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._armed: _Armed | None = None
+
+    def arm(self, cache: Any, layer_index: int) -> None:
+        self._armed = None
+        layers = getattr(cache, "layers", None)
+        if layers is None or not 0 <= layer_index < len(layers):
+            return
+        layer = layers[layer_index]
+        try:
+            saved = self._saved.get(cache)
+        except TypeError:  # an unhashable cache: no state
+            return
+        usable = saved if saved is not None and saved.holds(getattr(layer, "keys", None),
+                                                            getattr(layer, "values", None)) else None
+        self._armed = _Armed(weakref.ref(cache), weakref.ref(layer), usable)
+
+    def take(self) -> _Armed | None:
+        armed, self._armed = self._armed, None
+        return armed
+
+    def store(self, armed: _Armed, key: torch.Tensor, value: torch.Tensor, state: LinearState) -> None:
+        """Save ``state`` (after all of ``key``) if the cache layer holds ``key``/``value`` themselves."""
+        cache, layer = armed.cache(), armed.layer()
+        if cache is None or getattr(layer, "keys", None) is not key or getattr(layer, "values", None) is not value:
+            return
+        self._saved[cache] = _SavedState(state, key.shape[2], weakref.ref(key), weakref.ref(value),
+                                         (_version(key), _version(value)))
+
+    def __getstate__(self):  # copies and pickles start without states
+        return {}
+
+    def __setstate__(self, _):
+        self.__init__()
+
+
+_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
+
+
+def _capture_cache(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook on an attention module: hand its KV cache to its linear kernel (inert for any other plan)."""
+    kernel = getattr(getattr(module, "lce_plan", None), "kernel", None)
+    if isinstance(kernel, LinearKernel):
+        cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
+        kernel.states.arm(cache, getattr(module, "layer_idx", kernel.layer_index))
+
+
+class LinearKernel:
+    """The attention kernel of one layer (``lce.attention.plan`` signature) with its memoised constants and states."""
+
+    def __init__(self, variant: LinearAttention, layer_index: int, module: nn.Module):
+        self.variant = variant
+        self.layer_index = layer_index
+        self.memo: dict = {}
+        self.states = DecodeStates()
+        if not getattr(module, "lce_hooks", None):  # removed by lce.unpatch
+            module.lce_hooks = [module.register_forward_pre_hook(_capture_cache, with_kwargs=True)]
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        variant = self.variant
+        armed = self.states.take()
+        _, heads, tq, dim = query.shape
+        tk = key.shape[2]
+        start = tk - tq
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        groups = heads // key.shape[1]
+        valid = key_validity(attention_mask, tk)
+        q = query.to(dtype)
+        k = key.to(dtype).repeat_interleave(groups, dim=1)
+        v = value.to(dtype).repeat_interleave(groups, dim=1)
+        if valid is not None:  # a padded position's value may be anything (even NaN): 0 * NaN would poison the state
+            v = v.masked_fill(~valid[:, None, :, None], 0.0)
+        scaling = scaling if scaling is not None else dim ** -0.5
+        context = variant.context(self, query=q, module=module)
+        fq = variant.query_features(q, scaling, context)
+        form = variant.form if tq > 1 else "recurrent"
+        new_state = None
+        if form == "parallel":
+            fk, log_decay, _ = variant.key_features(k, valid, scaling, context, None)
+            num, den = linear_attention_parallel(fq, fk, v, log_decay)
+        else:
+            caching = armed is not None and not torch.is_grad_enabled()
+            state = None
+            if caching and armed.saved is not None and armed.saved.length == start and (
+                    armed.saved.state.S.dtype == dtype and armed.saved.state.S.device == q.device):
+                state = armed.saved.state
+            elif start > 0:  # no usable state: recompute the prefix's from the cached keys and values
+                fk, log_decay, carry = variant.key_features(k[:, :, :start], _part(valid, 0, start), scaling, context,
+                                                            None)
+                _, _, state = linear_attention_chunked(None, fk, v[:, :, :start], log_decay,
+                                                       chunk_size=variant.chunk_size)
+                state = dataclasses.replace(state, carry=carry)
+            fk, log_decay, carry = variant.key_features(k[:, :, start:], _part(valid, start, tk), scaling, context,
+                                                        state.carry if state is not None else None)
+            if form == "recurrent":
+                num, den, new_state = linear_attention_recurrent(fq, fk, v[:, :, start:], log_decay, state)
+            else:
+                num, den, new_state = linear_attention_chunked(fq, fk, v[:, :, start:], log_decay, state,
+                                                               variant.chunk_size)
+            new_state = dataclasses.replace(new_state, carry=carry)
+            if caching:
+                self.states.store(armed, key, value, new_state)
+        out = variant.output(num, den)
+        return out.transpose(1, 2).to(query.dtype), None
+
+
+def _part(valid: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if valid is None else valid[:, start:stop]
+
+
+def _refuse_windowed_layers(target, method: str, layers: list[int]) -> None:
+    """Linear attention sees every past token; a layer whose KV cache keeps only a window could not be decoded."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # a transformers without per-layer cache types: nothing to check against
+        return
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(target.config.get_text_config(decoder=True))
+    windowed = [(i, layer_types[i], layer_kwargs[i]) for i in layers if layer_types[i] != "full_attention"]
+    if windowed:
+        _, kind, kw = windowed[0]
+        window = ", ".join(f"{key}={value}" for key, value in kw.items())
+        raise UnsupportedModelError(
+            f"attention {method} attends to every past token, but {target.adapter.family} layers "
+            f"{[i for i, _, _ in windowed]} are {kind} layers ({window}): transformers' KV cache keeps only their "
+            "window, so decoding could not see older tokens. Load the model with sliding_window=None, or leave those "
+            "layers out with attention.layers"
+        )
+
+
+@dataclass(frozen=True)
+class LinearAttention(AttentionVariant):
+    """Base of the linear attention variants: the form used for ``Tq > 1`` and the chunk size.
+
+    Subclasses define the feature maps, the decay and the output rule; ``apply`` installs one ``LinearKernel`` per
+    selected layer (the others keep the model's attention).
+
+    Attributes:
+        chunk_size: positions per chunk of the chunked form (memory ``O(T * chunk_size)``).
+        form: how training and prefill (``Tq > 1``) are computed: ``chunked`` (the efficient path), ``parallel``
+            (the materialised reference, ``O(T^2)``) or ``recurrent`` (one position at a time). Decoding (``Tq == 1``)
+            always runs the recurrent form.
+    """
+
+    chunk_size: int = 64
+    form: Form = "chunked"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "attention.chunk_size",
+              f"must be an integer >= 1, got {self.chunk_size!r}")
+        check(self.form in get_args(Form), "attention.form",
+              f"{self.form!r} is not one of {', '.join(get_args(Form))}")
+
+    def apply(self, target) -> None:
+        layers = select_layers(self.layers, target.config.num_hidden_layers)
+        chosen = set(layers)
+        target.use_kernel(self.name,
+                          lambda index, module: LinearKernel(self, index, module) if index in chosen else None)
+        _refuse_windowed_layers(target, self.name, layers)
+
+    def context(self, kernel: LinearKernel, query: torch.Tensor, module: nn.Module) -> Any:
+        """Per-call constants (Performer's random features, retention's decays), memoised in ``kernel.memo``."""
+        return None
+
+    def query_features(self, query: torch.Tensor, scaling: float, context: Any) -> torch.Tensor:
+        """``φ(q)``: ``[B, H, Tq, D] -> [B, H, Tq, F]``."""
+        raise NotImplementedError
+
+    def key_features(self, key: torch.Tensor, valid: torch.Tensor | None, scaling: float, context: Any,
+                     carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``φ(k) [B, H, T, F]`` (zero where not ``valid``), the log-decays ``[B, H, T]`` (or None) and the carry
+        after the last position, continuing from ``carry`` (the previous positions')."""
+        raise NotImplementedError
+
+    def output(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        """The attention output ``[B, H, T, E]`` from ``num [B, H, T, E]`` and ``den [B, H, T]``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class KernelizedAttention(LinearAttention):
+    """Linear attention with a fixed feature map and Katharopoulos et al.'s normalisation (arXiv:2006.16236 §3.2-3.3)::
+
+        out_i = φ(q_i)ᵀ Σ_{j<=i} φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_{j<=i} φ(k_j) + eps)
+
+    ``φ`` is applied to q and k as they arrive (no ``1/√d``: the similarity ``φ(q)·φ(k)`` replaces ``exp(q·k/√d)``).
+
+    Attributes:
+        eps: added to the denominator (1e-6 as in the reference implementation, fast-transformers).
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.eps > 0, "attention.eps", f"must be > 0, got {self.eps}")
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def query_features(self, query, scaling, context):
+        return self.feature_map(query)
+
+    def key_features(self, key, valid, scaling, context, carry):
+        return mask_keys(self.feature_map(key), valid), None, None
+
+    def output(self, num, den):
+        return divide(num, den, self.eps)
+
