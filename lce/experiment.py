@@ -202,6 +202,7 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
 
 def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device, progress: bool) -> None:
     """Run each configured retrieval task on the current series and redraw its heatmaps."""
+    from lce.eval.compare import slug
     from lce.eval.heatmap import plot_heatmap
     from lce.eval.retrieval import build_retrieval, cell_accuracy, corpus_text, model_generate_fn, run_retrieval
 
@@ -213,5 +214,5 @@ def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: di
                              results_dir / "retrieval.jsonl", haystack_text=haystack, bos_id=tokenizer.bos_id,
                              meta={**meta, "protocol": {"data": run_cfg.data.name, "split": ev.split}},
                              device=device, progress=progress)
-        plot_heatmap(cell_accuracy(rows), results_dir / f"retrieval_{meta['run']}_{task.name}.png",
+        plot_heatmap(cell_accuracy(rows), results_dir / f"retrieval_{slug(meta['run'])}_{task.name}.png",
                      title=f"{task.name}: {meta['run']}", train_length=run_cfg.train.seq_len)

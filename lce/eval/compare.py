@@ -253,7 +253,8 @@ def retrieval_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` as a file-name part: runs of characters other than letters, digits and ``_.=-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "series"
 
 
@@ -279,7 +280,7 @@ def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_leng
         paths["retrieval_csv"].write_text(retrieval_csv(rows), encoding="utf-8")
     for (name, task), series_cells in cells.items():
         paths[f"heatmap:{name}:{task}"] = plot_heatmap(
-            series_cells, out_dir / f"retrieval_{_slug(name)}_{_slug(task)}.png", title=f"{task}: {name}",
+            series_cells, out_dir / f"retrieval_{slug(name)}_{slug(task)}.png", title=f"{task}: {name}",
             train_length=train_length,
         )
     return paths

@@ -134,6 +134,14 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def series_style(index: int) -> tuple[str, str]:
+    """Colour and marker of the ``index``-th series: 10 colours x 7 markers, so no two of 70 series look alike."""
+    return f"C{index % 10}", MARKERS[(index // 10) % len(MARKERS)]
+
+
 def plot(rows: list[dict], path: str | Path, train_length: int | None = None, title: str | None = None) -> Path:
     """Plot perplexity (log) against length (log2), one line per series, and save a PNG.
 
@@ -146,11 +154,11 @@ def plot(rows: list[dict], path: str | Path, train_length: int | None = None, ti
     ax = fig.add_subplot()
     oom_row = 0
     for i, name in enumerate(labels):
-        color = f"C{i % 10}"
+        color, marker = series_style(i)
         series = sorted(table[name].items())
         points = [(length, v) for length, v in series if v != OOM and math.isfinite(v)]
         xs, ys = zip(*points) if points else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=4, color=color, label=name)
+        ax.plot(xs, ys, marker=marker, markersize=4, color=color, label=name)
         ooms = [length for length, v in series if v == OOM]
         if ooms:
             # Stagger the crosses of different series so that OOMs at the same length stay distinguishable.
@@ -207,7 +215,8 @@ def plot_position_nll(rows: list[dict], path: str | Path, train_length: int | No
         size = int(row["bucket_size"])
         # Bucket b holds predictions made at positions [b*size, (b+1)*size); plot it at its midpoint.
         xs = [b * size + min(size, int(row["length"]) - 1 - b * size) / 2 for b in range(len(row["bucket_nll"]))]
-        ax.plot(xs, row["bucket_nll"], marker="o", markersize=3, color=f"C{i % 10}",
+        color, marker = series_style(i)
+        ax.plot(xs, row["bucket_nll"], marker=marker, markersize=3, color=color,
                 label=f"{name} (L={format_length(int(row['length']))})")
     if train_length is not None:
         ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1, label=f"train length ({format_length(train_length)})")
