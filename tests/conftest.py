@@ -55,3 +55,15 @@ def assert_decode_matches_full(model, ids, prefill: int, tol: float = 2e-5):
     """Prefill + token-by-token decoding == one full forward. The default tolerance allows fp32 reduction-order
     differences (a query attending one at a time over the cache sums the same terms in another order)."""
     torch.testing.assert_close(decode_logits(model, ids, prefill), logits(model, ids), atol=tol, rtol=tol)
+
+
+def assert_checkpointed_training_step(model, ids):
+    """One training step with activation checkpointing: finite loss, every parameter a finite, non-zero gradient."""
+    model.train()
+    model.activation_checkpointing_enable()
+    model.config.use_cache = False
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name

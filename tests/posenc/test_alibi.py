@@ -13,7 +13,7 @@ import lce
 from lce.errors import ConfigError
 from lce.posenc.alibi import alibi_attention, alibi_attention_eager, alibi_bias, alibi_slopes
 from lce.posenc.logn import logn_scale
-from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
 
 IDS = torch.randint(3, 259, (2, 29), generator=torch.Generator().manual_seed(0))
 
@@ -210,15 +210,7 @@ def test_left_padding_does_not_change_real_tokens():
 def test_training_step_with_activation_checkpointing():
     model = make_tiny_llama()
     lce.patch(model, "alibi", block_size=8)  # 29 tokens: 4 blocks, each recomputed in backward
-    model.train()
-    model.activation_checkpointing_enable()
-    model.config.use_cache = False
-    loss = model(IDS, labels=IDS).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert_checkpointed_training_step(model, IDS)
 
 
 def test_patch_then_unpatch_equals_never_patched(tiny_model):

@@ -20,7 +20,7 @@ from lce.errors import ConfigError, LceError
 from lce.posenc.dca import Dca, DcaGeometry, dca_attention, dca_mscale, dca_relative_positions
 from lce.posenc.logn import logn_scale
 from lce.posenc.rotation import Rotation
-from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
 
 # ---------------------------------------------------------------------------------------------------------------
 # The independent reference
@@ -366,13 +366,7 @@ def test_left_padding_does_not_change_real_tokens():
 def test_training_step_with_activation_checkpointing():
     model = make_tiny_llama(max_position_embeddings=16)
     lce.patch(model, "dca")
-    model.train()
-    model.activation_checkpointing_enable()
-    loss = model(IDS[:, :40], labels=IDS[:, :40]).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_checkpointed_training_step(model, IDS[:, :40])
 
 
 def test_attention_dropout_is_refused():

@@ -16,7 +16,7 @@ from lce.posenc.self_extend import (
     self_extend_max_length,
     self_extend_relative_positions,
 )
-from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
 from tests.posenc.test_dca import (
     IDS,
     assert_left_padding_is_invisible,
@@ -180,13 +180,7 @@ def test_left_padding_does_not_change_real_tokens():
 def test_training_step_with_activation_checkpointing():
     model = make_tiny_llama(max_position_embeddings=16)
     lce.patch(model, "self_extend", group_size=3, neighbor_window=5)
-    model.train()
-    model.activation_checkpointing_enable()
-    loss = model(IDS[:, :40], labels=IDS[:, :40]).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_checkpointed_training_step(model, IDS[:, :40])
 
 
 def test_attention_dropout_is_refused():

@@ -14,7 +14,7 @@ from lce.hf.adapters import adapter_for
 from lce.posenc.logn import logn_scale
 from lce.posenc.sinks import sinks_attention
 from tests.posenc.pairwise import per_pair_reference
-from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
 
 IDS = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(0))
 
@@ -165,14 +165,7 @@ def test_each_block_scores_only_the_keys_it_may_see(monkeypatch):
 def test_training_step_with_activation_checkpointing():
     model = make_tiny_llama()
     lce.patch(model, "sinks", start_size=2, recent_size=6, block_size=8)
-    model.train()
-    model.activation_checkpointing_enable()
-    model.config.use_cache = False
-    loss = model(IDS, labels=IDS).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert_checkpointed_training_step(model, IDS)
     assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
 
 
