@@ -67,3 +67,11 @@ def assert_checkpointed_training_step(model, ids):
     assert torch.isfinite(loss)
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def scale_queries(model, factor):
+    """Multiply every layer's queries by ``factor [T]`` (per position) with a hook on ``q_proj``: an independent
+    reference for log-n scaling (RoPE is linear, so scaling before or after rotation is the same)."""
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    return model

@@ -6,6 +6,7 @@ from lce.data.hub import GovReportData, PG19Data, ProofPileData
 from lce.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 __all__ = [
-    "DATASETS", "ByteTokenizer", "GovReportData", "HFData", "PG19Data", "ProofPileData", "HFTokenizer", "LocalData", "StdlibData", "Tokenizer", "build_data",
+    "DATASETS", "ByteTokenizer", "GovReportData", "HFData", "HFTokenizer", "LocalData", "PG19Data", "ProofPileData",
+    "StdlibData", "Tokenizer", "build_data",
     "eval_documents", "hash_split", "token_stream", "tokenized_documents",
 ]

@@ -24,3 +24,18 @@ def per_pair_reference(q, k, v, distance, scaling, rotary):
             scores = (q[b, :, i, None, :] * k_rot).sum(-1) * scaling  # [H, n]
             out[b, i] = torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), vals)
     return out
+
+
+def random_qkv(batch, heads, kv_heads, tq, tk, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, tq, dim), (batch, kv_heads, tk, dim), (batch, kv_heads, tk, dim)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def dispatcher_positions(batch, tq, tk, pads):
+    """Positions and mask as lce's dispatcher passes them: row b has pads[b] left pads (negative key positions)."""
+    k_pos = torch.stack([torch.arange(tk) - p for p in pads[:batch]])
+    q_pos = k_pos[:, tk - tq:].clamp(min=0)
+    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # by index, as sdpa_mask builds it
+    mask = (causal[None] & (k_pos[:, None, :] >= 0))[:, None]  # pad queries see nothing
+    return q_pos, k_pos, mask if any(pads[:batch]) else None

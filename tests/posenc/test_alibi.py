@@ -13,7 +13,13 @@ import lce
 from lce.errors import ConfigError
 from lce.posenc.alibi import alibi_attention, alibi_attention_eager, alibi_bias, alibi_slopes
 from lce.posenc.logn import logn_scale
-from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import (
+    scale_queries,
+    assert_checkpointed_training_step,
+    assert_decode_matches_full,
+    logits,
+    make_tiny_llama,
+)
 
 IDS = torch.randint(3, 259, (2, 29), generator=torch.Generator().manual_seed(0))
 
@@ -243,8 +249,7 @@ def test_composes_with_logn():
     lce.patch(reference, "alibi", block_size=8)
     assert model.config._attn_implementation == "lce_alibi_logn"
     factor = logn_scale(8)(torch.arange(IDS.shape[1])[None])[0]
-    for layer in reference.model.layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    scale_queries(reference, factor)
     torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=1e-5, rtol=1e-5)  # fp32 order
     assert_decode_matches_full(model, IDS, prefill=9)
 

@@ -20,7 +20,13 @@ from lce.errors import ConfigError, LceError
 from lce.posenc.dca import Dca, DcaGeometry, dca_attention, dca_mscale, dca_relative_positions
 from lce.posenc.logn import logn_scale
 from lce.posenc.rotation import Rotation
-from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import (
+    scale_queries,
+    assert_checkpointed_training_step,
+    assert_decode_matches_full,
+    logits,
+    make_tiny_llama,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The independent reference
@@ -403,8 +409,7 @@ def test_composes_with_logn():
     assert model.config._attn_implementation == "lce_dca_logn"
     lce.patch(reference, "dca")
     factor = logn_scale(8)(torch.arange(IDS.shape[1])[None])[0]
-    for layer in reference.model.layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    scale_queries(reference, factor)
     torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=1e-5, rtol=1e-5)  # fp32 order
     assert (logits(model, IDS) - logits(make_tiny_llama(max_position_embeddings=16), IDS)).abs().max() > 1e-3
 

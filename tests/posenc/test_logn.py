@@ -8,7 +8,7 @@ import torch
 import lce
 from lce.errors import ConfigError
 from lce.posenc.logn import logn_scale
-from tests.conftest import make_tiny_llama
+from tests.conftest import scale_queries, make_tiny_llama
 
 
 def logits(model, ids, **kwargs):
@@ -40,8 +40,7 @@ def test_beyond_training_length_equals_scaled_queries():
     lce.patch(model, "logn")
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(1))
     factor = logn_scale(16)(torch.arange(40)[None])[0]
-    for layer in reference.model.layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    scale_queries(reference, factor)
     torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)  # fp32 order
     assert not torch.allclose(logits(model, ids), logits(make_tiny_llama(max_position_embeddings=16), ids))
 

@@ -11,7 +11,7 @@ from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
 from lce.posenc.logn import logn_scale
 from lce.posenc.rerope import ReRope, rerope_attention
-from tests.posenc.pairwise import per_pair_reference
+from tests.posenc.pairwise import dispatcher_positions, per_pair_reference, random_qkv
 from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
 
 IDS = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(0))
@@ -27,21 +27,6 @@ def rerope_distance(q_pos, k_pos, window, mask=None):
 
 def tiny_rotary():
     return LlamaRotaryEmbedding(config=make_tiny_llama().config)
-
-
-def random_qkv(batch, heads, kv_heads, tq, tk, dim=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(batch, heads, tq, dim), (batch, kv_heads, tk, dim), (batch, kv_heads, tk, dim)]
-    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
-
-
-def dispatcher_positions(batch, tq, tk, pads):
-    """Positions and mask as lce's dispatcher passes them: row b has pads[b] left pads (negative key positions)."""
-    k_pos = torch.stack([torch.arange(tk) - p for p in pads[:batch]])
-    q_pos = k_pos[:, tk - tq:].clamp(min=0)
-    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # by index, as sdpa_mask builds it
-    mask = (causal[None] & (k_pos[:, None, :] >= 0))[:, None]  # pad queries see nothing
-    return q_pos, k_pos, mask if any(pads[:batch]) else None
 
 
 CASES = {  # (B, H, HKV, Tq, Tk, window, block, pads)

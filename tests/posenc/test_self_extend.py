@@ -16,7 +16,13 @@ from lce.posenc.self_extend import (
     self_extend_max_length,
     self_extend_relative_positions,
 )
-from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
+from tests.conftest import (
+    scale_queries,
+    assert_checkpointed_training_step,
+    assert_decode_matches_full,
+    logits,
+    make_tiny_llama,
+)
 from tests.posenc.test_dca import (
     IDS,
     assert_left_padding_is_invisible,
@@ -219,8 +225,7 @@ def test_composes_with_logn_as_the_codes_scale_base():
     positions = torch.arange(IDS.shape[1], dtype=torch.float64)
     factor = (torch.log(positions + 1) / torch.log(torch.tensor(16.0, dtype=torch.float64))).clip(min=1).float()
     torch.testing.assert_close(logn_scale(16)(positions[None])[0], factor)
-    for layer in reference.model.layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    scale_queries(reference, factor)
     torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=1e-5, rtol=1e-5)  # fp32 order
 
 

@@ -13,8 +13,14 @@ from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
 from lce.posenc.logn import logn_scale
 from lce.posenc.sinks import sinks_attention
-from tests.posenc.pairwise import per_pair_reference
-from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
+from tests.posenc.pairwise import dispatcher_positions, per_pair_reference, random_qkv
+from tests.conftest import (
+    scale_queries,
+    assert_checkpointed_training_step,
+    assert_decode_matches_full,
+    logits,
+    make_tiny_llama,
+)
 
 IDS = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(0))
 
@@ -29,21 +35,6 @@ def streaming_distance(q_pos, k_pos, start, recent, mask=None):
         cache = [c for n, c in enumerate(text) if n < start or len(text) - n <= recent]
         return {c: len(cache) - 1 - n for n, c in enumerate(cache)}
     return distance
-
-
-def random_qkv(batch, heads, kv_heads, tq, tk, dim=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(batch, heads, tq, dim), (batch, kv_heads, tk, dim), (batch, kv_heads, tk, dim)]
-    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
-
-
-def dispatcher_positions(batch, tq, tk, pads):
-    """Positions and mask as lce's dispatcher passes them: row b has pads[b] left pads (negative key positions)."""
-    k_pos = torch.stack([torch.arange(tk) - p for p in pads[:batch]])
-    q_pos = k_pos[:, tk - tq:].clamp(min=0)
-    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # by index, as sdpa_mask builds it
-    mask = (causal[None] & (k_pos[:, None, :] >= 0))[:, None]  # pad queries see nothing
-    return q_pos, k_pos, mask if any(pads[:batch]) else None
 
 
 CASES = {  # (B, H, HKV, Tq, Tk, start, recent, block, pads)
@@ -198,8 +189,7 @@ def test_composes_with_logn():
     lce.patch(reference, "sinks", start_size=2, recent_size=6)
     assert model.config._attn_implementation == "lce_sinks_logn"
     factor = logn_scale(8)(torch.arange(IDS.shape[1])[None])[0]
-    for layer in reference.model.layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out * factor[None, :, None])
+    scale_queries(reference, factor)
     torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=1e-5, rtol=1e-5)  # fp32 order
     assert_decode_matches_full(model, IDS, prefill=9)
 
