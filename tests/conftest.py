@@ -5,9 +5,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+# Triton kernels (lce.kernels) run on CPU tensors in Triton's interpreter. The flag is read when a kernel is defined
+# (triton.jit), so it is set before anything imports a kernel module; on a CUDA machine the compiled kernels run.
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The test tensors are tiny: intra-op threads cost more in synchronisation than they save (and thrash on a loaded
 # machine), so the suite runs single-threaded; measured 2x faster on 2 cores.

@@ -1,0 +1,74 @@
+"""Which implementation an ``lce.kernels`` op runs: the plain-PyTorch reference or the Triton kernel.
+
+Every op's public function takes ``backend="auto" | "ref" | "triton"`` and resolves it here:
+
+- an explicit ``ref`` or ``triton`` (a config field, ``lce.patch(..., backend=...)``) wins;
+- otherwise (``auto`` or None) the ``LCE_BACKEND`` environment variable decides when it is set;
+- otherwise ``auto``: Triton when every tensor is on a CUDA device and Triton imports, the reference elsewhere.
+
+Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests on tiny
+shapes); asking for ``triton`` on CPU without it is an error that says so, never a crash inside Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lce.errors import ConfigError, LceError, did_you_mean
+
+BACKENDS = ("auto", "ref", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works (it is a Linux-only dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend(name: str, where: str = "backend") -> str:
+    """``name`` if it is one of ``BACKENDS``, else a ``ConfigError`` naming the allowed values."""
+    if name not in BACKENDS:
+        raise ConfigError(f"{where}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}"
+                          f"{did_you_mean(name, BACKENDS)}")
+    return name
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: ``backend`` unless it is None/auto, then ``LCE_BACKEND``, then ``auto``."""
+    if backend not in (None, "auto"):
+        return check_backend(backend)
+    return check_backend(os.environ.get("LCE_BACKEND", "auto") or "auto", "LCE_BACKEND")
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    """``ref`` or ``triton`` for an op on ``tensors``.
+
+    Raises:
+        LceError: ``triton`` was asked for but Triton is missing, or the tensors are not on CUDA and
+            ``TRITON_INTERPRET=1`` is not set.
+    """
+    choice = requested_backend(backend)
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "auto":
+        return "triton" if on_cuda and triton_available() else "ref"
+    if choice == "triton":
+        if not triton_available():
+            raise LceError("backend 'triton' needs the triton package (pip install triton; Linux only); "
+                           "use backend 'ref' or 'auto'")
+        if not on_cuda and not interpreting():
+            devices = sorted({str(t.device) for t in tensors})
+            raise LceError(f"backend 'triton' runs on CUDA tensors, got tensors on {', '.join(devices)}; set "
+                           "TRITON_INTERPRET=1 to run Triton's (slow) CPU interpreter, or use backend 'ref' or 'auto'")
+    return choice
