@@ -2,8 +2,9 @@
 
 Every op's public function takes ``backend="auto" | "ref" | "triton"`` and resolves it here:
 
-- an explicit ``ref`` or ``triton`` (a config field, ``lce.patch(..., backend=...)``) wins;
-- otherwise (``auto`` or None) the ``LCE_BACKEND`` environment variable decides when it is set;
+- an explicit ``ref`` or ``triton`` argument wins;
+- otherwise (``auto`` or None) the innermost ``use_backend(...)`` block that is not ``auto`` (the run config's
+  ``backend`` field: ``lce.experiment.run`` wraps the run in one), then the ``LCE_BACKEND`` environment variable;
 - otherwise ``auto``: Triton when every tensor is on a CUDA device and Triton imports, the reference elsewhere.
 
 Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests on tiny
@@ -12,14 +13,21 @@ shapes); asking for ``triton`` on CPU without it is an error that says so, never
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
 from lce.errors import ConfigError, LceError, did_you_mean
 
 BACKENDS = ("auto", "ref", "triton")
+
+# A context variable, not a module global: threads and asyncio tasks each see their own choice, and leaving the block
+# restores the previous one.
+_configured: contextvars.ContextVar[str] = contextvars.ContextVar("lce_backend", default="auto")
 
 
 @functools.cache
@@ -45,10 +53,23 @@ def check_backend(name: str, where: str = "backend") -> str:
     return name
 
 
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run the ops inside the block on ``backend`` unless a call names its own (``auto`` defers to ``LCE_BACKEND``)."""
+    token = _configured.set(check_backend(backend))
+    try:
+        yield
+    finally:
+        _configured.reset(token)
+
+
 def requested_backend(backend: str | None = None) -> str:
-    """The backend asked for: ``backend`` unless it is None/auto, then ``LCE_BACKEND``, then ``auto``."""
+    """The backend asked for: ``backend`` unless it is None/auto, then ``use_backend``, then ``LCE_BACKEND``, then
+    ``auto``."""
     if backend not in (None, "auto"):
         return check_backend(backend)
+    if _configured.get() != "auto":
+        return _configured.get()
     return check_backend(os.environ.get("LCE_BACKEND", "auto") or "auto", "LCE_BACKEND")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lce.errors import ConfigError, LceError
-from lce.kernels.backend import requested_backend, resolve_backend
+from lce.kernels.backend import requested_backend, resolve_backend, use_backend
 
 
 def test_auto_is_the_reference_on_cpu(monkeypatch):
@@ -33,3 +33,15 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         resolve_backend("triton", torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", torch.zeros(1)) == "triton"
+
+
+def test_use_backend_sits_between_an_explicit_choice_and_the_environment(monkeypatch):
+    monkeypatch.setenv("LCE_BACKEND", "triton")
+    with use_backend("ref"):
+        assert requested_backend(None) == "ref"
+        assert requested_backend("triton") == "triton"
+        with use_backend("auto"):  # auto defers to the environment
+            assert requested_backend(None) == "triton"
+    assert requested_backend(None) == "triton"
+    with pytest.raises(ConfigError, match="'fast'"), use_backend("fast"):
+        pass
