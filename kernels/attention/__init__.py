@@ -1,0 +1,14 @@
+"""Position-aware flash attention (lce issue #5): one single-pass kernel for lce's long-context methods.
+
+``flash_attention(q, k, v, spec, q_pos, k_pos)`` computes causal softmax attention whose logits follow an
+``AttentionSpec``: RoPE segments at remapped positions (DCA, Self-Extend, ReRoPE, StreamingLLM sinks), ALiBi, log-n
+query scaling, a sliding window with sinks, a block-sparse mask. Files: ``spec.py`` (the data), ``segments.py`` (the
+methods' segments), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key tiles each query tile visits),
+``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``function.py`` (autograd and the public function).
+
+Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
+"""
+
+from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Rotary, Segment
+
+__all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotary", "Segment"]
