@@ -1,6 +1,7 @@
 """Rotary position embedding applied at arbitrary positions (for methods that rotate inside attention).
 
-RoPE (Su et al. 2021, arXiv:2104.09864, eq. 34): pair ``i`` of a head vector is rotated by ``pos * inv_freq[i]``.
+RoPE (Su et al. 2021, arXiv:2104.09864, eq. 34): pair ``i`` of a head vector is rotated by ``pos * inv_freq[i]``; the
+formula and the fused kernel live in ``lce.kernels.rope``.
 Methods such as DCA, Self-Extend, ReRoPE and StreamingLLM rotate queries and keys at remapped positions, so they need
 the rotation as a function of explicit positions rather than the model's precomputed ``(cos, sin)``.
 """
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from lce.kernels.rope import rope, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -35,24 +38,11 @@ class Rotation:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions [..., T]`` -> ``cos, sin [..., T, R]`` (computed in fp32, returned in ``dtype``)."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device, torch.float32)
-        if self.style == "half":
-            angles = torch.cat((angles, angles), dim=-1)
-        else:
-            angles = torch.repeat_interleave(angles, 2, dim=-1)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        return rope_cos_sin(positions, self.inv_freq, self.attention_scaling, self.style, dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [B, H, T, D]`` at ``positions [B, T]`` (or ``[T]``); dims past ``rotary_dim`` pass through."""
-        cos, sin = self.cos_sin(positions, x.dtype)
-        if cos.dim() == 3:  # [B, T, R] -> [B, 1, T, R] to broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-        r = self.rotary_dim
-        rot, rest = x[..., :r], x[..., r:]
-        if self.style == "half":
-            half = r // 2
-            turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        else:
-            turned = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
-        out = rot * cos + turned * sin
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """Rotate ``x [B, H, T, D]`` at ``positions [B, T]`` (or ``[T]``); dims past ``rotary_dim`` pass through.
+
+        Runs ``lce.kernels.rope.rope``: the reference (transformers' result bit for bit) by default on CPU, the fused
+        Triton kernel on CUDA (see ``lce.kernels.backend``)."""
+        return rope(x, positions, self.inv_freq, self.attention_scaling, self.style, backend)
