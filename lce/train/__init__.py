@@ -1,19 +1,27 @@
-"""Train a causal LM at a short context: config, schedule, resumable data order, safetensors checkpoints, loop."""
+"""Train a causal LM at a short context or fine-tune it at a longer one: config, schedule, resumable data order
+(plain, packed or PoSE), LoRA, safetensors checkpoints, loop."""
 
+from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from lce.train.config import TrainConfig
 from lce.train.data import TrainBlocks, blocks_from_stream
 from lce.train.loop import TrainResult, train
+from lce.train.lora import apply_lora, merge_lora
 from lce.train.schedule import lr_at
 
 __all__ = [
+    "Batch",
     "TrainBlocks",
     "TrainConfig",
     "TrainResult",
+    "apply_lora",
+    "block_length",
     "blocks_from_stream",
     "latest_checkpoint",
     "load_checkpoint",
     "lr_at",
+    "make_batch",
+    "merge_lora",
     "prune",
     "read_state",
     "save_checkpoint",

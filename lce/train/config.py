@@ -12,12 +12,13 @@ from typing import Literal
 from lce.config import check, check_at_least
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Schedule = Literal["cosine", "linear", "constant"]
 
 # Fields that may change between a checkpoint and its resumption: they decide how long to run and what to record,
 # never what the model computes. Every other field is part of the loss trajectory (``seed`` is compared as the
 # effective run seed, see ``lce.train.loop``).
 RESUMABLE_CHANGES = frozenset(
-    {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches"}
+    {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches", "resume_from"}
 )
 
 
@@ -32,7 +33,9 @@ class TrainConfig:
         micro_batch_size: blocks per forward/backward pass on each process.
         grad_accum: micro-batches accumulated per optimizer step.
         lr: peak learning rate, reached at the end of warm-up.
-        min_lr_ratio: floor of the cosine decay as a fraction of ``lr``.
+        schedule: after warm-up, ``cosine`` (half cosine) or ``linear`` decay to ``lr * min_lr_ratio`` at the last
+            step, or ``constant`` at ``lr``.
+        min_lr_ratio: floor of the decay as a fraction of ``lr``.
         warmup_steps: steps of linear warm-up from 0 to ``lr``.
         weight_decay: AdamW decoupled weight decay, applied to weights with >= 2 dimensions only.
         betas: AdamW ``(beta1, beta2)``.
@@ -47,6 +50,19 @@ class TrainConfig:
         val_batches: at most this many micro-batches of validation blocks per validation.
         loss_chunk_size: rows of logits alive at once in the chunked loss.
         seed: data order and RNG seed; None uses the run seed.
+        lora_rank: LoRA rank ``r``; 0 trains every weight (full fine-tuning).
+        lora_alpha: LoRA scale numerator: adapters add ``(lora_alpha / lora_rank) * B @ A``.
+        lora_dropout: dropout on the adapters' input.
+        lora_targets: short names of the linear layers that get adapters.
+        trainable: with LoRA, parameters whose names contain one of these are trained in full too (LongLoRA's
+            LoRA+: ``[embed, norm]``).
+        pack_documents: blocks hold several documents (the stream's ``eos`` ends each); every token attends only
+            within its own document, with positions from 0 at each document start, through an explicit mask.
+        pose_target_len: PoSE (arXiv:2309.10400): position ids of each ``seq_len`` window skip ahead so that they
+            cover ``0 ... pose_target_len - 1``; 0 disables.
+        pose_source_factor: PoSE draws its two chunks from a window of ``pose_source_factor * (seq_len + 1)`` tokens.
+        resume_from: a checkpoint directory (or a run directory, for its newest checkpoint) to start from; it must
+            exist. None resumes the newest checkpoint under the run directory, if any.
     """
 
     name: str = "default"
@@ -55,6 +71,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
@@ -70,6 +87,15 @@ class TrainConfig:
     val_batches: int = 4
     loss_chunk_size: int = 4096
     seed: int | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    trainable: list[str] = field(default_factory=list)
+    pack_documents: bool = False
+    pose_target_len: int = 0
+    pose_source_factor: int = 5
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         w = "train"
@@ -84,3 +110,19 @@ class TrainConfig:
         allowed = ("auto", "no", "bf16", "fp16")
         check(self.mixed_precision in allowed, f"{w}.mixed_precision",
               f"{self.mixed_precision!r} is not one of {', '.join(allowed)}")
+        schedules = ("cosine", "linear", "constant")
+        check(self.schedule in schedules, f"{w}.schedule", f"{self.schedule!r} is not one of {', '.join(schedules)}")
+        check_at_least(self, w, 0, "lora_rank", "pose_target_len")
+        check_at_least(self, w, 1, "pose_source_factor")
+        check(self.lora_alpha > 0, f"{w}.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, f"{w}.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check(self.lora_rank == 0 or len(self.lora_targets) > 0, f"{w}.lora_targets",
+              "must name at least one linear layer when lora_rank > 0")
+        check(self.lora_rank > 0 or not self.trainable, f"{w}.trainable",
+              f"{self.trainable} selects parameters to train besides LoRA adapters, but lora_rank is 0 (every "
+              "weight is trained already); set lora_rank > 0 or trainable=[]")
+        check(self.pose_target_len == 0 or self.pose_target_len > self.seq_len, f"{w}.pose_target_len",
+              f"{self.pose_target_len} must exceed seq_len={self.seq_len} (PoSE stretches a seq_len window over "
+              "the target length), or be 0 to disable PoSE")
+        check(not (self.pose_target_len and self.pack_documents), f"{w}.pack_documents",
+              "cannot be combined with PoSE (pose_target_len > 0): PoSE positions span one document")

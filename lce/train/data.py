@@ -68,6 +68,7 @@ class TrainBlocks:
         self.blocks = blocks
         self.micro_batch_size = micro_batch_size
         self.seed = seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) of the last batch served
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
@@ -84,6 +85,22 @@ class TrainBlocks:
         """``[N]`` permutation of block indices visited in ``epoch``."""
         return torch.randperm(len(self), generator=seeded(self.seed, epoch))
 
+    def batch_at(self, index: int) -> torch.Tensor:
+        """Global micro-batch ``index`` ``[micro_batch_size, seq_len + 1]``."""
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.order(epoch))
+        return self.blocks[self._order[1][position * self.micro_batch_size : (position + 1) * self.micro_batch_size]]
+
+    def indexed_batches(
+        self, start_batch: int = 0, *, rank: int = 0, num_processes: int = 1
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Endless ``(global_index, micro_batch)`` pairs from global index ``start_batch`` on (see ``batches``)."""
+        index = start_batch + rank
+        while True:
+            yield index, self.batch_at(index)
+            index += num_processes
+
     def batches(self, start_batch: int = 0, *, rank: int = 0, num_processes: int = 1) -> Iterator[torch.Tensor]:
         """Endless micro-batches ``[micro_batch_size, seq_len + 1]`` from global index ``start_batch`` on.
 
@@ -92,12 +109,5 @@ class TrainBlocks:
             rank: this process's index; it takes global indices ``start_batch + rank + i * num_processes``.
             num_processes: processes sharing the global sequence.
         """
-        index = start_batch + rank
-        epoch, order = -1, None
-        while True:
-            batch_epoch, position = divmod(index, self.batches_per_epoch)
-            if batch_epoch != epoch:
-                epoch, order = batch_epoch, self.order(batch_epoch)
-            rows = order[position * self.micro_batch_size : (position + 1) * self.micro_batch_size]
-            yield self.blocks[rows]
-            index += num_processes
+        for _, batch in self.indexed_batches(start_batch, rank=rank, num_processes=num_processes):
+            yield batch

@@ -5,6 +5,10 @@ states with ``lce.eval.loss.token_nll`` so full ``[B, T, V]`` logits never exist
 checkpoint under ``out_dir`` restores weights, AdamW state, RNG states and the data position; the learning rate is a
 pure function of the step (``lce.train.schedule``), so on CPU in fp32 a resumed run repeats the losses of an
 uninterrupted one bit for bit.
+
+Runs under ``accelerate launch`` as they are (``conf/accelerate/``: DDP; FSDP2 and DeepSpeed ZeRO-3 are refused
+with a clear error until their sharded checkpoints are supported). With ``train.lora_rank > 0`` the model trains
+LoRA adapters (``lce.train.lora``) that are merged into its weights when training ends.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,9 +36,12 @@ from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.loss import token_nll
 from lce.hf.lm import hidden_states, logits_from_hidden
-from lce.train.checkpoint import latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
+from lce.train.batch import Batch, block_length, make_batch
+from lce.train.checkpoint import load_checkpoint, prune, read_state, save_checkpoint
 from lce.train.config import RESUMABLE_CHANGES, TrainConfig
 from lce.train.data import TrainBlocks
+from lce.train.limits import check_positions, resolve_resume
+from lce.train.lora import apply_lora, merge_lora
 from lce.train.schedule import lr_at
 
 LOG_NAME = "train_log.jsonl"
@@ -71,10 +80,12 @@ class NextTokenLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Per-token NLL ``[B, T + 1] -> [B * T]`` float32: tokens ``[:, :-1]`` predict ``[:, 1:]``."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        hidden = hidden_states(self.model, inputs)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token NLL ``[B * T]`` float32 of ``inputs [B, T]`` predicting ``targets [B, T]`` (0 where a target is
+        ``IGNORE``), with explicit ``position_ids [B, T]`` and ``attention_mask`` when given (see ``Batch``)."""
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        hidden = hidden_states(self.model, inputs, attention_mask, **kwargs)
         return token_nll(
             lambda h: logits_from_hidden(self.model, h), hidden.flatten(0, 1), targets.flatten(), self.chunk_size
         )
@@ -89,11 +100,35 @@ def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
     """
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(
+    check_launcher_backend()
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"accelerate: distributed type {accelerator.distributed_type.value} shards weights and optimizer state, "
+            "but lce's exact-resume checkpoints (lce.train.checkpoint) save unsharded ones; launch with "
+            "conf/accelerate/ddp.yaml (or a single process) until sharded checkpoints are supported"
+        )
+    return accelerator
+
+
+def check_launcher_backend() -> None:
+    """A clear error when ``accelerate launch`` asks for DeepSpeed but it is not installed.
+
+    accelerate sets ``ACCELERATE_USE_DEEPSPEED=true`` in the environment of the processes it launches with a
+    DeepSpeed config (``conf/accelerate/deepspeed_zero3.yaml``); without the package, ``Accelerator()`` would fail
+    deep inside accelerate.
+    """
+    import importlib.util
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and (
+            importlib.util.find_spec("deepspeed") is None):
+        raise ConfigError("accelerate: the launch config asks for DeepSpeed (ZeRO-3), but the deepspeed package is "
+                          "not installed; pip install deepspeed on a CUDA machine, or launch with "
+                          "conf/accelerate/ddp.yaml")
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -133,34 +168,41 @@ def train(
     val_blocks: torch.Tensor | None = None,
     logger: Any = None,
     seed: int = 0,
+    eos_id: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place up to ``cfg.steps`` optimizer steps, resuming from ``out_dir`` when possible.
 
     Args:
-        model: a causal LM supported by ``lce.hf.adapters``; left in eval mode on the accelerator's device.
-        blocks: training blocks ``[N, seq_len + 1]`` (ordered with the run seed) or a ready ``TrainBlocks``.
+        model: a causal LM supported by ``lce.hf.adapters``; left in eval mode on the accelerator's device (with
+            LoRA, its adapters merged into its weights: the same object, a plain transformers model again).
+        blocks: training blocks ``[N, block_length(cfg)]`` (``seq_len + 1`` tokens, or PoSE's source windows),
+            ordered with the run seed, or a ready ``TrainBlocks``.
         cfg: training config.
         out_dir: run directory for ``checkpoints/`` and ``train_log.jsonl``; its newest checkpoint is resumed.
         val_blocks: ``[M, S + 1]`` validation blocks; the first ``val_batches`` micro-batches are scored.
         logger: anything with ``log_metrics(metrics: dict, step: int)``; called every ``log_every`` steps, at the
             last step and with each validation loss.
         seed: run seed, used when ``cfg.seed`` is None.
+        eos_id: the token that ends each document in the stream (needed by ``cfg.pack_documents``).
         progress: show a progress bar.
 
     Raises:
-        ConfigError: if the blocks do not match ``cfg``, or the checkpoint to resume was trained with settings that
-            change the loss trajectory.
+        ConfigError: if the blocks do not match ``cfg``, ``cfg.seq_len`` (or PoSE's target) is longer than the
+            model's position encoding supports, ``cfg.resume_from`` does not exist, or the checkpoint to resume was
+            trained with settings that change the loss trajectory.
     """
     out_dir = Path(out_dir)
     run_seed = cfg.seed if cfg.seed is not None else seed
     data = blocks if isinstance(blocks, TrainBlocks) else TrainBlocks(blocks, cfg.micro_batch_size, run_seed)
-    check(data.seq_len == cfg.seq_len, "train.seq_len",
-          f"is {cfg.seq_len} but the blocks hold {data.seq_len} + 1 tokens")
+    check(data.seq_len + 1 == block_length(cfg), "train.seq_len",
+          f"is {cfg.seq_len} but the blocks hold {data.seq_len + 1} tokens, not {block_length(cfg)}"
+          + (" (PoSE: pose_source_factor x (seq_len + 1))" if cfg.pose_target_len else " (seq_len + 1)"))
     check(data.micro_batch_size == cfg.micro_batch_size, "train.micro_batch_size",
           f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
     run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data)}
-    resume = latest_checkpoint(out_dir)
+    check_positions(model, cfg)
+    resume = resolve_resume(out_dir, cfg.resume_from)
     if resume is not None:
         check_resumable(read_state(resume), cfg, run_info, resume)
 
@@ -168,6 +210,7 @@ def train(
     set_seed(run_seed)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    lora = apply_lora(model, cfg) if cfg.lora_rank else None
     loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size), build_optimizer(model, cfg))
 
     start_step, data_position, final_loss = 0, 0, None
@@ -184,7 +227,11 @@ def train(
 
     per_step = cfg.grad_accum * accelerator.num_processes  # global micro-batches per optimizer step
     step_tokens = per_step * cfg.micro_batch_size * cfg.seq_len
-    batches = data.batches(data_position, rank=accelerator.process_index, num_processes=accelerator.num_processes)
+    batches = (
+        make_batch(rows, index, cfg, model, seed=run_seed, eos_id=eos_id)
+        for index, rows in data.indexed_batches(data_position, rank=accelerator.process_index,
+                                                num_processes=accelerator.num_processes)
+    )
     train_seconds, train_tokens = 0.0, 0
 
     loss_module.train()
@@ -192,6 +239,8 @@ def train(
                disable=not (progress and accelerator.is_main_process))
     with bar:
         for step in range(start_step + 1, cfg.steps + 1):
+            if accelerator.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(accelerator.device)
             started = time.perf_counter()
             lr = lr_at(step, cfg)
             final_loss, grad_norm = optimizer_step(accelerator, loss_module, optimizer, batches, lr, cfg)
@@ -203,10 +252,11 @@ def train(
             record = {
                 "step": step, "loss": final_loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": data_position * cfg.micro_batch_size * cfg.seq_len,
-                "tokens_per_s": step_tokens / seconds, "seconds": seconds,
+                "tokens_per_s": step_tokens / seconds, "seconds": seconds, **memory_stats(accelerator.device),
             }
             if val_blocks is not None and cfg.val_every and step % cfg.val_every == 0:
-                record["val_loss"] = validation_loss(loss_module, val_blocks, cfg, accelerator.device)
+                record["val_loss"] = validation_loss(loss_module, val_blocks, cfg, accelerator.device, model,
+                                                     eos_id=eos_id)
             report = step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
@@ -230,6 +280,8 @@ def train(
                 accelerator.wait_for_everyone()
 
     model.eval()
+    if lora is not None:
+        merge_lora(lora)
     return TrainResult(
         steps=max(start_step, cfg.steps),
         final_loss=final_loss,
@@ -244,15 +296,15 @@ def optimizer_step(
     accelerator: Accelerator,
     loss_module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Batch],
     lr: float,
     cfg: TrainConfig,
 ) -> tuple[float, float]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches ``[micro_batch_size, seq_len + 1]`` per process.
+    """One optimizer step over ``cfg.grad_accum`` micro-batches per process.
 
     Returns:
-        ``(loss, grad_norm)``: mean NLL per token over every token of the step on all processes, and the global
-        gradient norm before clipping.
+        ``(loss, grad_norm)``: mean NLL per scored token over every token of the step on all processes, and the
+        global gradient norm before clipping.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -260,11 +312,14 @@ def optimizer_step(
     count = 0
     for _ in range(cfg.grad_accum):
         batch = next(batches).to(accelerator.device)
+        scored = batch.scored
         with accelerator.accumulate(loss_module):
-            nll = loss_module(batch)
-            accelerator.backward(nll.mean())  # accelerate divides by grad_accum: the step's mean over its tokens
+            nll = loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask)
+            # accelerate divides by grad_accum: with every token scored, the step's mean over its tokens (packing
+            # leaves a few unscored, and then micro-batches weigh by their own scored count).
+            accelerator.backward(nll.sum() / max(scored, 1))
         nll_sum += nll.detach().double().sum()
-        count += nll.numel()
+        count += scored
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
     grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
     optimizer.step()
@@ -274,18 +329,32 @@ def optimizer_step(
     return (total[0] / total[1]).item(), float(grad_norm)
 
 
-def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: TrainConfig, device: torch.device) -> float:
-    """Mean NLL per token over the first ``val_batches`` micro-batches of ``val_blocks`` ``[M, S + 1]``."""
+def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                    model: nn.Module, eos_id: int | None = None) -> float:
+    """Mean NLL per scored token over the first ``val_batches`` micro-batches of ``val_blocks`` ``[M, S + 1]``
+    (packed like the training blocks; PoSE's position skips are not applied)."""
     loss_module.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     with torch.no_grad():
         for start in range(0, min(len(val_blocks), cfg.val_batches * cfg.micro_batch_size), cfg.micro_batch_size):
-            nll = loss_module(val_blocks[start : start + cfg.micro_batch_size].to(device))
-            total += nll.double().sum()
-            count += nll.numel()
+            rows = val_blocks[start : start + cfg.micro_batch_size]
+            batch = make_batch(rows, 0, cfg, model, seed=0, eos_id=eos_id, pose=False).to(device)
+            total += loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask).double().sum()
+            count += batch.scored
     loss_module.train()
     return (total / count).item()
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory of the step: ``peak_mem_mb`` (CUDA memory allocated by torch at its peak, on a CUDA device) and
+    ``max_rss_mb`` (the process's peak resident set size so far, on any device)."""
+    stats = {}
+    if device.type == "cuda":
+        stats["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stats["max_rss_mb"] = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    return stats
 
 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, run_info: dict[str, Any], path: Path) -> None:

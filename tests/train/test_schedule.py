@@ -1,5 +1,6 @@
 """lr_at against hand-computed values: linear warm-up, cosine decay to the floor, flat after the run."""
 
+import itertools
 import math
 
 import pytest
@@ -36,10 +37,33 @@ def test_no_warmup_starts_at_peak():
 
 def test_decay_is_monotone():
     rates = [lr_at(s, CFG) for s in range(CFG.warmup_steps, CFG.steps + 1)]
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
 
 
 def test_warmup_longer_than_run_never_reaches_peak():
     cfg = TrainConfig(steps=5, warmup_steps=20, lr=1e-3)
     assert max(lr_at(s, cfg) for s in range(1, 6)) == pytest.approx(2.5e-4)
     assert math.isfinite(lr_at(5, cfg))
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        pytest.param(10, 1e-3, id="end-of-warmup"),
+        pytest.param(35, 1e-4 + 9e-4 * 0.75, id="linear-quarter"),  # a straight line from 1e-3 to 1e-4
+        pytest.param(60, 5.5e-4, id="linear-midpoint"),
+        pytest.param(110, 1e-4, id="end"),
+        pytest.param(500, 1e-4, id="after-end"),
+    ],
+)
+def test_linear_decay(step, expected):
+    import dataclasses
+
+    assert lr_at(step, dataclasses.replace(CFG, schedule="linear")) == pytest.approx(expected, rel=1e-12)
+
+
+def test_constant_after_warmup():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, schedule="constant")
+    assert [lr_at(s, cfg) for s in (5, 10, 60, 110, 500)] == [5e-4, 1e-3, 1e-3, 1e-3, 1e-3]
