@@ -48,6 +48,15 @@ def random_key_blocks(block: int, seed: int, window_blocks: int, global_blocks: 
     return tuple(sorted(random.Random(seed * 2**32 + block).sample(eligible, count)))
 
 
+@functools.lru_cache(maxsize=16)  # every layer and call of a forward asks for the same map
+def block_map(pattern: BlockSparsePattern, blocks: int) -> torch.Tensor:
+    """bool ``[blocks, blocks]``: row ``b`` marks the key blocks query block ``b`` attends."""
+    block_mask = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for block in range(blocks):
+        block_mask[block, pattern.key_blocks(block)] = True
+    return block_mask
+
+
 @dataclass(frozen=True)
 class BlockSparsePattern(Restriction):
     """Window, global and seeded random key blocks per query block."""
@@ -85,6 +94,10 @@ class BlockSparsePattern(Restriction):
                 inside = (kb >= 0) & (kb < width)
                 ok = ok | (table[row, kb.clamp(0, width - 1)] & inside)
         return ok
+
+    def kernel_pattern(self, max_position: int) -> dict:
+        """The block map itself: ``[n, n]`` with ``n`` blocks up to ``max_position`` (row ``b`` = ``key_blocks(b)``)."""
+        return {"block_mask": block_map(self, max_position // self.block_size + 1), "block_size": self.block_size}
 
     def key_ranges(self, q_lo: int, q_hi: int) -> KeyRanges:
         bs = self.block_size

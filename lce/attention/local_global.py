@@ -43,6 +43,14 @@ class LocalGlobalPattern(Restriction):
             ok = ok | torch.isin(j, positions) | torch.isin(i, positions)
         return ok
 
+    def kernel_pattern(self, max_position: int) -> dict | None:
+        """Global positions ``0 .. g-1`` (the default ``[0]``) are the fused kernel's sink tokens: a global key is a
+        sink, and a global query ``i < g`` sees only keys ``j <= i < g``, all of them sinks. Other layouts have no
+        kernel form."""
+        if self.global_tokens != tuple(range(len(self.global_tokens))):
+            return None
+        return {"window": self.window, "sink_tokens": len(self.global_tokens)}
+
     def key_ranges(self, q_lo: int, q_hi: int) -> KeyRanges:
         if any(q_lo <= g <= q_hi for g in self.global_tokens):
             return [(0, q_hi + 1)]

@@ -54,6 +54,17 @@ def identity(positions: torch.Tensor) -> torch.Tensor:
     return positions
 
 
+def fused_segments(segments: tuple, rotation: Rotation, window: int | None = None, sink_tokens: int = 0):
+    """A segment method as data for lce's fused kernel (``lce.attention.plan.FusedAttention``): its segments written
+    as ``lce.kernels.attention.spec.Segment`` (``lce.kernels.attention.segments``, tested equal to the callables the
+    method's ``segmented_attention`` reference uses) and the model's rotation."""
+    from lce.attention.plan import FusedAttention
+    from lce.kernels.attention import Rotary
+
+    return FusedAttention(segments=tuple(segments), rotary=Rotary.from_rotation(rotation), window=window,
+                          sink_tokens=sink_tokens)
+
+
 def segmented_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -83,7 +94,7 @@ def segmented_attention(
     Returns:
         ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
     """
-    batch, heads, tq, dim = query.shape
+    heads, tq = query.shape[1], query.shape[2]
     groups = heads // key.shape[1]
     keys = [rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1) for seg in segments]
     values = value.repeat_interleave(groups, dim=1)

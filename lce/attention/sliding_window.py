@@ -42,6 +42,9 @@ class SlidingWindowPattern(Restriction):
     def key_ranges(self, q_lo: int, q_hi: int) -> KeyRanges:
         return [(0, self.sink_tokens), (q_lo - self.window + 1, q_hi + 1)]
 
+    def kernel_pattern(self, max_position: int) -> dict:
+        return {"window": self.window, "sink_tokens": self.sink_tokens}
+
 
 @ATTENTIONS.register("sliding_window")
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lce.attention import ATTENTIONS
 from lce.attention.blockwise import blockwise_kernel
-from lce.attention.plan import AttentionPlan, Kernel, Restriction, accepts_visible
+from lce.attention.plan import AttentionPlan, FusedAttention, Kernel, Restriction, accepts_visible
 from lce.attention.plan import register as register_attention
 from lce.errors import LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
@@ -47,7 +47,8 @@ class PatchTarget:
         self.model = model
         self.adapter = adapter
         self._kernel: tuple[str, Callable[[int, nn.Module], Kernel]] | None = None
-        self._q_scale: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        self._fused: Callable[[int, nn.Module], FusedAttention | None] | None = None
+        self._q_scale: tuple[str, int] | None = None  # (method, log-n training length)
         self._restriction: tuple[str, Callable[[int, nn.Module], Restriction | None]] | None = None
         self._rotations: list[Rotation] | None = None
 
@@ -125,7 +126,8 @@ class PatchTarget:
         return self._rotations[layer]
 
     def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel],
-                   handles: Collection[str] = ()) -> None:
+                   handles: Collection[str] = (),
+                   fused_for_layer: Callable[[int, nn.Module], FusedAttention | None] | None = None) -> None:
         """Compute attention with ``kernel_for_layer(layer_index, attention_module)`` in every layer.
 
         One kernel per model: two methods that both need to own the attention computation do not compose.
@@ -134,6 +136,9 @@ class PatchTarget:
             handles: what the kernel does beyond causal softmax attention (``Adapter.attention_features``):
                 ``softcap`` (it soft-caps logits by ``kwargs["softcap"]``), ``bidirectional``. A model whose
                 attention needs more is refused rather than computed wrongly.
+            fused_for_layer: the same layer as data for lce's fused Triton kernel
+                (``lce.attention.plan.FusedAttention``), which runs instead when the backend is ``triton``; None:
+                the PyTorch kernel always runs.
         """
         missing = sorted(self.adapter.attention_features(self.model) - set(handles))
         if missing:
@@ -145,12 +150,14 @@ class PatchTarget:
             raise LceError(f"posenc {method} and {self._kernel[0]} both replace the attention computation; "
                            "they cannot be combined")
         self._kernel = (method, kernel_for_layer)
+        self._fused = fused_for_layer
 
-    def scale_queries(self, method: str, q_scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Multiply each query by ``q_scale(positions [B, Tq]) -> [B, Tq]`` before attention (log-n scaling)."""
+    def scale_queries(self, method: str, logn_length: int) -> None:
+        """Multiply each query at position ``p`` by ``max(1, ln(p + 1) / ln(logn_length))`` before attention (log-n
+        scaling, ``lce.posenc.logn``)."""
         if self._q_scale is not None:
             raise LceError(f"posenc {method} and {self._q_scale[0]} both scale queries; they cannot be combined")
-        self._q_scale = (method, q_scale)
+        self._q_scale = (method, logn_length)
 
     def restrict(self, method: str, restriction_for_layer: Callable[[int, nn.Module], Restriction | None]) -> None:
         """Let each query of layer ``i`` attend only the pairs ``restriction_for_layer(i, attention_module)`` makes
@@ -182,9 +189,14 @@ class PatchTarget:
         if self._kernel is None and self._q_scale is None and self._restriction is None:
             return
         names = [part[0] for part in (self._kernel, self._q_scale, self._restriction) if part is not None]
-        q_scale = self._q_scale[1] if self._q_scale else None
+        logn_length = self._q_scale[1] if self._q_scale else None
+        q_scale = logn_scale(logn_length) if logn_length else None
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
             kernel = self._kernel[1](index, module) if self._kernel else self.adapter.native_kernel(self.model)
+            if self._kernel:
+                fused = self._fused(index, module) if self._fused else None
+            else:  # the model's own attention: fusable unless the family needs its eager kernel (soft-capping)
+                fused = FusedAttention() if kernel is None else None
             restriction = self._restriction[1](index, module) if self._restriction else None
             if restriction is not None:
                 if self._kernel is None:
@@ -197,7 +209,8 @@ class PatchTarget:
                         "for rotary encodings such as rope/pi/yarn, alibi, and segmented_attention-based ones that "
                         "pass `visible` on)"
                     )
-            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale, restriction=restriction)
+            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale, restriction=restriction,
+                                            logn_length=logn_length, fused=fused)
         self.model.set_attn_implementation(register_attention("lce_" + "_".join(names)))
 
 
@@ -253,7 +266,7 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
     try:
         pe.apply(target)
         if pe.logn:
-            target.scale_queries("logn", logn_scale(pe.logn_length or original_length(model.config)))
+            target.scale_queries("logn", pe.logn_length or original_length(model.config))
         att.apply(target)
         target.finalize()
     except Exception:

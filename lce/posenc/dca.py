@@ -38,6 +38,7 @@ last token of a sequence.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -45,6 +46,7 @@ import torch
 
 from lce.config import check
 from lce.errors import LceError
+from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 
 if TYPE_CHECKING:
@@ -236,7 +238,13 @@ class Dca(PosEnc):
                                 mscale=mscale, visible=visible)
             return out, None
 
-        target.use_kernel("dca", lambda layer_index, module: kernel)
+        from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
+
+        fused = fused_segments(kernel_segments.dca_segments(geometry), rotation)
+        if mscale:
+            c = geometry.pretraining_length
+            fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
+        target.use_kernel("dca", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)
 
 
 def dca_relative_positions(geometry: DcaGeometry, length: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from lce.attention import segments
 from lce.config import check
 from lce.errors import LceError
+from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.rotation import Rotation
 
@@ -95,4 +96,5 @@ class ReRope(PosEnc):
             return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
                                     block_size, visible=visible), None
 
-        target.use_kernel("rerope", lambda layer_index, module: kernel)
+        fused = segments.fused_segments(kernel_segments.rerope_segments(window), rotation)
+        target.use_kernel("rerope", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)

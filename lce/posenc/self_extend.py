@@ -33,6 +33,7 @@ import torch
 
 from lce.config import check
 from lce.errors import LceError
+from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 
 if TYPE_CHECKING:
@@ -144,6 +145,8 @@ class SelfExtend(PosEnc):
 
     def apply(self, target) -> None:
         self.check_length(int(target.config.max_position_embeddings))
+        from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
+
         rotation = target.rotate_in_attention("self_extend")
         group_size, neighbor_window = self.group_size, self.neighbor_window
 
@@ -156,4 +159,6 @@ class SelfExtend(PosEnc):
                                         scaling, attention_mask, visible=visible)
             return out, None
 
-        target.use_kernel("self_extend", lambda layer_index, module: kernel)
+        fused = fused_segments(kernel_segments.self_extend_segments(group_size, neighbor_window), rotation)
+        target.use_kernel("self_extend", lambda layer_index, module: kernel,
+                          fused_for_layer=lambda layer_index, module: fused)

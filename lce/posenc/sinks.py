@@ -39,6 +39,7 @@ import torch
 from lce.attention import segments
 from lce.config import check
 from lce.errors import LceError
+from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.rotation import Rotation
 
@@ -122,4 +123,8 @@ class Sinks(PosEnc):
             return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
                                    attention_mask, block_size), None
 
-        target.use_kernel("sinks", lambda layer_index, module: kernel)
+        # The recent window and the sinks as a kernel pattern too: the fused kernel then skips the key tiles neither
+        # segment can select (the segments alone would be exact, but scan every earlier key).
+        fused = segments.fused_segments(kernel_segments.sink_segments(start_size, recent_size), rotation,
+                                        window=recent_size, sink_tokens=start_size)
+        target.use_kernel("sinks", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)
