@@ -1,8 +1,10 @@
-"""Next-token loss from hidden states in chunks, so T x V logits are never materialised at once.
+"""Next-token loss from hidden states, without ever materialising T x V logits.
 
-At long lengths the fp32 logits dominate memory (T=128k, V=128k: 64 GiB); scoring ``chunk_size`` rows at a time
-bounds the workspace to ``chunk_size x V`` floats. Under autograd each chunk is recomputed in the backward pass
-(activation checkpointing), so training memory is bounded the same way.
+Given the model's logit head as data (``lce.kernels.cross_entropy.LogitHead``, from
+``lce.hf.adapters.Adapter.logit_head``), the loss is ``lce.kernels.cross_entropy.linear_cross_entropy``: fused Triton
+kernels on CUDA that compute logits tile by tile, the chunked reference elsewhere (``lce.kernels.backend`` decides).
+Any other callable ``hidden -> logits`` is scored by the same chunked reference: ``chunk_size`` rows of logits at a
+time, each chunk recomputed in the backward pass, so memory is bounded by ``chunk_size x V`` logits.
 """
 
 from __future__ import annotations
@@ -10,17 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-
-def _chunk_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor):
-    logits = logits_fn(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
+from lce.kernels.cross_entropy import LogitHead, linear_cross_entropy, linear_cross_entropy_ref
 
 
 def token_nll(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    logits_fn: LogitHead | Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk_size: int = 4096,
@@ -28,24 +25,20 @@ def token_nll(
     """Per-token negative log-likelihood in nats.
 
     Args:
-        logits_fn: maps hidden states ``[N, C]`` to logits ``[N, V]`` (e.g. ``lce.hf.lm.logits_from_hidden``).
+        logits_fn: the model's ``LogitHead`` (fused path), or any callable mapping hidden states ``[N, C]`` to logits
+            ``[N, V]`` (e.g. ``partial(lce.hf.lm.logits_from_hidden, model)``).
         hidden: ``[N, C]`` hidden states whose next tokens are ``targets``.
         targets: ``[N]`` next-token ids; ``-100`` marks positions that are not scored (their NLL is 0).
-        chunk_size: rows of logits alive at once.
+        chunk_size: rows of logits alive at once on the reference path.
 
     Returns:
         ``[N]`` float32 NLL per position.
     """
     if hidden.shape[:-1] != targets.shape or hidden.dim() != 2:
         raise ValueError(f"hidden [N, C] and targets [N] must match, got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_nll, logits_fn, h, t, use_reentrant=False))
-        else:
-            pieces.append(_chunk_nll(logits_fn, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if isinstance(logits_fn, LogitHead):
+        return linear_cross_entropy(hidden, logits_fn, targets, chunk_size=chunk_size)
+    return linear_cross_entropy_ref(hidden, logits_fn, targets, chunk_size)
 
 
 def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

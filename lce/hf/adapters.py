@@ -31,6 +31,7 @@ from torch import nn
 
 from lce.errors import UnsupportedModelError
 from lce.hf.rotary import LayerTypeRotary, LayerTypeView
+from lce.kernels.cross_entropy.head import LogitHead
 from lce.posenc.rotation import Rotation
 
 #: The rotation of a layer that does not rotate (SmolLM3's NoPE layers): zero rotated dims.
@@ -210,6 +211,30 @@ class Adapter:
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def logit_head(self, model: nn.Module) -> LogitHead | None:
+        """The logits of ``logits()`` as data, for the fused cross-entropy (``lce.kernels.cross_entropy``): the output
+        layer's weight and bias (the model's parameters themselves), the scale (Cohere) or divisor (Granite) as one
+        multiplier, and the final soft-cap (Gemma2/3).
+
+        None when the output layer is not exactly an ``nn.Linear`` run as written (quantised or LoRA-wrapped layers,
+        forward hooks, accelerate's offloading hooks, weights on the meta device) or the scale is not a plain number:
+        callers then keep the generic ``logits()`` path.
+        """
+        linear = model.get_output_embeddings()
+        if (type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks
+                or hasattr(linear, "_hf_hook") or linear.weight.is_meta):
+            return None
+        multiplier = 1.0
+        if self.logit_scale is not None:
+            scale = getattr(model, self.logit_scale)
+            if not isinstance(scale, (int, float)):
+                return None
+            multiplier *= scale
+        if self.logit_divisor is not None:
+            multiplier /= getattr(model.config, self.logit_divisor)
+        cap = getattr(model.config, self.final_softcap, None) if self.final_softcap else None
+        return LogitHead(linear.weight, linear.bias, float(multiplier), None if cap is None else float(cap))
 
 
 @dataclass(frozen=True)

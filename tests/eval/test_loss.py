@@ -75,3 +75,35 @@ def test_ignored_positions_score_zero(model, input_ids):
 def test_shifted_targets_are_next_tokens():
     ids = torch.tensor([[5, 6, 7]])
     assert shifted_targets(ids).tolist() == [[6, 7, -100]]
+
+
+def test_logit_head_path_equals_the_generic_path_on_cpu(model, input_ids):
+    """A ``LogitHead`` runs the reference on CPU: the same numbers as the generic callable, forward and backward."""
+    from lce.hf.adapters import adapter_for
+
+    targets = shifted_targets(input_ids).flatten()
+    hidden = hidden_states(model, input_ids).flatten(0, 1).detach()
+    head = adapter_for(model).logit_head(model)
+    results = []
+    for logits_fn in (partial(logits_from_hidden, model), head):
+        h = hidden.clone().requires_grad_()
+        model.zero_grad()
+        nll = token_nll(logits_fn, h, targets, chunk_size=5)
+        nll.sum().backward()
+        results.append((nll, h.grad, head.weight.grad.clone()))
+    model.zero_grad()
+    assert all(torch.equal(generic, fused) for generic, fused in zip(*results))
+
+
+def test_logit_head_path_runs_the_fused_kernel_under_the_triton_backend(model, input_ids):
+    from lce.hf.adapters import adapter_for
+    from lce.kernels.backend import use_backend
+
+    targets = shifted_targets(input_ids).flatten()
+    with torch.no_grad():
+        hidden = hidden_states(model, input_ids).flatten(0, 1)
+        generic = token_nll(partial(logits_from_hidden, model), hidden, targets)
+        with use_backend("triton"):
+            fused = token_nll(adapter_for(model).logit_head(model), hidden, targets)
+    # fp32 in both; tiles sum in another order (as tests/kernels/cross_entropy/test_triton.py).
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)

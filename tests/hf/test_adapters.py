@@ -272,3 +272,44 @@ def test_length_dependent_rope_is_refused_inside_attention():
     model = family_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match=r"posenc=dca: llama: rope_type 'dynamic' recomputes"):
         PatchTarget(model, adapter_for(model)).rotate_in_attention("dca")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_head_reproduces_the_models_logits(family):
+    """The head as data gives the model's own logits bit for bit (its multipliers are 1, 0.5 and 1/4: exact)."""
+    model = family_model(family)
+    head = adapter_for(model).logit_head(model)
+    assert head.weight is model.get_output_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(head(hidden_states(model, IDS)), logits(model, IDS))
+
+
+def test_logit_head_multiplier_and_softcap_per_family():
+    assert adapter_for(model := family_model("cohere")).logit_head(model).multiplier == 0.5
+    assert adapter_for(model := family_model("granite")).logit_head(model).multiplier == 0.25
+    assert adapter_for(model := family_model("gemma2")).logit_head(model).softcap == 3.0
+    head = adapter_for(model := family_model("llama")).logit_head(model)
+    assert (head.multiplier, head.softcap, head.bias) == (1.0, None, None)
+
+
+def test_logit_head_divisor_that_is_not_a_power_of_two():
+    model = family_model("granite", logits_scaling=3.0)
+    head = adapter_for(model).logit_head(model)
+    with torch.no_grad():
+        # Granite divides by 3, the head multiplies by a rounded 1/3: three roundings of 2^-24 each, 1.8e-7 relative.
+        torch.testing.assert_close(head(hidden_states(model, IDS)), logits(model, IDS), rtol=2.4e-7, atol=0)
+
+
+class QuantisedLinear(nn.Linear):
+    """Stands for an output layer lce cannot express as a weight (bitsandbytes and LoRA layers subclass Linear)."""
+
+
+def test_logit_head_is_none_for_heads_it_cannot_express():
+    model = family_model("llama")
+    linear = model.get_output_embeddings()
+    handle = linear.register_forward_hook(lambda module, args, out: out * 2)
+    assert adapter_for(model).logit_head(model) is None
+    handle.remove()
+    assert adapter_for(model).logit_head(model) is not None
+    model.set_output_embeddings(QuantisedLinear(linear.in_features, linear.out_features, bias=False))
+    assert adapter_for(model).logit_head(model) is None
