@@ -9,6 +9,9 @@ methods' segments), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key
 Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
 """
 
+from lce.kernels.attention.function import flash_attention
+from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Rotary, Segment
 
-__all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotary", "Segment"]
+__all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotary", "Segment", "attention_reference",
+           "flash_attention"]

@@ -16,7 +16,8 @@ For query ``i`` (head ``h``, KV head ``h // (H / HKV)``) and key ``j`` at absolu
 
 The matmuls run in the inputs' dtype and the softmax in fp32 or wider (as lce's eager attention references), so
 with fp32 inputs this is the fp32 reference and with fp16/bf16 inputs it is "PyTorch in the same dtype" of the
-flash-attention tolerance rule. Memory is ``O(B * H * Tq * Tk)``: a reference for tests and the ``ref`` backend, not for long inputs.
+flash-attention tolerance rule. Memory is ``O(B * H * Tq * Tk)``: a reference for tests and the ``ref`` backend, not
+for long inputs.
 """
 
 from __future__ import annotations
