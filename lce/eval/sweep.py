@@ -5,6 +5,10 @@ point in flight and a rerun with the same identity (``point_key``) skips what is
 state: each one scores the documents from scratch, so a point's result does not depend on which lengths ran before
 it. Running out of memory at a length is a result (``status: "oom"``), not a crash; the sweep moves on.
 
+Under a multi-process launcher (``accelerate launch``, ``torchrun``) each point's forward passes are shared out among
+the processes (``lce.eval.shard``) and the points written equal a one-process run's exactly; only the main process
+reads and writes the store, and every process returns the same rows.
+
 Row schema (``meta`` fields first, then):
     length, status ("ok" | "oom"), ppl, nll (mean nats per token), tokens (scored predictions),
     tokens_per_s (tokens / seconds), peak_mem_mb, mem_kind (see ``lce.eval.memory``), seconds (scoring wall time),
@@ -34,6 +38,7 @@ from lce.errors import ConfigError, LceError
 from lce.eval.memory import measure_peak_memory
 from lce.eval.perplexity import NllFn, model_nll_fn
 from lce.eval.protocols import CanonicalProtocol
+from lce.eval.shard import Shard, current_shard, score_sharded
 
 KEY_FIELDS = ("run", "method", "params", "model", "length", "seed", "protocol")
 META_FIELDS = tuple(k for k in KEY_FIELDS if k != "length")
@@ -141,13 +146,17 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _measure_point(nll_fn: NllFn, data, length: int, *, protocol, bos_id: int | None, batch_size: int,
-                   device: torch.device) -> dict:
-    """The measured fields of one length: the protocol's score, wall time and peak memory, or an OOM record."""
+                   device: torch.device, shard: Shard) -> dict:
+    """The measured fields of one length: the protocol's score, wall time and peak memory (of this process), or an
+    OOM record."""
     error = None
     start = time.perf_counter()
     with measure_peak_memory(device) as mem:
         try:
-            score = protocol.score(nll_fn, data, length, bos_id=bos_id, batch_size=batch_size)
+            score = score_sharded(
+                lambda fn: protocol.score(fn, data, length, bos_id=bos_id, batch_size=batch_size), nll_fn, shard,
+                is_out_of_memory,
+            )
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -187,6 +196,7 @@ def run_sweep(
     bucket_size: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[dict]:
     """Score ``docs`` at each of ``lengths``, appending one row per new point to ``store``.
 
@@ -205,10 +215,14 @@ def run_sweep(
         chunk_size: rows of logits materialised at once.
         bucket_size: predicting positions per NLL bucket; ``None`` is one bucket per window.
         device: where to run; ``None`` means the device of the model's parameters.
-        progress: show a progress bar.
+        progress: show a progress bar (on the main process).
+        shard: this process's share of the work; None: ``lce.eval.shard.current_shard()`` (several processes under
+            ``accelerate launch`` or ``torchrun``, else one). Every process of the shard must call ``run_sweep``
+            with the same arguments; only the main one writes ``store``.
 
     Returns:
-        Every row in the store with this ``meta``'s identity (earlier runs' and new), sorted by length.
+        Every row in the store with this ``meta``'s identity (earlier runs' and new), sorted by length; the same on
+        every process.
 
     Raises:
         ConfigError: bad ``meta`` or lengths, or a document shorter than the longest length (before scoring anything).
@@ -230,21 +244,26 @@ def run_sweep(
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
+    shard = shard if shard is not None else current_shard()
+
     done: dict[str, dict] = {}
-    for row in store.rows():
+    # Only the main process reads the store, so that every process skips the same points (the collectives of a
+    # point must be entered by all of them) even if the file is not shared or changes meanwhile.
+    for row in shard.broadcast(store.rows() if shard.is_main else None):
         if row.get("status") in DONE_STATUSES:
             done.setdefault(point_key(row), row)
 
     nll_fn = model_nll_fn(model, chunk_size, device)
-    bar = tqdm(lengths, desc="ppl vs length", unit="len", disable=not progress)
+    bar = tqdm(lengths, desc="ppl vs length", unit="len", disable=not (progress and shard.is_main))
     for length in bar:
         key = point_key({**meta, "length": length})
         bar.set_postfix_str(f"length={length}")
         if key not in done:
             row = {**meta, **_measure_point(nll_fn, docs, length, protocol=protocol, bos_id=bos_id,
-                                            batch_size=batch_size, device=device)}
-            store.append(row)
-            done[key] = row
+                                            batch_size=batch_size, device=device, shard=shard)}
+            if shard.is_main:
+                store.append(row)
+            done[key] = shard.broadcast(row)
         ppl = done[key]["ppl"]
         bar.set_postfix_str(f"length={length} ppl={ppl:.4g}" if ppl is not None else f"length={length} OOM")
 

@@ -14,8 +14,19 @@ import torch
 from lce.errors import ConfigError
 from lce.eval.perplexity import score_documents
 from lce.eval.protocols import (
-    MEAN_OF_BATCH_MEANS, MEAN_OF_WINDOW_MEANS, PROTOCOLS, TOKEN_MEAN, CanonicalProtocol, FairseqProtocol,
-    LongLoraStreamProtocol, ProtocolScore, SlidingProtocol, YarnProtocol, build_protocol, model_nll_fn, protocol_meta,
+    MEAN_OF_BATCH_MEANS,
+    MEAN_OF_WINDOW_MEANS,
+    PROTOCOLS,
+    TOKEN_MEAN,
+    CanonicalProtocol,
+    FairseqProtocol,
+    LongLoraStreamProtocol,
+    ProtocolScore,
+    SlidingProtocol,
+    YarnProtocol,
+    build_protocol,
+    model_nll_fn,
+    protocol_meta,
 )
 from tests.conftest import make_tiny_llama
 

@@ -9,9 +9,24 @@ from lce.data import ByteTokenizer, LocalData
 from lce.errors import ConfigError
 from lce.eval.heatmap import accuracy_grid, plot_heatmap
 from lce.eval.retrieval import (
-    FILLER, KEY_LINE, QUESTION, RETRIEVALS, TASK_DESCRIPTION, NeedleConfig, PasskeyConfig, PromptBuilder,
-    build_retrieval, cell_accuracy, corpus_text, greedy_generate, model_generate_fn, ordinal, parse_integer,
-    retrieval_key, run_retrieval, text_units,
+    FILLER,
+    KEY_LINE,
+    QUESTION,
+    RETRIEVALS,
+    TASK_DESCRIPTION,
+    NeedleConfig,
+    PasskeyConfig,
+    PromptBuilder,
+    build_retrieval,
+    cell_accuracy,
+    corpus_text,
+    greedy_generate,
+    model_generate_fn,
+    ordinal,
+    parse_integer,
+    retrieval_key,
+    run_retrieval,
+    text_units,
 )
 from lce.eval.sweep import ResultStore
 from tests.conftest import make_tiny_llama

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lce.eval.sweep as sweep
 from lce.errors import ConfigError, LceError
+from lce.eval import sweep
 from lce.eval.sweep import ResultStore, point_key, run_sweep
 from tests.conftest import make_tiny_llama
 
