@@ -3,12 +3,16 @@
 ``run(cfg, out_dir, results_dir)`` takes the composed config (a mapping or OmegaConf node); ``parse_run_config``
 turns it into typed configs, rejecting unknown keys at every level. The CLI (``lce.cli``) is a thin Hydra wrapper
 around it.
+
+Under ``accelerate launch`` (several processes, ``conf/accelerate/``) every process trains; only the main process
+(``RANK`` 0) writes the run config, logs, saves the final model and runs the evaluation sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +28,10 @@ from lce.eval.config import EvalConfig, posenc_label
 from lce.eval.protocols import protocol_meta
 from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
-from lce.loggers import LOGGERS
+from lce.loggers import LOGGERS, Run
 from lce.posenc import POSENCS
 from lce.provenance import git_revision, versions
-from lce.train import TrainConfig, train
+from lce.train import TrainConfig, block_length, train
 from lce.train.data import blocks_from_stream
 
 GROUPS = {"model": MODELS, "posenc": POSENCS, "attention": ATTENTIONS, "data": DATASETS, "logger": LOGGERS}
@@ -104,6 +108,11 @@ def _guard_run_dir(out_dir: Path, run_cfg: RunConfig) -> None:
     path.write_text(json.dumps(current, indent=2, sort_keys=True))
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process of an ``accelerate launch``/``torchrun`` job (or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _label(config) -> dict:
     return {"name": config.name, **non_default_fields(config)}
 
@@ -120,9 +129,11 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
     run_cfg = cfg if isinstance(cfg, RunConfig) else parse_run_config(cfg)
     out_dir = Path(out_dir)
     results_dir = Path(results_dir) if results_dir is not None else out_dir
-    _guard_run_dir(out_dir, run_cfg)
+    main = is_main_process()
+    if main:
+        _guard_run_dir(out_dir, run_cfg)
     torch.manual_seed(run_cfg.seed)
-    logger = run_cfg.logger.start(run_cfg.to_dict(), run_cfg.run_name, out_dir)
+    logger = run_cfg.logger.start(run_cfg.to_dict(), run_cfg.run_name, out_dir) if main else Run()
     try:
         model, tokenizer = run_cfg.model.load(seed=run_cfg.seed)
         saved = patch_spec(model)
@@ -132,6 +143,8 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
         patch(model, run_cfg.posenc, attention=run_cfg.attention)
         if run_cfg.task in ("train", "train_eval"):
             model = _train(run_cfg, model, tokenizer, out_dir, logger, progress)
+        if not main:
+            return []
         rows = _sweep(run_cfg, model, tokenizer, results_dir, logger, progress) if run_cfg.task != "train" else []
     finally:
         logger.finish()
@@ -139,13 +152,15 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
 
 
 def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, progress: bool):
+    """Train (LoRA adapters come back merged), then save the final model from the main process."""
     seq_len = run_cfg.train.seq_len
-    blocks = blocks_from_stream(token_stream(run_cfg.data, tokenizer, "train"), seq_len)
+    blocks = blocks_from_stream(token_stream(run_cfg.data, tokenizer, "train"), block_length(run_cfg.train) - 1)
     val = token_stream(run_cfg.data, tokenizer, "validation") if run_cfg.train.val_every > 0 else None
     val_blocks = blocks_from_stream(val, seq_len) if val is not None else None
     train(model, blocks, run_cfg.train, out_dir, val_blocks=val_blocks, logger=logger, seed=run_cfg.seed,
-          progress=progress)
-    save_model(model, tokenizer, out_dir / "model")
+          eos_id=tokenizer.eos_id, progress=progress)
+    if is_main_process():
+        save_model(model, tokenizer, out_dir / "model")
     return model
 
 
