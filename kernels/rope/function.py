@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lce.errors import ConfigError, LceError
-from lce.kernels.backend import resolve_backend
+from lce.kernels.backend import requested_backend, resolve_backend
 from lce.kernels.rope.reference import rope_reference
 
 STYLES = ("half", "interleaved")
@@ -37,29 +37,26 @@ class RopeFunction(torch.autograd.Function):
                                                      ctx.style, inverse=True))
 
 
-def _check_head_tensor(name: str, x: torch.Tensor, rotary_dim: int, backend: str) -> None:
+def _check_head_tensor(name: str, x: torch.Tensor, rotary_dim: int) -> None:
     if x.dim() != 4:
         raise LceError(f"rope: {name} must be [B, heads, T, head_dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise LceError(f"rope: {name} must be a floating-point tensor, got {x.dtype}")
-    if backend == "triton" and x.dtype not in TRITON_DTYPES:
-        raise LceError(f"rope: the triton backend takes float16, bfloat16 or float32 tensors, got {name} in {x.dtype}; "
-                       "use backend 'ref'")
     if rotary_dim > x.shape[-1]:
         raise LceError(f"rope: rotary dim {rotary_dim} (2 * len(inv_freq)) exceeds {name}'s head dim {x.shape[-1]}")
 
 
-def _check(q, k, positions, inv_freq, style, backend) -> None:
+def _check(q, k, positions, inv_freq, style) -> None:
     if style not in STYLES:
         raise ConfigError(f"rope: style={style!r} is not one of {', '.join(STYLES)}")
     if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
         raise LceError(f"rope: inv_freq must be a 1-D floating-point tensor [R/2], got {inv_freq.dtype} "
                        f"of shape {tuple(inv_freq.shape)}")
     rotary_dim = 2 * inv_freq.numel()  # even by construction: an odd rotary dim cannot be expressed
-    _check_head_tensor("q" if k is not None else "x", q, rotary_dim, backend)
+    _check_head_tensor("q" if k is not None else "x", q, rotary_dim)
     batch, _, length, _ = q.shape
     if k is not None:
-        _check_head_tensor("k", k, rotary_dim, backend)
+        _check_head_tensor("k", k, rotary_dim)
         if (k.shape[0], k.shape[2]) != (batch, length):
             raise LceError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and length "
                            "(dims 0 and 2)")
@@ -100,11 +97,22 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, atten
     return _rope(x, None, positions, inv_freq, attention_scaling, style, backend)[0]
 
 
+def _backend(backend: str | None, tensors: tuple[torch.Tensor, ...]) -> str:
+    """The resolved backend; ``auto`` takes the reference for dtypes the kernel does not take (float64)."""
+    choice = resolve_backend(backend, *tensors)
+    untaken = [x.dtype for x in tensors if x.dtype not in TRITON_DTYPES]
+    if choice == "triton" and untaken:
+        if requested_backend(backend) == "triton":
+            raise LceError(f"rope: the triton backend takes float16, bfloat16 or float32 tensors, got {untaken[0]}; "
+                           "use backend 'ref'")
+        return "ref"
+    return choice
+
+
 def _rope(q, k, positions, inv_freq, attention_scaling, style, backend):
     tensors = (q,) if k is None else (q, k)
-    choice = resolve_backend(backend, *tensors)
-    _check(q, k, positions, inv_freq, style, choice)
-    if choice == "ref":
+    _check(q, k, positions, inv_freq, style)
+    if _backend(backend, tensors) == "ref":
         return tuple(rope_reference(x, positions, inv_freq, attention_scaling, style) for x in tensors)
     positions = positions if positions.dim() == 2 else positions[None]
     inv_freq = inv_freq.to(q.device, torch.float32).contiguous()

@@ -13,13 +13,13 @@ decay is retention's ``γ^(i-j)`` and also carries performer's numerical stabili
 Decoding also needs transformers internals (the KV cache object and its layers); they are confined to
 ``DecodeStates``, ``_capture_cache`` and ``_refuse_windowed_layers``.
 
-Three forms of one op, laid out as flash-linear-attention lays out each of its ops (``fla/ops/*``):
+Three forms of one op; the first two are ``lce.kernels.linear_attention`` (reference, Triton kernels, dispatch):
 
 - ``linear_attention_parallel``: the reference. Materialises the ``[Tq, Tk]`` scores ``φ(Q)φ(K)ᵀ ⊙ D`` (D the causal
   decay mask) and multiplies by V. ``O(T^2)`` memory.
 - ``linear_attention_chunked``: chunks of ``C`` positions; inside a chunk the ``C x C`` scores are materialised, across
   chunks a running state carries the past (RetNet's chunkwise form, arXiv:2307.08621 eq. 7). ``O(T * C)`` memory, also
-  for training (autograd keeps one ``C x C`` block per chunk and one ``F x E`` state per chunk).
+  for training. The fused Triton kernels on CUDA, the same form in PyTorch elsewhere (``lce.kernels.backend``).
 - ``linear_attention_recurrent``: the RNN form ``S_t = e^{a_t} S_{t-1} + φ(k_t) v_tᵀ``, ``z_t = e^{a_t} z_{t-1} +
   φ(k_t)``, ``num_t = φ(q_t)ᵀ S_t``, ``den_t = φ(q_t)·z_t`` (Katharopoulos et al. §3.4; RetNet eq. 6); used to decode.
 
@@ -58,6 +58,7 @@ from torch import nn
 from lce.attention.base import AttentionVariant, select_layers
 from lce.config import check
 from lce.errors import UnsupportedModelError
+from lce.kernels.linear_attention import linear_attention, linear_attention_parallel
 
 Form = Literal["chunked", "parallel", "recurrent"]
 
@@ -90,90 +91,24 @@ def empty_state(fk: torch.Tensor, v: torch.Tensor) -> LinearState:
     return LinearState(fk.new_zeros(batch, heads, features, v.shape[-1]), fk.new_zeros(batch, heads, features))
 
 
-def linear_attention_parallel(fq, fk, v, log_decay=None):
-    """Reference: materialised causal scores ``(φ(Q) φ(K)ᵀ ⊙ D) V``.
-
-    Args:
-        fq: ``[B, H, Tq, F]`` query features; queries sit at the last ``Tq`` of the ``Tk`` key positions.
-        fk: ``[B, H, Tk, F]`` key features (zero for keys that must not be seen).
-        v: ``[B, H, Tk, E]``.
-        log_decay: ``[B, H, Tk]`` per-step log-decays ``a_t <= 0``, or None for no decay.
-
-    Returns:
-        ``num [B, H, Tq, E]`` and ``den [B, H, Tq]``.
-    """
-    tq, tk = fq.shape[2], fk.shape[2]
-    i = torch.arange(tk - tq, tk, device=fq.device)[:, None]
-    j = torch.arange(tk, device=fq.device)[None, :]
-    causal = j <= i
-    scores = fq @ fk.transpose(-1, -2)
-    if log_decay is None:
-        weights = scores.masked_fill(~causal, 0.0)
-    else:
-        b = log_decay.double().cumsum(-1)  # fp64: differences of long cumulative sums stay exact enough
-        gap = (b[..., tk - tq:, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))
-        weights = scores * gap.exp().to(scores.dtype)
-    return weights @ v, weights.sum(-1)
-
-
-def _blocks(x: torch.Tensor, chunks: int, size: int) -> torch.Tensor:
-    """``[B, H, T, ...] -> [B, H, chunks, size, ...]``, zero-padded at the end (padding adds nothing, decays nothing)."""
-    pad = chunks * size - x.shape[2]
-    if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-    return x.reshape(*x.shape[:2], chunks, size, *x.shape[3:])
-
-
-def linear_attention_chunked(fq, fk, v, log_decay=None, state: LinearState | None = None, chunk_size: int = 64):
-    """Chunkwise form: scores within chunks of ``chunk_size``, a running state across them.
-
-    For a chunk starting after state ``(S, z)`` with ``b_p = a_s + ... + a_p`` (cumulated inside the chunk)::
-
-        num_p = e^{b_p} φ(q_p) S + Σ_{s<=j<=p} e^{b_p - b_j} (φ(q_p)·φ(k_j)) v_j
-        S'    = e^{b_last} S + Σ_j e^{b_last - b_j} φ(k_j) v_jᵀ          (z likewise, without v)
+def linear_attention_chunked(fq, fk, v, log_decay=None, state: LinearState | None = None, chunk_size: int = 64,
+                             backend: str | None = None):
+    """Chunkwise form (``lce.kernels.linear_attention.linear_attention``: the Triton kernels on CUDA, the PyTorch
+    chunkwise form elsewhere), carrying a ``LinearState``.
 
     Args:
         fq: ``[B, H, T, F]`` query features aligned with the keys, or None to compute the final state only.
         fk, v, log_decay: as in ``linear_attention_parallel`` (``T`` positions, following ``state``).
-        state: the state before the first position, or None (empty).
+        state: the state before the first position, or None (empty); its ``carry`` is handed on unchanged.
         chunk_size: ``C``.
+        backend: ``ref``, ``triton`` or ``auto``/None (``lce.kernels.backend``).
 
     Returns:
         ``num [B, H, T, E]``, ``den [B, H, T]`` (None when ``fq`` is None) and the state after the last position.
     """
-    batch, heads, length, _ = fk.shape
-    state = state or empty_state(fk, v)
-    chunks = -(-length // chunk_size)
-    k_c, v_c = _blocks(fk, chunks, chunk_size), _blocks(v, chunks, chunk_size)
-    b = None if log_decay is None else _blocks(log_decay, chunks, chunk_size).cumsum(-1)  # [B, H, N, C]
-    k_end = k_c if b is None else k_c * (b[..., -1:] - b).exp()[..., None]  # decayed to the chunk's end
-    chunk_dS, chunk_dz = k_end.transpose(-1, -2) @ v_c, k_end.sum(-2)  # [B, H, N, F, E], [B, H, N, F]
-    S, z = state.S, state.z
-    entering = []
-    for n in range(chunks):
-        entering.append((S, z))
-        if b is not None:
-            through = b[:, :, n, -1].exp()
-            S, z = S * through[..., None, None], z * through[..., None]
-        S, z = S + chunk_dS[:, :, n], z + chunk_dz[:, :, n]
-    final = LinearState(S, z, state.carry)
-    if fq is None:
-        return None, None, final
-    q_c = _blocks(fq, chunks, chunk_size)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=fk.device).tril()
-    scores = q_c @ k_c.transpose(-1, -2)  # [B, H, N, C, C]
-    if b is None:
-        scores, q_start = scores.masked_fill(~causal, 0.0), q_c
-    else:
-        gap = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))
-        scores, q_start = scores * gap.exp(), q_c * b.exp()[..., None]
-    S_in = torch.stack([s for s, _ in entering], dim=2)
-    z_in = torch.stack([z for _, z in entering], dim=2)
-    num = scores @ v_c + q_start @ S_in
-    den = scores.sum(-1) + (q_start * z_in[..., None, :]).sum(-1)
-    num = num.reshape(batch, heads, chunks * chunk_size, -1)[:, :, :length]
-    den = den.reshape(batch, heads, chunks * chunk_size)[:, :, :length]
-    return num, den, final
+    initial = None if state is None else (state.S, state.z)
+    num, den, (S, z) = linear_attention(fq, fk, v, log_decay, initial, chunk_size, backend)
+    return num, den, LinearState(S, z, state.carry if state is not None else None)
 
 
 def linear_attention_recurrent(fq, fk, v, log_decay=None, state: LinearState | None = None):

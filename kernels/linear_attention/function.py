@@ -1,0 +1,140 @@
+"""The public chunked linear attention op: checks its inputs, resolves the backend, runs the PyTorch chunkwise form
+(``ref``) or the Triton kernels (``triton``, autograd through ``ChunkedLinearAttentionFunction``).
+
+On Triton the denominator is computed as the numerator of an extra value channel of ones (``den_i = φ(q_i)·z_i``
+and ``z`` is ``S`` for ``v = 1``: Katharopoulos et al. §3.3), and ``(S, z)`` travel as one ``[F, E + 1]`` state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lce.errors import LceError
+from lce.kernels.backend import requested_backend, resolve_backend
+from lce.kernels.linear_attention.reference import State, linear_attention_chunked_ref
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The Triton kernels' smallest chunk: ``tl.dot`` needs tiles of at least 16 rows.
+MIN_TRITON_CHUNK = 16
+
+
+def chunk_cumsum(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, H, T]`` -> ``[B, H, T]`` fp32: log-decays cumulated from the start of each chunk of ``chunk_size``."""
+    batch, heads, length = log_decay.shape
+    chunks = -(-length // chunk_size)
+    padded = F.pad(log_decay.float(), (0, chunks * chunk_size - length))
+    return padded.reshape(batch, heads, chunks, chunk_size).cumsum(-1).reshape(batch, heads, -1)[..., :length]
+
+
+class ChunkedLinearAttentionFunction(torch.autograd.Function):
+    """The Triton forward and backward. The log-decay gradient is computed in PyTorch from the kernels' ``dq``, ``dk``:
+    with ``B_t = a_0 + ... + a_t``, the outputs depend on ``B`` only through ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the
+    final state's factor ``e^{B_{T-1}}``, so exactly ``dL/dB_t = q_t·dq_t - k_t·dk_t (+ <dS_T, S_T> at t = T-1)``
+    and ``dL/da_t = Σ_{i>=t} dL/dB_i`` (flash-linear-attention's ``chunk_simple_gla`` backward uses the same
+    identity)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, h0, chunk_size):
+        from lce.kernels.linear_attention.triton_chunk import chunk_forward
+
+        b = None if log_decay is None else chunk_cumsum(log_decay, chunk_size).contiguous()
+        out, final = chunk_forward(q, k, v, b, h0, chunk_size)
+        ctx.save_for_backward(q, k, v, b, h0, final)
+        ctx.chunk_size = chunk_size
+        return out, final.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        from lce.kernels.linear_attention.triton_chunk import chunk_backward
+
+        q, k, v, b, h0, final = ctx.saved_tensors
+        d_final = d_final.float().contiguous()
+        dq, dk, dv, dh0 = chunk_backward(q, k, v, b, h0, d_out.contiguous(), d_final, ctx.chunk_size)
+        d_log_decay = None
+        if b is not None and ctx.needs_input_grad[3]:
+            d_sums = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)
+            d_sums[..., -1] += (d_final * final).sum((-2, -1))
+            d_log_decay = d_sums.flip(-1).cumsum(-1).flip(-1).to(b.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_log_decay,
+                dh0.to(h0.dtype) if h0 is not None else None, None)
+
+
+def _shape(name: str, x: torch.Tensor, expected: tuple, spelled: str) -> None:
+    if tuple(x.shape) != expected:
+        raise LceError(f"linear_attention: {name} must be {spelled} = {list(expected)}, got {list(x.shape)}")
+
+
+def _check(fq, fk, v, log_decay, initial_state, chunk_size) -> None:
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise LceError(f"linear_attention: chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if fk.dim() != 4 or v.dim() != 4:
+        raise LceError(f"linear_attention: fk [B, H, T, F] and v [B, H, T, E] must be 4-D, got {list(fk.shape)} and "
+                       f"{list(v.shape)}")
+    batch, heads, length, features = fk.shape
+    channels = v.shape[-1]
+    _shape("v", v, (batch, heads, length, channels), "[B, H, T, E]")
+    named = {"fk": fk, "v": v}
+    if fq is not None:
+        _shape("fq", fq, tuple(fk.shape), "[B, H, T, F] like fk")
+        named["fq"] = fq
+    if log_decay is not None:
+        _shape("log_decay", log_decay, (batch, heads, length), "[B, H, T]")
+        named["log_decay"] = log_decay
+    if initial_state is not None:
+        S0, z0 = initial_state
+        _shape("initial_state S", S0, (batch, heads, features, channels), "[B, H, F, E]")
+        _shape("initial_state z", z0, (batch, heads, features), "[B, H, F]")
+        named.update({"initial_state S": S0, "initial_state z": z0})
+    for name, x in named.items():
+        if not x.is_floating_point():
+            raise LceError(f"linear_attention: {name} must be floating-point, got {x.dtype}")
+        if x.dtype != fk.dtype or x.device != fk.device:
+            raise LceError(f"linear_attention: {name} is {x.dtype} on {x.device}, fk {fk.dtype} on {fk.device}; "
+                           "all inputs must share dtype and device")
+
+
+def _backend(backend: str | None, fk: torch.Tensor) -> str:
+    """The resolved backend; ``auto`` takes the reference for dtypes the kernels do not take (float64)."""
+    choice = resolve_backend(backend, fk)
+    if choice == "triton" and fk.dtype not in TRITON_DTYPES:
+        if requested_backend(backend) == "triton":
+            raise LceError(f"linear_attention: the triton backend takes float16, bfloat16 or float32 inputs, got "
+                           f"{fk.dtype}; use backend 'ref'")
+        return "ref"
+    return choice
+
+
+def linear_attention(fq: torch.Tensor | None, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
+                     initial_state: State | None = None, chunk_size: int = 64, backend: str | None = None):
+    """Causal linear attention with an optional per-step decay, in chunks (``O(T * C)`` memory, also to train).
+
+    Args:
+        fq: ``[B, H, T, F]`` query features aligned with the keys, or None to compute the final state only.
+        fk: ``[B, H, T, F]`` key features (zero for keys that must not be seen).
+        v: ``[B, H, T, E]``.
+        log_decay: ``[B, H, T]`` per-step log-decays ``a_t <= 0`` (retention's ``log γ``, Performer's stabiliser),
+            or None for no decay.
+        initial_state: ``(S_0 [B, H, F, E], z_0 [B, H, F])``, the state of a preceding prefix, or None (empty).
+        chunk_size: ``C``, positions per chunk. The Triton kernels round it up to a power of two >= 16 (a block size:
+            the result does not depend on it).
+        backend: ``ref``, ``triton`` or ``auto``/None (``lce.kernels.backend``).
+
+    Returns:
+        ``num [B, H, T, E]``, ``den [B, H, T]`` (None when ``fq`` is None) and the final state ``(S, z)``; see
+        ``lce.kernels.linear_attention.reference`` for the definitions.
+    """
+    _check(fq, fk, v, log_decay, initial_state, chunk_size)
+    if _backend(backend, fk) == "ref":
+        return linear_attention_chunked_ref(fq, fk, v, log_decay, initial_state, chunk_size)
+    import triton
+
+    # den is the numerator of a value channel of ones; (S, z) is one [F, E + 1] state.
+    values = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1)
+    h0 = None if initial_state is None else torch.cat([initial_state[0], initial_state[1][..., None]], -1).contiguous()
+    queries = fq if fq is not None else torch.zeros_like(fk)  # state only: queries of zeros read nothing
+    chunk = max(MIN_TRITON_CHUNK, triton.next_power_of_2(chunk_size))
+    out, final = ChunkedLinearAttentionFunction.apply(queries.contiguous(), fk.contiguous(), values, log_decay, h0,
+                                                      chunk)
+    state = (final[..., :-1], final[..., -1])
+    return (None, None, state) if fq is None else (out[..., :-1], out[..., -1], state)

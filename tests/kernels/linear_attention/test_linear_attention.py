@@ -1,0 +1,191 @@
+"""Chunked causal linear attention: the Triton kernels (interpreted on CPU) against the materialised reference,
+forward (numerator, denominator, final state) and backward (features, values, log-decays, initial state), with and
+without decay and initial state, lengths that are not a multiple of the chunk, ``F != E``, decays strong enough to
+overflow a factorised ``e^{-b}``; every output element written (outputs poisoned with NaN); the ``ref`` backend's
+chunkwise form against the same reference; bad input named.
+
+Tolerance: the kernels run in fp32 and are compared with the reference in fp64 by the relative error
+``max|x - ref| / max|ref|`` (flash-linear-attention's ``assert_close`` ratio). fp32 sums of at most ~40 terms of
+O(1) products are off by ~1e-7 relative (observed <= 6e-7, the log-decay gradient included): ``RELATIVE = 2e-6``.
+Under strong decays the log-decays cumulated inside a chunk reach -115, where fp32's spacing is 7.6e-6, and
+``e^{b_p - b_j}`` inherits that error in the kernels and in the PyTorch chunkwise form alike (both cumulate in fp32;
+observed 2.1e-6 for both): ``STRONG_DECAY_RELATIVE = 2e-5``. A wrong mask, decay, chunk boundary or state hand-over
+is an error of 1e-2 or more.
+"""
+
+import pytest
+import torch
+
+from lce.errors import LceError
+from lce.kernels.linear_attention import function as dispatch
+from lce.kernels.linear_attention import (
+    linear_attention,
+    linear_attention_chunked_ref,
+    linear_attention_final_state,
+    linear_attention_parallel,
+)
+
+RELATIVE = 2e-6
+STRONG_DECAY_RELATIVE = 2e-5
+
+
+def inputs(batch, heads, length, features, channels, decay, initial, seed=0, dtype=torch.float32):
+    """Positive features (the denominators stay away from 0), Gaussian values, log-decays in (-1, 0] or, for
+    ``decay="strong"``, with steps down to -60 (Performer's stabiliser makes such steps: ``e^{60}`` overflows fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    fq = torch.rand(batch, heads, length, features, generator=g, dtype=dtype)
+    fk = torch.rand(batch, heads, length, features, generator=g, dtype=dtype)
+    v = torch.randn(batch, heads, length, channels, generator=g, dtype=dtype)
+    log_decay = None
+    if decay:
+        log_decay = -torch.rand(batch, heads, length, generator=g, dtype=dtype)
+        if decay == "strong":
+            log_decay = log_decay * torch.where(torch.rand(log_decay.shape, generator=g) < 0.2, 60.0, 1.0).to(dtype)
+    state = None
+    if initial:
+        state = (torch.randn(batch, heads, features, channels, generator=g, dtype=dtype),
+                 torch.rand(batch, heads, features, generator=g, dtype=dtype))
+    return fq, fk, v, log_decay, state
+
+
+def flat(fq, fk, v, log_decay, state):
+    """The differentiable inputs, in a fixed order."""
+    return [t for t in (fq, fk, v, log_decay, *(state or ())) if t is not None]
+
+
+def reference(fq, fk, v, log_decay, state):
+    """``num, den, S, z`` from the materialised references."""
+    num, den = linear_attention_parallel(fq, fk, v, log_decay, state)
+    return (num, den, *linear_attention_final_state(fk, v, log_decay, state))
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def assert_matches_reference(run, args, tolerance):
+    """``run(*args) -> (num, den, (S, z))`` equals the fp64 reference, and so do the gradients of a random weighting
+    of all four outputs with respect to every input."""
+    args = [None if a is None else (tuple(t.requires_grad_() for t in a) if isinstance(a, tuple) else a.requires_grad_())
+            for a in args]
+    num, den, (S, z) = run(*args)
+    exact_args = [None if a is None else (tuple(t.double() for t in a) if isinstance(a, tuple) else a.double())
+                  for a in args]
+    expected = reference(*exact_args)
+    for name, out, ref in zip(("num", "den", "S", "z"), (num, den, S, z), expected):
+        assert out.shape == ref.shape and out.dtype == args[0].dtype, name
+        assert relative_error(out, ref) <= tolerance, (name, relative_error(out, ref))
+    g = torch.Generator().manual_seed(1)
+    # Weights representable in the inputs' dtype, so both sides weight the outputs identically.
+    weights = [torch.randn(ref.shape, generator=g).to(args[0].dtype).double() for ref in expected]
+    grads = torch.autograd.grad(sum((o * w.to(o.dtype)).sum() for o, w in zip((num, den, S, z), weights)),
+                                flat(*args))
+    ref_grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(expected, weights)), flat(*exact_args))
+    for i, (grad, ref) in enumerate(zip(grads, ref_grads)):
+        assert relative_error(grad, ref) <= tolerance, (i, relative_error(grad, ref))
+
+
+# (B, H, T, F, E, chunk_size, decay, initial)
+CASES = [
+    pytest.param((2, 2, 37, 8, 12, 16, None, False), id="no-decay-T37-C16"),
+    pytest.param((2, 2, 37, 8, 12, 16, "mild", False), id="decay-T37-C16"),
+    pytest.param((1, 3, 21, 12, 8, 8, "mild", True), id="decay-state-T21-C8->16-F>E"),
+    pytest.param((1, 2, 32, 16, 16, 16, None, True), id="state-T32=2C"),
+    pytest.param((2, 1, 5, 20, 6, 64, "mild", True), id="T5<C64-F20-E6"),
+    pytest.param((1, 2, 40, 8, 8, 16, "strong", True), id="strong-decay"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_the_reference(case):
+    batch, heads, length, features, channels, chunk, decay, initial = case
+    args = inputs(batch, heads, length, features, channels, decay, initial)
+    assert_matches_reference(lambda *a: linear_attention(*a, chunk_size=chunk, backend="triton"), args,
+                             STRONG_DECAY_RELATIVE if decay == "strong" else RELATIVE)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[5]])
+def test_reference_backend_matches_the_reference(case):
+    """The ``ref`` backend (the PyTorch chunkwise form, what CPUs run) in fp32, against the same fp64 reference."""
+    batch, heads, length, features, channels, chunk, decay, initial = case
+    args = inputs(batch, heads, length, features, channels, decay, initial)
+    assert_matches_reference(lambda *a: linear_attention(*a, chunk_size=chunk, backend="ref"), args,
+                             STRONG_DECAY_RELATIVE if decay == "strong" else RELATIVE)
+
+
+def test_state_only_and_continuation():
+    """``fq=None`` returns only the final state; running the second half from it equals one run over both halves."""
+    fq, fk, v, log_decay, _ = inputs(1, 2, 30, 8, 8, "mild", False)
+    none, also_none, first = linear_attention(None, fk[:, :, :13], v[:, :, :13], log_decay[:, :, :13], backend="triton")
+    assert none is None and also_none is None
+    num, den, last = linear_attention(fq[:, :, 13:], fk[:, :, 13:], v[:, :, 13:], log_decay[:, :, 13:], first,
+                                      backend="triton")
+    full_num, full_den, full_last = linear_attention(fq, fk, v, log_decay, backend="ref")
+    for out, ref in ((num, full_num[:, :, 13:]), (den, full_den[:, :, 13:]), (last[0], full_last[0]),
+                     (last[1], full_last[1])):
+        assert relative_error(out, ref.double()) <= RELATIVE
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Buffers the kernels fill come from ``torch.empty``: poisoned with NaN, none may survive."""
+    def poisoned(make):
+        return lambda *a, **kw: make(*a, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+    args = [t.requires_grad_() for t in flat(*inputs(1, 2, 19, 20, 24, "mild", True))]
+    fq, fk, v, log_decay, S0, z0 = args
+    num, den, (S, z) = linear_attention(fq, fk, v, log_decay, (S0, z0), chunk_size=16, backend="triton")
+    grads = torch.autograd.grad(num.sum() + den.sum() + S.sum() + z.sum(), args)
+    for out in (num, den, S, z, *grads):
+        assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_inputs_compute_in_fp32(dtype):
+    """16-bit inputs are read into fp32 and the outputs rounded once: relative error within a few units of the
+    dtype's rounding (fp16 2^-11 = 4.9e-4, bf16 2^-8 = 3.9e-3) of the fp64 result on the same (rounded) inputs."""
+    args = inputs(1, 2, 21, 8, 8, "mild", True, dtype=dtype)
+    assert_matches_reference(lambda *a: linear_attention(*a, chunk_size=16, backend="triton"), args,
+                             4 * torch.finfo(dtype).eps)
+
+
+def test_auto_takes_the_reference_for_float64(monkeypatch):
+    """On CUDA ``auto`` resolves to Triton, which does not take float64: the op falls back to the reference there,
+    and refuses when Triton was asked for by name."""
+    monkeypatch.delenv("LCE_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, *tensors: "triton")  # as on a CUDA device
+    fq, fk, v, log_decay, state = inputs(1, 1, 9, 4, 4, "mild", True, dtype=torch.float64)
+    num, _, _ = linear_attention(fq, fk, v, log_decay, state, chunk_size=4)
+    expected, _, _ = linear_attention_chunked_ref(fq, fk, v, log_decay, state, chunk_size=4)
+    assert torch.equal(num, expected)
+    with pytest.raises(LceError, match=r"triton backend takes float16, bfloat16 or float32 inputs, got torch.float64"):
+        linear_attention(fq, fk, v, log_decay, state, backend="triton")
+
+
+def bad(**change):
+    fq, fk, v, log_decay, state = inputs(2, 2, 9, 4, 6, "mild", True)
+    args = {"fq": fq, "fk": fk, "v": v, "log_decay": log_decay, "initial_state": state, "chunk_size": 16}
+    return {**args, **change}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(bad(v=torch.randn(2, 2, 8, 6)), r"v must be \[B, H, T, E\] = \[2, 2, 9, 6\], got \[2, 2, 8, 6\]"),
+     (bad(fq=torch.rand(2, 2, 9, 5)), r"fq must be \[B, H, T, F\] like fk = \[2, 2, 9, 4\], got \[2, 2, 9, 5\]"),
+     (bad(log_decay=torch.zeros(2, 9)), r"log_decay must be \[B, H, T\] = \[2, 2, 9\], got \[2, 9\]"),
+     (bad(initial_state=(torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 4))),
+      r"initial_state S must be \[B, H, F, E\] = \[2, 2, 4, 6\], got \[2, 2, 6, 4\]"),
+     (bad(initial_state=(torch.zeros(2, 2, 4, 6), torch.zeros(2, 2))),
+      r"initial_state z must be \[B, H, F\] = \[2, 2, 4\], got \[2, 2\]"),
+     (bad(fk=torch.rand(2, 2, 9)), r"fk \[B, H, T, F\] and v \[B, H, T, E\] must be 4-D, got \[2, 2, 9\]"),
+     (bad(v=torch.ones(2, 2, 9, 6, dtype=torch.int64)), r"v must be floating-point, got torch.int64"),
+     (bad(v=torch.randn(2, 2, 9, 6, dtype=torch.float16)),
+      r"v is torch.float16 on cpu, fk torch.float32 on cpu; all inputs must share dtype and device"),
+     (bad(chunk_size=0), r"chunk_size must be an integer >= 1, got 0")],
+)
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_bad_input_is_named(args, message, backend):
+    with pytest.raises(LceError, match=r"linear_attention: " + message):
+        linear_attention(**args, backend=backend)
