@@ -101,6 +101,9 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Per-token NLL in nats of ``targets`` under the logits ``head(hidden)``, without ``N x V`` logits in memory.
 
+    Workspace beyond the inputs and the gradients' own sizes: Triton O(N + one tile per program) (``lse [N]`` is all
+    that the backward keeps), the reference O(chunk_size x V).
+
     Args:
         hidden: ``[N, C]`` hidden states (fp32, bf16 or fp16; under autocast, cast to autocast's dtype).
         head: the logit head (``[V, C]`` weight, ``[V]`` bias or None, multiplier, soft-cap).

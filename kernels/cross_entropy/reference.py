@@ -5,6 +5,7 @@ For hidden states ``h [N, C]`` and head ``(W [V, C], b [V], m, c)`` (``lce.kerne
     z   = c * tanh(m * (h W^T + b) / c)              (no tanh when the head has no soft-cap)
     nll = logsumexp(z) - z[target]                   (= -log softmax(z)[target]; 0 where target == -100)
 
+(the loss that Cut Cross-Entropy, Wijmans et al. 2024, arXiv:2411.09009, computes without materialising ``z``).
 This is the readable definition the Triton kernels are tested against, and the exact computation lce has always used
 (``lce.eval.loss``): logits are formed in the head's dtype by the head's own operations, as the model's forward
 forms them, then the loss is taken in fp32 by ``F.cross_entropy``. Any callable ``[n, C] -> [n, V]`` works as the

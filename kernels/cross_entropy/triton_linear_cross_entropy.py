@@ -3,9 +3,10 @@
 Forward (one program per block of ``BLOCK_N`` rows): for each ``BLOCK_V`` vocabulary tile, the logit tile
 ``z = c * tanh(m * (h W^T + b) / c)`` is accumulated in fp32 over ``BLOCK_C`` slices of the hidden size, then folded
 into an online log-sum-exp (running max and rescaled sum, as in FlashAttention) while the target's logit is picked
-out of the same tile. Stores ``nll [N]`` and ``lse [N]``. This is the idea of Liger-Kernel's fused linear
-cross-entropy and of Apple's Cut Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009, Sec. 4: "never materialise
-the logits"), here without Liger's materialised chunks.
+out of the same tile. Stores ``nll [N]`` and ``lse [N]``. This is the idea of Apple's Cut Cross-Entropy (Wijmans et
+al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv:2411.09009: the target logit as an indexed
+matmul, the log-sum-exp over the vocabulary on chip) and of Liger-Kernel's fused linear cross-entropy, here without
+Liger's materialised chunks and without CCE's gradient filtering (the backward is exact).
 
 Backward: with ``p = exp(z - lse)`` and upstream ``g [N]``, the gradient of the logits before the multiplier and
 soft-cap is ``dS = (p - onehot(target)) * g * m * (1 - (z / c)^2)`` (the last factor is tanh's derivative; it is 1
@@ -106,20 +107,21 @@ def lce_fwd_kernel(h_ptr, w_ptr, b_ptr, targets_ptr, nll_ptr, lse_ptr, N, V, C, 
 def _dlogit_tile(h_ptr, w_ptr, b_ptr, targets, lse, grad, rows, cols, N, V, C, multiplier, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``dS [BLOCK_N, BLOCK_V]`` (fp32), zero outside the matrix; ``grad`` is already 0 on ignored rows."""
+    """``dS [BLOCK_N, BLOCK_V]`` (fp32). Zero on ignored rows (``grad`` 0) and on padding rows past N (``lse`` +inf,
+    so ``p`` is 0 even where exp of the logit would overflow); padding columns past V meet zero rows of W in the
+    ``dh`` kernel and are never stored by the ``dw`` kernel."""
     z, dz_ds = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, C, multiplier, softcap,
                            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_C)
     probs = tl.exp(z - lse[:, None])
     onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
-    ds = (probs - onehot) * grad[:, None] * dz_ds
-    return tl.where((rows < N)[:, None] & (cols < V)[None, :], ds, 0.0)
+    return (probs - onehot) * grad[:, None] * dz_ds
 
 
 @triton.jit
 def _row_stats(targets_ptr, lse_ptr, grad_ptr, rows, N, ignore_index):
     row_in = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=float("inf"))
     grad = tl.load(grad_ptr + rows, mask=row_in, other=0.0)
     return targets, lse, tl.where(targets == ignore_index, 0.0, grad)
 

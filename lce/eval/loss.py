@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from lce.errors import ConfigError
 from lce.kernels.cross_entropy import LogitHead, linear_cross_entropy, linear_cross_entropy_ref
 
 
@@ -36,6 +37,8 @@ def token_nll(
     """
     if hidden.shape[:-1] != targets.shape or hidden.dim() != 2:
         raise ValueError(f"hidden [N, C] and targets [N] must match, got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     if isinstance(logits_fn, LogitHead):
         return linear_cross_entropy(hidden, logits_fn, targets, chunk_size=chunk_size)
     return linear_cross_entropy_ref(hidden, logits_fn, targets, chunk_size)

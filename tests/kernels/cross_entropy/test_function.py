@@ -18,10 +18,11 @@ def test_auto_on_cpu_is_the_reference_bit_for_bit(monkeypatch):
                        linear_cross_entropy_ref(hidden, head, case.targets, 8))
 
 
-def test_use_backend_triton_runs_the_kernel():
+def test_use_backend_triton_runs_the_kernel_under_inference_mode():
+    """As ``lce.eval.perplexity`` calls it."""
     case = make_case(n=9, v=20, c=16, softcap=1.5)
     hidden, head = case.head(grad=False)
-    with use_backend("triton"):
+    with use_backend("triton"), torch.inference_mode():
         got = linear_cross_entropy(hidden, head, case.targets)
     # As in test_triton.py::test_triton_equals_reference_fp32.
     torch.testing.assert_close(got, linear_cross_entropy_ref(hidden, head, case.targets), rtol=1e-5, atol=1e-5)
