@@ -18,13 +18,15 @@ Row schema (``meta`` fields first, then):
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,13 @@ def _dumps(value: Any, **kwargs) -> str:
 
 
 class ResultStore:
-    """Rows of a sweep, one JSON object per line, safe against a kill at any moment."""
+    """Rows of a sweep, one JSON object per line, safe against a kill at any moment and shared by processes.
+
+    Parallel jobs of one experiment (``hydra/launcher=local`` or ``slurm``) append to the same file: writers hold an
+    exclusive ``flock`` on ``<file>.lock`` and readers a shared one, so no reader sees half a line and no writer's
+    tail repair cuts another's row (``flock`` is advisory and works across processes of one machine and on Linux NFS
+    mounts, where it is mapped to POSIX locks).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -67,17 +75,20 @@ class ResultStore:
         """Write ``row`` as one line and fsync it before returning."""
         line = _dumps(row) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with self._locked(exclusive=True):
+            self._repair_tail()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
 
     def rows(self) -> list[dict]:
         """All rows; a corrupt last line (a kill mid-write) is skipped with a warning, any other is an error."""
         if not self.path.exists():
             return []
-        lines = self.path.read_bytes().split(b"\n")
+        with self._locked(exclusive=False):
+            data = self.path.read_bytes()
+        lines = data.split(b"\n")
         last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         rows = []
         for i, line in enumerate(lines[: last + 1]):
@@ -95,6 +106,22 @@ class ResultStore:
             else:
                 raise LceError(f"{self.path}:{i + 1}: not a JSON object; fix or delete this line to resume")
         return rows
+
+    @contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        try:
+            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+        except OSError:
+            if exclusive:
+                raise
+            yield  # a read-only directory (committed results): nobody can be writing there
+            return
+        with lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _repair_tail(self) -> None:
         """Drop a corrupt last line and end the file with a newline, so the next row starts on a line of its own."""

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -219,3 +220,18 @@ def test_meta_must_hold_the_identity_fields(model, tmp_path):
 def test_meta_may_not_shadow_measured_fields(model, tmp_path):
     with pytest.raises(ConfigError, match="status"):
         sweep_into(model, tmp_path / "rows.jsonl", meta={**META, "status": "draft"})
+
+
+def test_append_waits_for_the_lock_of_another_writer(tmp_path):
+    """Parallel jobs share one store: a writer waits while another holds the lock (flock conflicts between two open
+    file descriptions, also within one process)."""
+    store = ResultStore(tmp_path / "rows.jsonl")
+    writer = threading.Thread(target=store.append, args=({"run": "b"},))
+    with store._locked(exclusive=True):
+        store.path.write_text('{"run": "a"}\n{"run": "a", "half')  # a row in progress, under the lock
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive(), "the second writer did not wait for the lock"
+        store.path.write_text('{"run": "a"}\n{"run": "a", "half": 1}\n')
+    writer.join(timeout=10)
+    assert [row["run"] for row in store.rows()] == ["a", "a", "b"]
