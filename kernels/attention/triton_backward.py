@@ -78,6 +78,8 @@ def attention_bwd_dq_kernel(
     dv_ok = offs_dv < DV
     do = load_tile(DO + (b.to(tl.int64) * Tq * H + h) * DV, rows, row_ok, offs_dv, dv_ok, H * DV)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
+    # A row without visible keys has lse = -inf and only hidden (-inf) scores: 0 keeps exp() at 0, never NaN.
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
     freq = tl.load(INV_FREQ + tl.arange(0, BLOCK_R2), mask=r_ok, other=0.0)
     slope = 0.0
@@ -105,8 +107,7 @@ def attention_bwd_dq_kernel(
         scores, owner = tile_scores(q1, q2, q_rest, k1, k2, k_rest, i, j, visible, i_lo, i_hi, j_lo, j_hi, SEG, freq,
                                     attention_scaling, scale, slope, BLOCK_M, BLOCK_N, N_SEG, HAS_REST, HAS_ALIBI,
                                     DOT_PRECISION)
-        # Hidden pairs (and every pair of a row without visible keys, whose lse is -inf) get probability 0.
-        p = tl.where(scores > float("-inf"), tl.exp(scores - lse[:, None]), 0.0)
+        p = tl.exp(scores - lse[:, None])  # hidden pairs have score -inf: probability 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_REST:
@@ -186,13 +187,14 @@ def attention_bwd_dk_dv_kernel(
                                           inv_log_length, HAS_LOGN)
             do = load_tile(DO + (b.to(tl.int64) * Tq * H + h) * DV, rows, row_ok, offs_dv, dv_ok, H * DV)
             lse = tl.load(LSE + bh * Tq + rows, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(DELTA + bh * Tq + rows, mask=row_ok, other=0.0)
             visible = visible_pairs(i, j, row_ok, col_ok, window, sink_tokens, BLOCK_MASK, mask_block, n_qb, n_kb,
                                     HAS_WINDOW, HAS_BLOCK_MASK)
             scores, owner = tile_scores(q1, q2, q_rest, k1, k2, k_rest, i, j, visible, i_lo, i_hi, j_lo, j_hi, SEG,
                                         freq, attention_scaling, scale, slope, BLOCK_M, BLOCK_N, N_SEG, HAS_REST,
                                         HAS_ALIBI, DOT_PRECISION)
-            p = tl.where(scores > float("-inf"), tl.exp(scores - lse[:, None]), 0.0)
+            p = tl.exp(scores - lse[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])

@@ -86,3 +86,34 @@ def spec_for(case: str, heads: int = 4, dim: int = 16, length: int = 64) -> Atte
 CASES = ["causal", "alibi", "logn", "window", "window_sinks", "block_sparse", "rope", "partial_rotary",
          "interleaved", "attention_scaling", "dca_code", "dca_paper", "self_extend", "rerope", "sinks",
          "dca_window_alibi"]
+
+
+# The flash-attention rule (Dao et al., tests/test_flash_attn.py): the kernel's error against an exact reference may
+# be at most twice that of plain PyTorch in the same dtype, plus a floor for when PyTorch happens to be exact.
+# fp32: the kernel and PyTorch both round at ~6e-8 relative but sum in different orders with different exp/cos
+# implementations; on these O(1) values we measured kernel errors up to 1.3e-6, so 1e-5 is tight yet never flaky.
+# fp16 / bf16: one unit in the last place at 1.0 (2^-10, 2^-7).
+FLOOR = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def outputs_and_grads(fn, inputs, grad_out):
+    """``fn(*inputs)`` and the gradients of ``sum(out * grad_out)`` with respect to ``inputs``."""
+    out = fn(*inputs)
+    return [out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
+
+
+def assert_flash_close(kernel_fn, reference_fn, q, k, v, seed=0):
+    """Compare ``kernel_fn(q, k, v)`` (output and dq, dk, dv) against ``reference_fn`` in fp64 (exact) under the
+    flash-attention rule, using ``reference_fn`` in the inputs' dtype as "PyTorch in the same dtype"."""
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out_shape = (q.shape[0], q.shape[2], q.shape[1], v.shape[3])  # [B, Tq, H, Dv]
+    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact = outputs_and_grads(reference_fn, exact_inputs, grad_out)
+    kernel = outputs_and_grads(kernel_fn, inputs, grad_out)
+    eager = outputs_and_grads(reference_fn, [t.detach().requires_grad_() for t in (q, k, v)], grad_out)
+    for name, got, same_dtype, want in zip(("out", "dq", "dk", "dv"), kernel, eager, exact):
+        assert got.dtype == q.dtype and got.shape == want.shape, name
+        error = (got.double() - want).abs().max().item()
+        bound = 2 * (same_dtype.double() - want).abs().max().item() + FLOOR[q.dtype]
+        assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g} (2 x PyTorch {q.dtype} + floor)"

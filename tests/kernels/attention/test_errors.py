@@ -1,0 +1,63 @@
+"""Bad inputs to flash_attention are LceErrors naming the bad value and what is allowed, on both backends."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lce.errors import LceError
+from lce.kernels.attention import flash_attention
+from lce.kernels.attention.spec import AttentionSpec
+from tests.kernels.attention.cases import positions, random_qkv, spec_for
+
+
+def inputs(**changes):
+    q, k, v = random_qkv(2, 4, 2, 5, 7, 16)
+    q_pos, k_pos = positions(2, 5, 7)
+    args = {"q": q, "k": k, "v": v, "spec": AttentionSpec(0.25), "q_pos": q_pos, "k_pos": k_pos}
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("changes,match", [
+    ({"q": torch.zeros(2, 4, 5)}, r"q must be 4-D \[B, H, Tq, D\], got \[2, 4, 5\]"),
+    ({"k": torch.zeros(3, 2, 7, 16)}, "batch sizes differ"),
+    ({"v": torch.zeros(2, 2, 6, 16)}, r"must agree on \[B, HKV, Tk\]"),
+    ({"k": torch.zeros(2, 2, 7, 8), "v": torch.zeros(2, 2, 7, 8)}, "head dims differ"),
+    ({"k": torch.zeros(2, 3, 7, 16), "v": torch.zeros(2, 3, 7, 16)}, "H = 4 must be a multiple of .* HKV = 3"),
+    ({"v": torch.zeros(2, 2, 7, 16, dtype=torch.float16)}, "must share one dtype"),
+    ({"k": torch.zeros(2, 2, 7, 16, device="meta"), "v": torch.zeros(2, 2, 7, 16, device="meta")}, "one device"),
+    ({"q_pos": torch.zeros(2, 4, dtype=torch.long)}, r"q_pos must be \[B, Tq\] = \[2, 5\], got \[2, 4\]"),
+    ({"k_pos": torch.zeros(2, 7)}, "k_pos must hold integer positions, got torch.float32"),
+    ({"k_pos": torch.full((2, 7), 2**31)}, "within"),
+    ({"spec": "causal"}, "spec must be an AttentionSpec, got str"),
+    ({"spec": AttentionSpec(0.25, alibi_slopes=torch.ones(3))}, "3 slopes for H = 4"),
+    ({"spec": AttentionSpec(0.25, alibi_slopes=torch.ones(4, device="meta"))}, "spec.alibi_slopes is on meta"),
+])
+def test_bad_inputs(changes, match, backend):
+    with pytest.raises(LceError, match=match):
+        flash_attention(**inputs(**changes), backend=backend)
+
+
+def test_rotary_wider_than_the_head():
+    spec = spec_for("rope", dim=32)  # R = 32 > D = 16
+    with pytest.raises(LceError, match="rotary dim R = 32 .* exceeds the head dim D = 16"):
+        flash_attention(**inputs(spec=spec), backend="ref")
+
+
+def test_triton_takes_no_fp64_and_no_huge_heads():
+    args = inputs()
+    args.update({name: args[name].double() for name in "qkv"})
+    with pytest.raises(LceError, match="among float16, bfloat16, float32; got torch.float64"):
+        flash_attention(**args, backend="triton")
+    wide = random_qkv(1, 1, 1, 3, 3, 320)
+    with pytest.raises(LceError, match="head dims up to 256 .* D = 320"):
+        flash_attention(*wide, AttentionSpec(0.1), *positions(1, 3, 3), backend="triton")
+
+
+def test_importing_compiles_nothing():
+    """Importing the package must not import Triton (nor compile or launch anything)."""
+    code = "import sys, lce.kernels.attention; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,161 @@
+"""The Triton kernels (forward and backward) against the fp64 reference under the flash-attention tolerance rule.
+
+Without CUDA they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on tiny shapes with
+32 x 32 tiles (``function.tile_sizes``), so every input spans several query and key tiles and lengths are not
+multiples of the tile. Outputs and gradients are allocated NaN-filled, so a tile the kernels forget to write fails.
+The interpreter cannot run bf16 dot products (it returns garbage for a plain 16 x 16 ``tl.dot``), so bf16 is tested
+on a GPU only (``gpu`` marker), together with real sizes.
+"""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from lce.kernels.attention import flash_attention, triton_backward, triton_forward
+from lce.kernels.attention.function import decode_splits, tile_sizes
+from lce.kernels.attention.reference import attention_reference
+from lce.kernels.attention.segments import self_extend_segments
+from lce.kernels.attention.spec import AttentionSpec, Rotary
+from tests.kernels.attention.cases import CASES, assert_flash_close, positions, random_qkv, rotary, spec_for
+
+
+def nan_filled(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(triton_forward, "allocate", nan_filled)
+    monkeypatch.setattr(triton_backward, "allocate", nan_filled)
+
+
+def check(spec, batch=2, heads=2, kv_heads=1, tq=45, tk=45, dim=16, dim_v=None, layout="gaps",
+          dtype=torch.float32, seed=0):
+    q, k, v = random_qkv(batch, heads, kv_heads, tq, tk, dim, dim_v, dtype=dtype, seed=seed)
+    q_pos, k_pos = positions(batch, tq, tk, layout)
+    assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
+                       functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v, seed)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_and_modifier(case):
+    """Positions with gaps (not contiguous) and GQA (2 query heads per KV head), 45 tokens in 32-token tiles."""
+    check(spec_for(case, heads=2))
+
+
+@pytest.mark.parametrize("case", ["causal", "alibi", "window_sinks", "dca_code", "self_extend", "sinks"])
+def test_negative_key_positions(case):
+    """Left padding: row b starts at position -3b, so its first keys have negative positions."""
+    check(spec_for(case, heads=2), layout="left_pad")
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "dca_paper", "rerope", "dca_window_alibi"])
+def test_queries_at_the_end_of_a_longer_cache(case):
+    """Tq < Tk: the queries are the last 13 of 70 keys (prefill after a cached prefix)."""
+    check(spec_for(case, heads=2), tq=13, tk=70, layout="contiguous")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (6, 2)], ids=["mha", "gqa3"])
+def test_head_groupings(heads, kv_heads):
+    check(spec_for("dca_code", heads=heads), batch=1, heads=heads, kv_heads=kv_heads, tq=20, tk=33)
+
+
+@pytest.mark.parametrize("dim,dim_v,rotary_dim", [(24, 40, 16), (64, 64, 64), (32, 16, 8)],
+                         ids=["odd_dims", "d64", "dv_smaller"])
+def test_head_dims_that_are_not_tile_widths(dim, dim_v, rotary_dim):
+    spec = AttentionSpec(dim ** -0.5, self_extend_segments(3, 4), rotary(dim, rotary_dim))
+    check(spec, batch=1, dim=dim, dim_v=dim_v, tq=33, tk=33)
+
+
+@pytest.mark.parametrize("case", ["causal", "dca_code", "window_sinks"])
+def test_fp16(case):
+    """fp16 runs faithfully in the interpreter (NumPy has float16), under the 2x-PyTorch rule."""
+    check(spec_for(case, heads=2), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("case", ["causal", "dca_code", "window_sinks", "alibi"])
+def test_decode_splits_the_keys(case, tq):
+    """Flash-decoding: one query tile against 100 keys in 4 key tiles, split across programs and combined."""
+    batch, heads = 2, 2
+    assert decode_splits(1, -(-100 // tile_sizes(tq, torch.device("cpu"))[1]), batch * heads,
+                         torch.device("cpu")) > 1
+    check(spec_for(case, heads=heads), batch=batch, heads=heads, tq=tq, tk=100, layout="left_pad")
+
+
+def test_sliding_window_over_many_tiles():
+    """A window of 7 over 130 tokens (5 tiles): most key tiles are skipped, the visited ones are exact."""
+    check(AttentionSpec(0.25, window=7, sink_tokens=2), batch=1, tq=130, tk=130, layout="contiguous")
+
+
+def test_rows_without_visible_keys_are_zero_and_gradients_finite():
+    """Queries before every key (and a sinks spec whose recent window misses them) attend nothing: output 0, no NaN
+    in any gradient."""
+    q, k, v = random_qkv(2, 2, 1, 40, 40, 16, requires_grad=True)
+    q_pos, k_pos = positions(2, 40, 40)
+    k_pos = k_pos + 35  # queries 0..34 precede every key
+    out = flash_attention(q, k, v, spec_for("sinks", heads=2), q_pos, k_pos, backend="triton")
+    assert (out[:, :35] == 0).all() and (out[:, 35:] != 0).any(dim=-1).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[:, :, :35] == 0).all()
+
+
+def test_backward_is_deterministic():
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 16, requires_grad=True)
+    q_pos, k_pos = positions(1, 40, 40)
+    spec = spec_for("self_extend", heads=2)
+    grads = []
+    for _ in range(2):
+        out = flash_attention(q, k, v, spec, q_pos, k_pos, backend="triton")
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_reference_backend_runs_the_reference_under_autograd():
+    q, k, v = random_qkv(2, 4, 2, 9, 9, 16, requires_grad=True)
+    q_pos, k_pos = positions(2, 9, 9)
+    spec = spec_for("rerope")
+    out = flash_attention(q, k, v, spec, q_pos, k_pos, backend="ref")
+    torch.testing.assert_close(out, attention_reference(q, k, v, spec, q_pos, k_pos), rtol=0, atol=0)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# Real sizes on a GPU (bf16 included; the interpreter cannot run bf16 dots).
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["causal", "alibi", "logn", "window_sinks", "block_sparse", "dca_code", "dca_paper",
+                                  "self_extend", "rerope", "sinks", "partial_rotary", "interleaved",
+                                  "dca_window_alibi"])
+def test_real_sizes_on_gpu(case, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    length, dim, heads = 2048, 128, 8
+    spec = _spec_to(spec_for(case, heads=heads, dim=dim, length=length), "cuda")
+    q, k, v = (t.cuda() for t in random_qkv(1, heads, 2, length, length, dim, dtype=dtype))
+    q_pos, k_pos = (t.cuda() for t in positions(1, length, length, "contiguous"))
+    assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
+                       functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal", "dca_code", "window_sinks"])
+def test_decode_on_gpu(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = _spec_to(spec_for(case, heads=8, dim=128, length=4096), "cuda")
+    q, k, v = (t.cuda() for t in random_qkv(2, 8, 2, 1, 4096, 128, dtype=torch.bfloat16))
+    q_pos, k_pos = (t.cuda() for t in positions(2, 1, 4096, "left_pad"))
+    assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
+                       functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v)
+
+
+def _spec_to(spec: AttentionSpec, device) -> AttentionSpec:
+    moved = {name: getattr(spec, name).to(device) for name in ("alibi_slopes", "block_mask")
+             if getattr(spec, name) is not None}
+    if spec.rotary is not None:
+        moved["rotary"] = Rotary(spec.rotary.inv_freq.to(device), spec.rotary.attention_scaling, spec.rotary.style)
+    return dataclasses.replace(spec, **moved)
