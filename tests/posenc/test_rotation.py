@@ -27,3 +27,23 @@ def test_relative_property_and_partial_rotary():
     dot = lambda m, n: (rotation.apply(q, torch.tensor([[m]])) * rotation.apply(k, torch.tensor([[n]]))).sum()
     torch.testing.assert_close(dot(7, 3), dot(104, 100))
     assert torch.equal(rotation.apply(q, torch.tensor([[5]]))[..., 8:], q[..., 8:])
+
+
+def test_attention_rotating_at_remapped_positions_runs_the_triton_kernel():
+    """ReRoPE's attention rotates queries and keys at clipped positions through ``Rotation.apply``: on the fused Triton
+    kernel (interpreted on CPU) its output and gradients equal the reference's. Tolerance: the kernel's cos/sin differ
+    from torch's by an fp32 ulp (see tests/kernels/rope), which the logits and softmax carry as ~1e-7 differences on
+    values of magnitude ~1: atol/rtol 1e-5."""
+    from lce.kernels.backend import use_backend
+    from lce.posenc.rerope import rerope_attention
+
+    rotation = Rotation(1.0 / 10000 ** (torch.arange(0, 12, 2).float() / 12), attention_scaling=1.1)
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 11, 16, generator=g).requires_grad_() for heads in (4, 2, 2))
+    positions = torch.arange(11).expand(2, 11)
+    results = {}
+    for backend in ("ref", "triton"):
+        with use_backend(backend):  # the backward too: it recomputes checkpointed query blocks
+            out = rerope_attention(query, key, value, rotation, positions, positions, 0.25, 4, block_size=4)
+            results[backend] = (out, *torch.autograd.grad(out.square().sum(), (query, key)))
+    torch.testing.assert_close(results["triton"], results["ref"], atol=1e-5, rtol=1e-5)

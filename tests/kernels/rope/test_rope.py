@@ -15,6 +15,7 @@ import torch
 from lce.errors import ConfigError, LceError
 from lce.hf.adapters import adapter_for
 from lce.kernels.rope import apply_rope, rope, rope_reference
+from lce.kernels.rope import function as dispatch
 from lce.posenc.rotation import Rotation
 from tests.conftest import make_tiny_llama
 
@@ -162,6 +163,14 @@ def test_bad_input_is_named(change, message, backend):
     error = ConfigError if "style" in change else LceError
     with pytest.raises(error, match=message):
         apply_rope(args["q"], args["k"], args["pos"], args["freqs"], style=args["style"], backend=backend)
+
+
+def test_auto_takes_the_reference_for_float64(monkeypatch):
+    """On CUDA ``auto`` resolves to Triton, which does not take float64: the op runs the reference there."""
+    monkeypatch.delenv("LCE_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, *tensors: "triton")  # as on a CUDA device
+    x, pos = heads(1, 2, 5, 8, seed=7, dtype=torch.float64), torch.arange(5)
+    assert torch.equal(rope(x, pos, inv_freq(8)), rope_reference(x, pos, inv_freq(8)))
 
 
 def test_triton_refuses_float64():
