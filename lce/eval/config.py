@@ -30,7 +30,8 @@ class EvalConfig:
     ``[{name: pi, factor: 32}, {name: yarn, factor: 32}]``); each entry may carry a ``label`` for the plot and table
     (default: the name and its non-default parameters). Empty: the model is evaluated as the run patched it.
     ``protocol`` selects the perplexity protocol (``lce.eval.protocols``: canonical, yarn, longlora_stream, sliding,
-    fairseq) with its parameters (None: canonical; a mapping, so a Hydra override replaces it whole); ``canonical``'s buckets default to the training length. ``retrieval`` lists
+    fairseq, streaming) with its parameters (None: canonical; a mapping, so a Hydra override replaces it whole);
+    the buckets of ``canonical`` and ``streaming`` default to the training length. ``retrieval`` lists
     retrieval tasks (``lce.eval.retrieval``: passkey, needle) run after the perplexity sweep.
     """
 

@@ -12,14 +12,19 @@ yarn            per document, BOS + L-1 tokens every ``stride``     **mean of pe
 longlora_stream one stream, L tokens every ``stride``, all scored   **mean of per-batch mean losses**
 sliding         per document, L tokens every ``stride``, new scored token-weighted, every token scored once
 fairseq         one stream, blocks of L-C new tokens + C context    token-weighted, every token scored once
+streaming       per document, (BOS +) L tokens fed one at a time    token-weighted; position buckets
+                with a KV cache, optionally evicting all but the
+                first and most recent entries
 =============== =================================================== ==================================================
 
 The protocols never touch a model: they call ``nll_fn(input_ids [B, T]) -> [B, T-1]``, the NLL (nats) of token
 ``t+1`` given tokens ``0..t`` of each row, so a hand-computable fake can stand in for a model in tests.
-``model_nll_fn(model, chunk_size, device)`` is the real one (chunked logits, never ``T x V`` at once).
+``model_nll_fn(model, chunk_size, device)`` is the real one (chunked logits, never ``T x V`` at once); a protocol
+that must run the model differently (``streaming``: token by token with a KV cache) has its own ``model_nll_fn``
+method, and ``protocol_nll_fn`` picks it.
 
 Sources: YaRN (Peng et al., arXiv:2309.00071), LongLoRA (Chen et al., arXiv:2309.12307) and Dual Chunk Attention
-(An et al., arXiv:2402.17463), ALiBi (Press et al., arXiv:2108.12409), each protocol's reference file named in its
+(An et al., arXiv:2402.17463), ALiBi (Press et al., arXiv:2108.12409), StreamingLLM (Xiao et al., arXiv:2309.17453), each protocol's reference file named in its
 docstring. Only ``canonical`` (nanoGPT's rule: NLL summed, divided once) is a sound statistic; ``yarn`` and
 ``longlora_stream`` weight a prediction by one over the size of its window or batch, and exist to reproduce
 published tables. Their results carry ``aggregation`` so that a report never mixes them up silently.
@@ -39,6 +44,7 @@ import torch
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.perplexity import NllFn, document_nll, model_nll_fn, point_score
+from lce.eval.streaming import streaming_nll_fn
 from lce.registry import Registry
 
 PROTOCOLS: Registry = Registry("protocol")
@@ -49,8 +55,8 @@ MEAN_OF_BATCH_MEANS = "mean_of_batch_means"
 
 __all__ = [
     "MEAN_OF_BATCH_MEANS", "MEAN_OF_WINDOW_MEANS", "PROTOCOLS", "TOKEN_MEAN", "CanonicalProtocol", "FairseqProtocol",
-    "LongLoraStreamProtocol", "NllFn", "ProtocolScore", "SlidingProtocol", "YarnProtocol", "build_protocol",
-    "model_nll_fn", "protocol_meta",
+    "LongLoraStreamProtocol", "NllFn", "ProtocolScore", "SlidingProtocol", "StreamingProtocol", "YarnProtocol",
+    "build_protocol", "model_nll_fn", "protocol_meta", "protocol_nll_fn",
 ]
 
 
@@ -120,6 +126,13 @@ def _power(base: float, x: float) -> float:
 def build_protocol(spec: Any, where: str = "protocol"):
     """A protocol config from a name, a mapping with ``name``, a config node or an instance."""
     return PROTOCOLS.build(spec, where)
+
+
+def protocol_nll_fn(protocol, model, chunk_size: int = 4096, device=None) -> NllFn:
+    """The ``nll_fn`` ``protocol`` scores ``model`` with: its own ``model_nll_fn`` method if it has one (``streaming``),
+    else one full forward per window (``lce.eval.perplexity.model_nll_fn``)."""
+    own = getattr(protocol, "model_nll_fn", None)
+    return own(model, chunk_size, device) if own is not None else model_nll_fn(model, chunk_size, device)
 
 
 def protocol_meta(config) -> dict:
@@ -545,3 +558,77 @@ class FairseqProtocol:
             nll_sum, count, n_windows = nll_sum + scored.sum().item(), count + scored.numel(), n_windows + 1
         return ProtocolScore(protocol=self.name, aggregation=TOKEN_MEAN, nll=nll_sum / count, nll_sum=nll_sum,
                              tokens=count, windows=n_windows)
+
+
+@PROTOCOLS.register("streaming")
+@dataclass(frozen=True)
+class StreamingProtocol:
+    """StreamingLLM's ``examples/eval_long_ppl.py`` (mit-han-lab/streaming-llm): token-by-token perplexity with a KV
+    cache that keeps the first ``start_size`` and the most recent entries (``lce.eval.streaming``).
+
+    - Each document is fed one token at a time from an empty cache, no prefill; the logits of every step score the
+      next token. At length L a document contributes its first ``L - 1`` predictions: the script's
+      ``--num_eval_tokens L-1``. A BOS token comes first (``add_start_token``; None: iff ``bos_id`` is given, as the
+      script's Llama tokenizer adds one), so the window is ``BOS + doc[:L-1]``, else ``doc[:L]``.
+    - ``recent_size`` bounds the cache (``--enable_start_recent_kv_cache``): the token fed at a step attends the
+      first ``start_size`` and the last ``recent_size`` entries (the current token included, as in
+      ``posenc=sinks``: the script's ``--recent_size r`` is ``r + 1`` here); None keeps every entry, and the NLL
+      equals a full forward's. Positions are the places in the cache: with ``posenc=sinks`` this is the pos-shift
+      variant (``--enable_pos_shift``) and equals the sinks model's full forward; for a model that caches rotated
+      keys it is the script without pos-shift.
+    - Aggregation: token-weighted (the script's ``exp(mean(nlls))`` over single-token steps), with per-position
+      buckets as ``canonical`` has.
+
+    The script carries one cache across documents and never feeds a document's last token; here each document is
+    its own stream, so with one document (``--num_samples 1``, the script's default) at least ``L - 1`` tokens long
+    the two agree exactly, and several documents are scored independently and summed. The cost is ``L - 1`` forwards
+    of one token per document: meant for a few documents.
+
+    Attributes:
+        start_size: first entries every step keeps (the attention sinks; the script's PPL default is 1, the
+            paper's 4).
+        recent_size: most recent entries attended, the current token included; None: no eviction.
+        add_start_token: None: a BOS iff ``bos_id`` is given.
+        bucket_size: predicting positions per bucket; None: one bucket (the training length under ``lce``).
+    """
+
+    name: str = "streaming"
+    start_size: int = 4
+    recent_size: int | None = None
+    add_start_token: bool | None = None
+    bucket_size: int | None = None
+
+    input: ClassVar[str] = "documents"
+
+    def __post_init__(self):
+        check(self.start_size >= 0, "protocol.start_size", f"must be >= 0, got {self.start_size}")
+        check(self.recent_size is None or self.recent_size >= 1, "protocol.recent_size",
+              f"must be >= 1 (the current token) or null for no eviction, got {self.recent_size}")
+        check(self.bucket_size is None or self.bucket_size >= 1, "protocol.bucket_size",
+              f"must be >= 1, got {self.bucket_size}")
+
+    def model_nll_fn(self, model, chunk_size: int = 4096, device=None) -> NllFn:
+        """Token-by-token NLL with this protocol's cache (``chunk_size`` is moot: one row of logits per step)."""
+        return streaming_nll_fn(model, self.start_size, self.recent_size, device)
+
+    def score(
+        self, nll_fn: NllFn, data, length: int, *, bos_id: int | None = None, batch_size: int = 1
+    ) -> ProtocolScore:
+        """Score ``data`` (documents) with the first ``length - 1`` predictions of each."""
+        _check_length(length)
+        docs = _as_documents(data)
+        start = _start_token(self.add_start_token, bos_id, "protocol.add_start_token")
+        doc_tokens = length - 1 if start is not None else length
+        for i, doc in enumerate(docs):
+            if doc.numel() < doc_tokens:
+                raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the {doc_tokens} streamed")
+        if start is not None:
+            prefix = torch.tensor([start], dtype=docs[0].dtype)
+            docs = [torch.cat([prefix, doc[:doc_tokens]]) for doc in docs]
+        position_nll, _ = document_nll(nll_fn, docs, length, batch_size)
+        point = point_score(position_nll, len(docs), self.bucket_size or length)
+        return ProtocolScore(
+            protocol=self.name, aggregation=TOKEN_MEAN, nll=point.nll, nll_sum=point.nll_sum, tokens=point.tokens,
+            windows=len(docs), bucket_size=point.bucket_size, bucket_nll=point.bucket_nll,
+            bucket_tokens=point.bucket_tokens,
+        )

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from lce.config import check
 from lce.errors import ConfigError, LceError
 from lce.eval.memory import measure_peak_memory
-from lce.eval.perplexity import NllFn, model_nll_fn
-from lce.eval.protocols import CanonicalProtocol
+from lce.eval.perplexity import NllFn
+from lce.eval.protocols import CanonicalProtocol, protocol_nll_fn
 from lce.eval.shard import Shard, current_shard, score_sharded
 
 KEY_FIELDS = ("run", "method", "params", "model", "length", "seed", "protocol")
@@ -280,7 +280,7 @@ def run_sweep(
         if row.get("status") in DONE_STATUSES:
             done.setdefault(point_key(row), row)
 
-    nll_fn = model_nll_fn(model, chunk_size, device)
+    nll_fn = protocol_nll_fn(protocol, model, chunk_size, device)
     bar = tqdm(lengths, desc="ppl vs length", unit="len", disable=not (progress and shard.is_main))
     for length in bar:
         key = point_key({**meta, "length": length})

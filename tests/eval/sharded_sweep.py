@@ -25,6 +25,7 @@ PROTOCOLS = {
     "canonical": {"name": "canonical", "bucket_size": 16, "n_bootstrap": 50},
     "yarn": {"name": "yarn", "stride": 16},
     "sliding": {"name": "sliding", "stride": 20},
+    "streaming": {"name": "streaming", "start_size": 2, "recent_size": 12, "bucket_size": 16},
 }
 META = {"method": "rope", "params": {}, "model": "tiny-llama", "seed": 0}
 
@@ -66,10 +67,10 @@ def sweep_with_oom_on_last_process(path: Path, shard) -> None:
     """The canonical sweep again, the last process running out of memory at ``OOM_LENGTH``."""
     import lce.eval.sweep
 
-    real = lce.eval.sweep.model_nll_fn
+    real = lce.eval.sweep.protocol_nll_fn
 
-    def failing_model_nll_fn(model, *args, **kwargs):
-        nll_fn = real(model, *args, **kwargs)
+    def failing_nll_fn(*args, **kwargs):
+        nll_fn = real(*args, **kwargs)
 
         def fn(ids):
             if ids.shape[1] == OOM_LENGTH and shard.rank == shard.world_size - 1:
@@ -78,7 +79,7 @@ def sweep_with_oom_on_last_process(path: Path, shard) -> None:
 
         return fn
 
-    lce.eval.sweep.model_nll_fn = failing_model_nll_fn
+    lce.eval.sweep.protocol_nll_fn = failing_nll_fn
     spec = PROTOCOLS["canonical"]
     run_sweep(make_tiny_llama(), documents(), LENGTHS, path, meta={**META, "run": "canonical", "protocol": spec},
               protocol=build_protocol(spec), batch_size=2, progress=False, shard=shard)

@@ -55,7 +55,7 @@ def arange(a, b):
 
 
 def test_registry_names_and_configs():
-    assert PROTOCOLS.names() == ["canonical", "fairseq", "longlora_stream", "sliding", "yarn"]
+    assert PROTOCOLS.names() == ["canonical", "fairseq", "longlora_stream", "sliding", "streaming", "yarn"]
     assert build_protocol({"name": "yarn", "stride": 64, "truncate": True}) == YarnProtocol(stride=64, truncate=True)
     assert protocol_meta(SlidingProtocol(stride=8)) == {"name": "sliding", "stride": 8}
     with pytest.raises(ConfigError, match=r"protocol\.strid: unknown key.*stride"):
