@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Impl, Point, check, environment, measure, plot, print_summary, write_csv  # noqa: E402
+from harness import Impl, Point, check, environment, measure, plot, print_summary, write_csv
 
-from lce.attention.blockwise import blockwise_attention  # noqa: E402
-from lce.attention.sliding_window import SlidingWindowPattern  # noqa: E402
-from lce.posenc.alibi import alibi_attention, alibi_slopes  # noqa: E402
-from lce.posenc.dca import DcaGeometry, dca_attention  # noqa: E402
-from lce.posenc.logn import logn_scale  # noqa: E402
-from lce.posenc.rotation import Rotation  # noqa: E402
+from lce.attention.blockwise import blockwise_attention
+from lce.attention.sliding_window import SlidingWindowPattern
+from lce.posenc.alibi import alibi_attention, alibi_slopes
+from lce.posenc.dca import DcaGeometry, dca_attention
+from lce.posenc.logn import logn_scale
+from lce.posenc.rotation import Rotation
 
 CASES = ("causal", "alibi", "logn", "window", "dca")
 
@@ -205,10 +205,27 @@ def chunkllama_dca(q, k, v, geometry: DcaGeometry, rotation: Rotation, scale: fl
 
 
 def triton_impls(case: str, x: Inputs, args) -> dict[str, Impl]:
-    """lce's Triton kernel for ``case`` (empty when the kernels cannot run natively here)."""
-    from lce.kernels.attention import spec_for_case  # noqa: F401  (wired once the kernel lands)
+    """lce's one-pass Triton kernel for ``case`` (the spec the dispatcher would build for that method)."""
+    from lce.attention.segments import fused_segments
+    from lce.kernels.attention import AttentionSpec, flash_attention
+    from lce.kernels.attention.segments import dca_segments
 
-    return {}
+    q, k, v, pos = x.q, x.k, x.v, x.pos
+    fields: dict = {}
+    qr, kr = (q, k) if case in ("alibi", "dca") else x.rotated()
+    if case == "alibi":
+        fields["alibi_slopes"] = alibi_slopes(q.shape[1]).to(q.device)
+    elif case == "logn":
+        fields["logn_length"] = args.train_length
+    elif case == "window":
+        fields["window"] = args.window
+    elif case == "dca":
+        fused = fused_segments(dca_segments(dca_geometry(args)), x.rotation)
+        fields.update(segments=fused.segments, rotary=type(fused.rotary)(fused.rotary.inv_freq.to(q.device),
+                                                                        fused.rotary.attention_scaling,
+                                                                        fused.rotary.style))
+    spec = AttentionSpec(scale=x.scale, **fields)
+    return {"lce_triton": lambda: transposed(flash_attention(qr, kr, v, spec, pos, pos, backend="triton"))}
 
 
 def with_backward(fn: Impl, x: Inputs) -> Impl:
