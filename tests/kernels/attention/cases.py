@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lce.attention.block_sparse import BlockSparsePattern
@@ -11,6 +13,19 @@ from lce.posenc.alibi import alibi_slopes
 from lce.posenc.frequencies import rope_inv_freq
 
 ROPE = (Segment(IDENTITY, IDENTITY, PairSelect()),)
+
+# Kernel tests run on CUDA where there is one (compiled kernels), else on CPU in Triton's interpreter: the interpreter
+# is chosen when kernels are defined (tests/conftest.py), so a CUDA machine cannot interpret CPU tensors.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(spec: AttentionSpec, device=DEVICE) -> AttentionSpec:
+    """``spec`` with its tensors moved to ``device``."""
+    moved = {name: getattr(spec, name).to(device) for name in ("alibi_slopes", "block_mask")
+             if getattr(spec, name) is not None}
+    if spec.rotary is not None:
+        moved["rotary"] = Rotary(spec.rotary.inv_freq.to(device), spec.rotary.attention_scaling, spec.rotary.style)
+    return dataclasses.replace(spec, **moved)
 
 
 def random_qkv(batch=2, heads=4, kv_heads=2, tq=37, tk=37, dim=16, dim_v=None, dtype=torch.float32, seed=0,
@@ -108,7 +123,7 @@ def assert_flash_close(kernel_fn, reference_fn, q, k, v, seed=0):
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out_shape = (q.shape[0], q.shape[2], q.shape[1], v.shape[3])  # [B, Tq, H, Dv]
-    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.device)
     exact = outputs_and_grads(reference_fn, exact_inputs, grad_out)
     kernel = outputs_and_grads(kernel_fn, inputs, grad_out)
     eager = outputs_and_grads(reference_fn, [t.detach().requires_grad_() for t in (q, k, v)], grad_out)

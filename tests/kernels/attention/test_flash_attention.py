@@ -7,18 +7,28 @@ The interpreter cannot run bf16 dot products (it returns garbage for a plain 16 
 on a GPU only (``gpu`` marker), together with real sizes.
 """
 
-import dataclasses
 import functools
 
 import pytest
 import torch
 
-from lce.kernels.attention import flash_attention, triton_backward, triton_forward
+from lce.kernels.attention import flash_attention, segments, triton_backward, triton_forward
 from lce.kernels.attention.function import decode_splits, tile_sizes
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.segments import self_extend_segments
-from lce.kernels.attention.spec import AttentionSpec, Rotary
-from tests.kernels.attention.cases import CASES, assert_flash_close, positions, random_qkv, rotary, spec_for
+from lce.kernels.attention.spec import AttentionSpec
+from lce.posenc.alibi import alibi_slopes
+from tests.kernels.attention.cases import (
+    CASES,
+    DEVICE,
+    ROPE,
+    assert_flash_close,
+    on_device,
+    positions,
+    random_qkv,
+    rotary,
+    spec_for,
+)
 
 
 def nan_filled(shape, dtype, device):
@@ -33,8 +43,9 @@ def poisoned_outputs(monkeypatch):
 
 def check(spec, batch=2, heads=2, kv_heads=1, tq=45, tk=45, dim=16, dim_v=None, layout="gaps",
           dtype=torch.float32, seed=0):
-    q, k, v = random_qkv(batch, heads, kv_heads, tq, tk, dim, dim_v, dtype=dtype, seed=seed)
-    q_pos, k_pos = positions(batch, tq, tk, layout)
+    q, k, v = (t.to(DEVICE) for t in random_qkv(batch, heads, kv_heads, tq, tk, dim, dim_v, dtype=dtype, seed=seed))
+    q_pos, k_pos = (t.to(DEVICE) for t in positions(batch, tq, tk, layout))
+    spec = on_device(spec)
     assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
                        functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v, seed)
 
@@ -62,8 +73,8 @@ def test_head_groupings(heads, kv_heads):
     check(spec_for("dca_code", heads=heads), batch=1, heads=heads, kv_heads=kv_heads, tq=20, tk=33)
 
 
-@pytest.mark.parametrize("dim,dim_v,rotary_dim", [(24, 40, 16), (64, 64, 64), (32, 16, 8)],
-                         ids=["odd_dims", "d64", "dv_smaller"])
+@pytest.mark.parametrize("dim,dim_v,rotary_dim", [(24, 40, 16), (64, 64, 64), (128, 128, 64), (32, 16, 8)],
+                         ids=["odd_dims", "d64", "d128_partial", "dv_smaller"])
 def test_head_dims_that_are_not_tile_widths(dim, dim_v, rotary_dim):
     spec = AttentionSpec(dim ** -0.5, self_extend_segments(3, 4), rotary(dim, rotary_dim))
     check(spec, batch=1, dim=dim, dim_v=dim_v, tq=33, tk=33)
@@ -80,8 +91,7 @@ def test_fp16(case):
 def test_decode_splits_the_keys(case, tq):
     """Flash-decoding: one query tile against 100 keys in 4 key tiles, split across programs and combined."""
     batch, heads = 2, 2
-    assert decode_splits(1, -(-100 // tile_sizes(tq, torch.device("cpu"))[1]), batch * heads,
-                         torch.device("cpu")) > 1
+    assert decode_splits(1, -(-100 // tile_sizes(tq, DEVICE)[1]), batch * heads, DEVICE) > 1
     check(spec_for(case, heads=heads), batch=batch, heads=heads, tq=tq, tk=100, layout="left_pad")
 
 
@@ -93,10 +103,10 @@ def test_sliding_window_over_many_tiles():
 def test_rows_without_visible_keys_are_zero_and_gradients_finite():
     """Queries before every key (and a sinks spec whose recent window misses them) attend nothing: output 0, no NaN
     in any gradient."""
-    q, k, v = random_qkv(2, 2, 1, 40, 40, 16, requires_grad=True)
-    q_pos, k_pos = positions(2, 40, 40)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in random_qkv(2, 2, 1, 40, 40, 16))
+    q_pos, k_pos = (t.to(DEVICE) for t in positions(2, 40, 40))
     k_pos = k_pos + 35  # queries 0..34 precede every key
-    out = flash_attention(q, k, v, spec_for("sinks", heads=2), q_pos, k_pos, backend="triton")
+    out = flash_attention(q, k, v, on_device(spec_for("sinks", heads=2)), q_pos, k_pos, backend="triton")
     assert (out[:, :35] == 0).all() and (out[:, 35:] != 0).any(dim=-1).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -104,9 +114,9 @@ def test_rows_without_visible_keys_are_zero_and_gradients_finite():
 
 
 def test_backward_is_deterministic():
-    q, k, v = random_qkv(1, 2, 1, 40, 40, 16, requires_grad=True)
-    q_pos, k_pos = positions(1, 40, 40)
-    spec = spec_for("self_extend", heads=2)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in random_qkv(1, 2, 1, 40, 40, 16))
+    q_pos, k_pos = (t.to(DEVICE) for t in positions(1, 40, 40))
+    spec = on_device(spec_for("self_extend", heads=2))
     grads = []
     for _ in range(2):
         out = flash_attention(q, k, v, spec, q_pos, k_pos, backend="triton")
@@ -124,17 +134,35 @@ def test_reference_backend_runs_the_reference_under_autograd():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-# Real sizes on a GPU (bf16 included; the interpreter cannot run bf16 dots).
+# Real sizes on a GPU (bf16 included; the interpreter cannot run bf16 dots), with each method's published
+# parameters scaled to a 2k-4k context.
+def real_spec(case: str, heads: int, dim: int) -> AttentionSpec:
+    scale, rope = dim ** -0.5, rotary(dim)
+    specs = {
+        "causal": lambda: AttentionSpec(scale),
+        "alibi_logn": lambda: AttentionSpec(scale, alibi_slopes=alibi_slopes(heads), logn_length=1024),
+        "window_sinks": lambda: AttentionSpec(scale, window=256, sink_tokens=4),
+        "block_sparse": lambda: spec_for("block_sparse", heads, dim, length=4096),
+        "dca_code": lambda: AttentionSpec(scale, segments.dca_code_segments(768, 128), rope),
+        "dca_paper": lambda: AttentionSpec(scale, segments.dca_paper_segments(768, 128, 1024), rope),
+        "self_extend": lambda: AttentionSpec(scale, segments.self_extend_segments(8, 256), rope),
+        "rerope_logn": lambda: AttentionSpec(scale, segments.rerope_segments(512), rope, logn_length=1024),
+        "sinks": lambda: AttentionSpec(scale, segments.sink_segments(4, 508), rope),
+        "partial_interleaved": lambda: AttentionSpec(scale, ROPE, rotary(dim, dim // 2, style="interleaved",
+                                                                                   attention_scaling=1.1)),
+    }
+    return on_device(specs[case]())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["causal", "alibi", "logn", "window_sinks", "block_sparse", "dca_code", "dca_paper",
-                                  "self_extend", "rerope", "sinks", "partial_rotary", "interleaved",
-                                  "dca_window_alibi"])
+@pytest.mark.parametrize("case", ["causal", "alibi_logn", "window_sinks", "block_sparse", "dca_code", "dca_paper",
+                                  "self_extend", "rerope_logn", "sinks", "partial_interleaved"])
 def test_real_sizes_on_gpu(case, dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     length, dim, heads = 2048, 128, 8
-    spec = _spec_to(spec_for(case, heads=heads, dim=dim, length=length), "cuda")
+    spec = real_spec(case, heads, dim)
     q, k, v = (t.cuda() for t in random_qkv(1, heads, 2, length, length, dim, dtype=dtype))
     q_pos, k_pos = (t.cuda() for t in positions(1, length, length, "contiguous"))
     assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
@@ -142,20 +170,13 @@ def test_real_sizes_on_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["causal", "dca_code", "window_sinks"])
+@pytest.mark.parametrize("case", ["causal", "dca_code", "window_sinks", "sinks"])
 def test_decode_on_gpu(case):
+    """One query (and a 4k cache, left-padded rows) split across programs (flash-decoding)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    spec = _spec_to(spec_for(case, heads=8, dim=128, length=4096), "cuda")
+    spec = real_spec(case, 8, 128)
     q, k, v = (t.cuda() for t in random_qkv(2, 8, 2, 1, 4096, 128, dtype=torch.bfloat16))
     q_pos, k_pos = (t.cuda() for t in positions(2, 1, 4096, "left_pad"))
     assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
                        functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v)
-
-
-def _spec_to(spec: AttentionSpec, device) -> AttentionSpec:
-    moved = {name: getattr(spec, name).to(device) for name in ("alibi_slopes", "block_mask")
-             if getattr(spec, name) is not None}
-    if spec.rotary is not None:
-        moved["rotary"] = Rotary(spec.rotary.inv_freq.to(device), spec.rotary.attention_scaling, spec.rotary.style)
-    return dataclasses.replace(spec, **moved)
