@@ -86,8 +86,9 @@ def _check_spec_tensors(spec: AttentionSpec, q: torch.Tensor) -> None:
 
 
 def tile_sizes(tq: int, device: torch.device) -> tuple[int, int]:
-    """``(block_m, block_n)``: 16-row query tiles for decode-sized inputs (flash-decoding splits the keys
-    instead), 64 x 64 otherwise; 16 x 16 in the interpreter, so that tiny test inputs span several tiles."""
+    """``(block_m, block_n)`` on CUDA: 16-row query tiles for decode-sized inputs (flash-decoding splits the keys
+    instead), 64 x 64 otherwise. In the interpreter 32 x 32: tiny test inputs still span several tiles, and each
+    tile costs interpreter overhead per operation whatever its size (16 x 16 tiles made the tests 4x slower)."""
     if device.type != "cuda":
         return 32, 32
     return (16 if tq <= 16 else 64), 64
