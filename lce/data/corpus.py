@@ -7,8 +7,10 @@ from typing import Literal
 
 import torch
 
-from lce.errors import ConfigError
 from lce.data.tokenizer import Tokenizer
+from lce.errors import ConfigError
+
+POLICIES = ("long", "concat", "first")
 
 
 def _stable_order(doc_id: str) -> bytes:
@@ -38,23 +40,34 @@ def eval_documents(
     min_tokens: int,
     n_docs: int,
     split: str = "test",
-    policy: Literal["long", "concat"] = "long",
+    policy: Literal["long", "concat", "first"] = "long",
 ) -> list[torch.Tensor]:
     """``n_docs`` token sequences of at least ``min_tokens`` tokens (the longest eval length).
 
     ``long``: whole documents that are at least that long, so every window is one real document (the first
-    ``n_docs`` in the stable hash order). ``concat``: the split's documents joined with ``eos_id`` and cut into
-    ``n_docs`` consecutive pieces of ``min_tokens`` tokens, for corpora whose documents are short.
+    ``n_docs`` in the stable hash order, which no source's ordering or sharding changes). ``first``: the first
+    ``n_docs`` such documents in the source's own order (a hub dataset's row order; sorted relative paths for files),
+    as YaRN's ``eval/perplexity.py`` selects them (``filter(tokenized_len >= --dataset-min-tokens)`` then
+    ``[:--samples]``; its Table 2 reads the first 10 Proof-pile test documents of at least 131072 tokens); reading
+    stops at the last one needed. ``concat``: the split's documents joined with ``eos_id`` and cut into ``n_docs``
+    consecutive pieces of ``min_tokens`` tokens, for corpora whose documents are short.
     """
-    if policy == "long":
-        docs = [ids for _, ids in tokenized_documents(source, tokenizer, split) if ids.numel() >= min_tokens]
-        if len(docs) < n_docs:
-            raise ConfigError(
-                f"eval.n_docs: only {len(docs)} documents of the {split!r} split of data={source.name} have at least "
-                f"{min_tokens} tokens (the longest eval length), {n_docs} requested; lower eval.n_docs or the lengths, "
-                f"or set eval.documents=concat"
-            )
-        return docs[:n_docs]
+    if policy in ("long", "first"):
+        if policy == "long":
+            candidates = (ids for _, ids in tokenized_documents(source, tokenizer, split))
+        else:
+            candidates = (tokenizer.encode(text) for _, text in source.documents(split))
+        docs = []
+        for ids in candidates:
+            if ids.numel() >= min_tokens:
+                docs.append(ids)
+                if len(docs) == n_docs:
+                    return docs
+        raise ConfigError(
+            f"eval.n_docs: only {len(docs)} documents of the {split!r} split of data={source.name} have at least "
+            f"{min_tokens} tokens (the longest eval length), {n_docs} requested; lower eval.n_docs or the lengths, "
+            f"or set eval.documents=concat"
+        )
     if policy == "concat":
         stream = token_stream(source, tokenizer, split)
         if stream.numel() < n_docs * min_tokens:
@@ -63,4 +76,4 @@ def eval_documents(
                 f"n_docs x longest length = {n_docs} x {min_tokens}; lower eval.n_docs or the lengths"
             )
         return [stream[i * min_tokens : (i + 1) * min_tokens].clone() for i in range(n_docs)]
-    raise ConfigError(f"eval.documents: {policy!r} is not allowed; choose one of 'long', 'concat'")
+    raise ConfigError(f"eval.documents: {policy!r} is not allowed; choose one of {', '.join(map(repr, POLICIES))}")

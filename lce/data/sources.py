@@ -161,7 +161,7 @@ class HFData:
     def _load(self, split: str):
         import datasets
 
-        kwargs = dict(split=split, revision=self.revision)
+        kwargs = {"split": split, "revision": self.revision}
         if self.data_files is not None:
             kwargs["data_files"] = self.data_files
         if self.trust_remote_code:

@@ -39,7 +39,7 @@ class EvalConfig:
     lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
     n_docs: int = 16
     split: Literal["validation", "test"] = "test"
-    documents: Literal["long", "concat"] = "long"
+    documents: Literal["long", "concat", "first"] = "long"
     batch_size: int = 4
     bucket_size: int | None = None
     loss_chunk_size: int = 4096

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import lce.conf
+
 # Registers the hub sources (until lce.data imports lce.data.hub itself).
 import lce.data.hub
 from lce.data import DATASETS, HFData, build_data

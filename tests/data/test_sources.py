@@ -85,3 +85,32 @@ def test_hf_dataset_from_local_json(tmp_path):
     assert sum(map(len, ids.values())) == 50 and ids["test"] and not (set(ids["train"]) & set(ids["test"]))
     with pytest.raises(ConfigError, match=r"data\.text_field: 'text' is not a column.*body"):
         list(HFData(path="json", data_files={"train": str(path)}, validation_split=None, test_split=None).documents("train"))
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, text):
+        self.encoded += 1
+        return super().encode(text)
+
+
+def test_eval_documents_first_in_dataset_order(tmp_path):
+    import json
+
+    path = tmp_path / "docs.jsonl"
+    sizes = [50, 400, 120, 300, 500, 90, 310, 600]  # characters == byte tokens
+    path.write_text("\n".join(json.dumps({"text": str(i) * n}) for i, n in enumerate(sizes)))
+    source = HFData(path="json", data_files={"test": str(path)}, train_split="test", validation_split="test")
+    tokenizer = CountingTokenizer()
+    docs = eval_documents(source, tokenizer, min_tokens=300, n_docs=3, policy="first")
+    # Rows 1, 3 and 4 are the first three of at least 300 tokens; rows after the third are never tokenized.
+    assert [(d.numel(), tokenizer.decode(d[:1])) for d in docs] == [(400, "1"), (300, "3"), (500, "4")]
+    assert tokenizer.encoded == 5
+    by_hash = eval_documents(source, ByteTokenizer(), min_tokens=300, n_docs=3, policy="long")
+    assert [d.numel() for d in by_hash] != [d.numel() for d in docs]  # the hash order picks others (or orders them so)
+    with pytest.raises(ConfigError, match=r"eval\.n_docs: only 5 documents .* at least 300 tokens .*, 6 requested"):
+        eval_documents(source, ByteTokenizer(), min_tokens=300, n_docs=6, policy="first")
+    with pytest.raises(ConfigError, match=r"eval\.documents: 'last' is not allowed; choose one of 'long', 'concat', 'first'"):
+        eval_documents(source, ByteTokenizer(), min_tokens=300, n_docs=1, policy="last")
