@@ -55,8 +55,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lce.config import check, check_at_least
-from lce.errors import ConfigError
+from lce.errors import ConfigError, LceError
 from lce.eval.memory import measure_peak_memory
+from lce.eval.shard import Shard, current_shard
 from lce.eval.sweep import DONE_STATUSES, META_FIELDS, ResultStore, is_out_of_memory, point_key
 from lce.registry import Registry
 
@@ -421,8 +422,12 @@ def run_retrieval(
     bos_id: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[dict]:
     """Run every (length, depth, trial) of ``config`` not yet in ``store``, appending one row per trial.
+
+    Under a multi-process launcher only the main process runs the trials and writes ``store`` (trials are not
+    shared out), the others wait and get its rows, so no trial is run or written twice.
 
     Args:
         generate_fn: ``generate(ids [T], max_new_tokens) -> list[int]``; ``model_generate_fn(model, eos_id)``.
@@ -435,9 +440,11 @@ def run_retrieval(
         bos_id: put before every prompt when given.
         device: where memory is measured; None: CUDA when available.
         progress: show a progress bar.
+        shard: this process's place among several; None: ``lce.eval.shard.current_shard()``.
 
     Returns:
-        Every row of this identity in the store (earlier runs' and new), ordered by length, depth, trial.
+        Every row of this identity in the store (earlier runs' and new), ordered by length, depth, trial; the same on
+        every process.
 
     Row schema: the ``meta`` fields, ``protocol`` ({name and task parameters} + meta's protocol), ``kind``
     ("retrieval"), ``task``, ``length``, ``depth``, ``trial``, ``status`` ("ok" | "oom"), ``prompt_tokens``,
@@ -447,6 +454,23 @@ def run_retrieval(
     """
     missing = [k for k in META_FIELDS if k not in meta and k != "protocol"]
     check(not missing, "meta", f"missing identity field(s) {', '.join(missing)}")
+    shard = shard if shard is not None else current_shard()
+    if not shard.is_main:
+        rows = shard.broadcast(None)
+        if isinstance(rows, str):
+            raise LceError(f"retrieval failed on the main process: {rows}")
+        return rows
+    try:
+        rows = _run_missing_trials(generate_fn, tokenizer, config, store, meta, haystack_text, bos_id, device,
+                                   progress)
+    except BaseException as e:
+        shard.broadcast(f"{type(e).__name__}: {e}")  # the other processes wait for the rows: release them
+        raise
+    return shard.broadcast(rows)
+
+
+def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: ResultStore | str | Path, meta: dict,
+                        haystack_text: str | None, bos_id: int | None, device, progress: bool) -> list[dict]:
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     builder = PromptBuilder(config, tokenizer, haystack_text, bos_id)
     base = {**meta, "protocol": {**config.identity(), **meta.get("protocol", {})}, "kind": KIND, "task": config.name}

@@ -61,6 +61,25 @@ def main(argv: list[str]) -> None:
     (out_dir / f"returned_{shard.rank}.txt").write_text(repr([(r["run"], r["length"], r["nll"]) for r in rows]))
     (out_dir / f"forwards_{shard.rank}.txt").write_text(f"{first + second}")
     sweep_with_oom_on_last_process(out_dir / "oom.jsonl", shard)
+    retrieval(out_dir, shard)
+
+
+def retrieval(out_dir: Path, shard) -> None:
+    """Passkey trials with a fake generator: run by the main process only, the rows returned to both."""
+    from lce.eval.retrieval import PasskeyConfig, run_retrieval
+    from tests.eval.test_retrieval import META as RETRIEVAL_META
+    from tests.eval.test_retrieval import TOKENIZER, oracle
+
+    calls = []
+
+    def generate(ids, max_new_tokens):
+        calls.append(1)
+        return oracle(ids, max_new_tokens)
+
+    config = PasskeyConfig(lengths=[300, 400], depths=[0.0, 1.0], trials=2)
+    rows = run_retrieval(generate, TOKENIZER, config, out_dir / "retrieval.jsonl", meta=RETRIEVAL_META,
+                         progress=False, shard=shard)
+    (out_dir / f"retrieval_{shard.rank}.txt").write_text(f"{len(calls)} {[r['correct'] for r in rows]}")
 
 
 def sweep_with_oom_on_last_process(path: Path, shard) -> None:

@@ -1,4 +1,5 @@
-"""Sharded evaluation: two processes write exactly the points one process writes, resume, and share an OOM."""
+"""Sharded evaluation: two processes write exactly the points one process writes, resume, share an OOM, and run
+retrieval once."""
 
 import os
 import subprocess
@@ -65,6 +66,11 @@ def test_two_processes_write_exactly_the_one_process_points_resume_and_share_an_
         (length, "oom" if length == sharded_sweep.OOM_LENGTH else "ok") for length in lengths]
     assert "out of memory on process 1" in oom[1]["error"]
     assert oom[2]["nll"] == rows_by_point(one_process / "canonical.jsonl")[("canonical", lengths[2])]["nll"]
+
+    # Retrieval trials run once, on the main process; every process returns its rows.
+    assert len(ResultStore(tmp_path / "retrieval.jsonl").rows()) == 2 * 2 * 2
+    main, other = ((tmp_path / f"retrieval_{rank}.txt").read_text().split(" ", 1) for rank in (0, 1))
+    assert (main[0], other[0]) == ("8", "0") and main[1] == other[1] == str([True] * 8)
 
 
 def test_one_process_passes_nll_fn_through():
