@@ -242,6 +242,13 @@ def with_backward(fn: Impl, x: Inputs) -> Impl:
 
 
 def run(args) -> list[Point]:
+    if args.backward:
+        return _run(args)
+    with torch.inference_mode():  # a forward benchmark measures evaluation, where no graph is kept
+        return _run(args)
+
+
+def _run(args) -> list[Point]:
     device = torch.device(args.device)
     flex = flex_factory(device) if not args.no_flex else None
     points: list[Point] = []

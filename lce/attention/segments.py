@@ -10,6 +10,11 @@ separately normalised attention outputs with detached weights).
 ``T * block`` rather than ``T^2`` (in training too: blocks are recomputed in the backward pass); with
 ``block >= Tq`` it is the plain eager reference. Keys are rotated once per segment (``O(T)`` memory).
 
+Without autograd on CPU (evaluation) each block runs one fused SDPA call per segment over the key columns that segment
+selects, merged by log-sum-exp weights (``_block_merged``): the same softmax, without scores in memory and without
+scoring a pair once per segment. Under autograd the segment logits are merged before one explicit softmax
+(``_block``), whose gradient is exact; on CUDA lce's fused Triton kernel (``lce.kernels.attention``) does both.
+
 A sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``) hides further pairs, and
 each query block then scores only the key columns the restriction's block map and causality leave
 (``lce.attention.blockwise.key_columns``): DCA or ReRoPE under a sliding window of ``W`` cost ``O(T * (W + block))``.
@@ -108,7 +113,10 @@ def segmented_attention(
         columns = key_columns(visible, q_pos[:, start:stop], k_pos) if visible is not None else slice(None)
         args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling,
                 columns, visible)
-        blocks.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
+        if torch.is_grad_enabled() or query.device.type != "cpu":
+            blocks.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
+        else:
+            blocks.append(_block_merged(*args))
     return torch.cat(blocks, dim=2).transpose(1, 2)
 
 
@@ -128,3 +136,39 @@ def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling,
         scores = torch.where(chosen, logits, scores)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing
     return torch.matmul(probs.to(values.dtype), values)
+
+
+def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling, columns, visible):
+    """``_block`` without autograd on CPU: per segment one fused SDPA call (PyTorch's CPU flash kernel, which returns
+    the log-sum-exp) over the key columns that segment selects, merged by log-sum-exp weights. That is the same
+    softmax (``softmax`` over a union of disjoint sets = LSE-weighted sum of the per-set softmaxes), computed without
+    scores in memory and without scoring a pair once per segment; the weights would need the LSE's gradient, hence
+    inference only (under autograd ``_block`` runs)."""
+    k_pos, keys, values = k_pos[:, columns], [k[:, :, columns] for k in keys], values[:, :, columns]
+    if mask is not None:
+        mask = mask[..., columns]
+    i, j = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = allowed_pairs(q_pos, k_pos, mask, visible)  # [B, 1 or H, Tb, Tk]
+    outs, lses = [], []
+    for seg, k_rot in zip(segments, keys):
+        chosen = seg.select(i, j)[:, None] & allowed
+        used = chosen.flatten(0, 2).any(dim=0).nonzero().flatten()
+        if used.numel() == 0:
+            continue
+        cols = slice(int(used[0]), int(used[-1]) + 1)  # a contiguous span holding every selected column
+        chosen = chosen[..., cols]
+        q_rot = rotation.apply(query, seg.q_map(q_pos))
+        bias = torch.zeros(chosen.shape, dtype=query.dtype, device=query.device).masked_fill_(~chosen, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_rot, k_rot[:, :, cols], values[:, :, cols], 0.0, False, attn_mask=bias, scale=scaling)
+        # The kernel reports lse = 0 and output 0 for a row with no selected key: mark such rows -inf (weight 0).
+        lses.append(lse.float().masked_fill(~chosen.any(dim=-1).expand_as(lse), float("-inf")))
+        outs.append(out)
+    if not outs:
+        return query.new_zeros(*query.shape[:3], values.shape[-1])
+    lse = torch.stack(lses)  # [S, B, H, Tb]
+    top = lse.amax(dim=0)
+    weights = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # rows nothing selects: all 0
+    total = weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+    merged = sum(w[..., None] * o.float() for w, o in zip(weights, outs)) / total[..., None]
+    return merged.to(query.dtype)
