@@ -7,6 +7,10 @@ Every op's public function takes ``backend="auto" | "ref" | "triton"`` and resol
   ``backend`` field: ``lce.experiment.run`` wraps the run in one), then the ``LCE_BACKEND`` environment variable;
 - otherwise ``auto``: Triton when every tensor is on a CUDA device and Triton imports, the reference elsewhere.
 
+Run the backward pass inside the same ``use_backend`` block as the forward: activation checkpointing recomputes
+forward ops during the backward, and a recomputation on another backend is an error (``lce.experiment.run`` wraps the
+whole run, training included).
+
 Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests on tiny
 shapes); asking for ``triton`` on CPU without it is an error that says so, never a crash inside Triton.
 """
