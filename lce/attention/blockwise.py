@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lce.attention.base import AttentionVariant, select_layers
@@ -117,27 +118,34 @@ def masked_attention_eager(query, key, value, q_pos, k_pos, scaling, attention_m
 
 
 def _block(query, key, value, q_pos, k_pos, mask, columns, visible, scaling, softcap, dropout):
-    """One query block over its key columns, KV heads not repeated: ``query [B, HKV, G, b, D]``, ``key/value
-    [B, HKV, Tk, D]`` -> ``[B, HKV, G, b, D]``."""
-    batch, kv_heads, groups, rows, _ = query.shape
-    key, value, k_pos = key[:, :, columns].unsqueeze(2), value[:, :, columns].unsqueeze(2), k_pos[:, columns]
+    """One query block over its key columns: ``query [B, H, b, D]``, ``key/value [B, HKV, Tk, D]`` -> ``[B, H, b, D]``.
+
+    Without soft-capping: one fused SDPA call with this block's boolean mask (KV heads broadcast by ``enable_gqa``),
+    which keeps neither scores nor probabilities. With soft-capping (Gemma 2), which SDPA cannot apply, the scores are
+    formed explicitly.
+    """
+    key, value, k_pos = key[:, :, columns], value[:, :, columns], k_pos[:, columns]
     if mask is not None:
         mask = mask[..., columns]
-    ok = allowed_pairs(q_pos, k_pos, mask, visible)
-    ok = ok[:, :, None] if ok.shape[1] == 1 else ok.reshape(batch, kv_heads, groups, rows, -1)
-    score_dtype = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    # A row with no visible key (a left-pad query) keeps finite scores and is zeroed after the softmax: all -inf
-    # would give NaN probabilities, whose gradients leak NaN into every key through the backward matmul.
+    ok = allowed_pairs(q_pos, k_pos, mask, visible)  # [B, 1 or H, b, n]
+    # A row with no visible key (a left-pad query) attends to everything and is zeroed after: an all-masked row gives
+    # NaN probabilities, whose gradients leak NaN into every key through the backward matmul.
     alive = ok.any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~ok & alive, float("-inf")), dim=-1)
-    if not bool(alive.all()):
-        probs = probs * alive
-    if dropout > 0:
-        probs = torch.nn.functional.dropout(probs, p=dropout)
-    return torch.matmul(probs.to(value.dtype), value)
+    ok = ok | ~alive
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=ok, dropout_p=dropout, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        score_dtype = torch.promote_types(query.dtype, torch.float32)
+        scores = torch.matmul(query, key.transpose(-1, -2)).to(score_dtype) * scaling
+        scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1)
+        if dropout > 0:
+            probs = torch.nn.functional.dropout(probs, p=dropout)
+        out = torch.matmul(probs.to(value.dtype), value)
+    return out if bool(alive.all()) else out * alive
 
 
 def blockwise_attention(query, key, value, q_pos, k_pos, scaling, attention_mask=None, visible=None,
@@ -149,9 +157,7 @@ def blockwise_attention(query, key, value, q_pos, k_pos, scaling, attention_mask
     than one block and gradients required, blocks are recomputed in the backward pass instead of keeping their
     probabilities.
     """
-    batch, heads, tq, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, tq, dim)
+    tq = query.shape[2]
     recompute = tq > block_size and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
     for start in range(0, tq, block_size):
@@ -159,13 +165,13 @@ def blockwise_attention(query, key, value, q_pos, k_pos, scaling, attention_mask
         i = q_pos[:, start:stop]
         columns = key_columns(visible, i, k_pos)
         if isinstance(columns, slice) and columns.stop == columns.start:  # nothing visible: zero rows
-            outs.append(q.new_zeros(*q.shape[:3], stop - start, value.shape[-1]))
+            outs.append(query.new_zeros(*query.shape[:2], stop - start, value.shape[-1]))
             continue
         mask = attention_mask[:, :, start:stop] if attention_mask is not None else None
-        args = (q[:, :, :, start:stop], key, value, i, k_pos, mask, columns, visible, scaling, softcap, dropout)
+        args = (query[:, :, start:stop], key, value, i, k_pos, mask, columns, visible, scaling, softcap, dropout)
         outs.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
-    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-    return out.reshape(batch, heads, tq, value.shape[-1]).transpose(1, 2)
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2)
 
 
 def blockwise_kernel(fallback: Kernel | None) -> Kernel:

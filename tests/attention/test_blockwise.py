@@ -197,7 +197,8 @@ class PeakMemory(TorchDispatchMode):
 
 
 class ScoredPairs(TorchDispatchMode):
-    """Elements of every matmul output (scores and weighted values: the work of a block kernel)."""
+    """Elements of every matmul output (scores and weighted values: the work of a block kernel), and the (query, key)
+    pairs of every fused SDPA call (which forms its scores inside)."""
 
     def __init__(self):
         super().__init__()
@@ -207,6 +208,9 @@ class ScoredPairs(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
             self.pairs += out.numel()
+        elif "scaled_dot_product" in func.name():
+            query, key = args[0], args[1]
+            self.pairs += query.numel() // query.shape[-1] * key.shape[-2]
         return out
 
 
