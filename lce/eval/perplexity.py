@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from torch import nn
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.loss import shifted_targets, token_nll
-from lce.hf.lm import hidden_states, logits_from_hidden
+from lce.hf.lm import hidden_states, loss_head
 
 
 @dataclass
@@ -89,7 +88,7 @@ def model_nll_fn(model: nn.Module, chunk_size: int = 4096, device: torch.device 
     """
     check(chunk_size >= 1, "chunk_size", f"must be at least 1, got {chunk_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    logits_fn = partial(logits_from_hidden, model)
+    head = loss_head(model)
 
     def nll_fn(input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -97,7 +96,7 @@ def model_nll_fn(model: nn.Module, chunk_size: int = 4096, device: torch.device 
         ids = input_ids.to(device)
         with torch.inference_mode():
             hidden = hidden_states(model, ids)  # [B, T, C]
-            nll = token_nll(logits_fn, hidden.flatten(0, 1), shifted_targets(ids).flatten(), chunk_size)
+            nll = token_nll(head, hidden.flatten(0, 1), shifted_targets(ids).flatten(), chunk_size)
         # The last position has no target (its NLL is 0 by ignore_index): dropped, not counted.
         return nll.view(ids.shape)[:, :-1]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -21,3 +23,10 @@ def hidden_states(
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits ``[..., C] -> [..., V]`` as the model's own forward would compute them."""
     return adapter_for(model).logits(model, hidden)
+
+
+def loss_head(model: nn.Module):
+    """What ``lce.eval.loss.token_nll`` turns hidden states into logits with: the model's output layer as data
+    (``lce.kernels.cross_entropy.LogitHead``, so the fused linear + cross-entropy never forms logits), or, for an
+    output layer lce cannot describe (quantised, hooked), a callable computing the logits."""
+    return adapter_for(model).logit_head(model) or partial(logits_from_hidden, model)
