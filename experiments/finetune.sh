@@ -3,7 +3,7 @@
 # The tiny Llama with RoPE trained at 64 tokens (finetune_base), then, all at scale s=16 and swept to 32x:
 #   (a) training-free PI, NTK-aware and YaRN (finetune_training_free),
 #   (b) PI fine-tuned and (c) YaRN fine-tuned at 1024 tokens with the same budget and optimiser (*_finetune_tiny).
-# About 12 minutes on one CPU core.
+# About 15 minutes on 2 shared CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
