@@ -26,8 +26,10 @@ from lce.data import DATASETS, eval_documents, token_stream
 from lce.errors import ConfigError, did_you_mean
 from lce.eval.config import EvalConfig, posenc_label
 from lce.eval.protocols import protocol_meta
+from lce.eval.shard import current_shard
 from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
+from lce.kernels.backend import check_backend, use_backend
 from lce.loggers import LOGGERS, Run
 from lce.posenc import POSENCS
 from lce.provenance import git_revision, versions
@@ -57,6 +59,10 @@ class RunConfig:
     seed: int = 0
     out_root: str = "outputs"
     device: str = "auto"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_backend(self.backend)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +114,15 @@ def _guard_run_dir(out_dir: Path, run_cfg: RunConfig) -> None:
     path.write_text(json.dumps(current, indent=2, sort_keys=True))
 
 
+def process_device(device: str) -> torch.device:
+    """This process's device: under ``accelerate launch``/``torchrun`` with ``device=auto`` on CUDA, the GPU of its
+    local rank (``LOCAL_RANK``), else ``resolve_device(device)``."""
+    resolved = resolve_device(device)
+    if device == "auto" and resolved.type == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return resolved
+
+
 def is_main_process() -> bool:
     """Whether this is the main process of an ``accelerate launch``/``torchrun`` job (or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -141,14 +156,15 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
             warnings.warn(f"the checkpoint was saved with posenc {saved['posenc']}; the config's "
                           f"{dataclasses.asdict(run_cfg.posenc)} replaces it")
         patch(model, run_cfg.posenc, attention=run_cfg.attention)
-        if run_cfg.task in ("train", "train_eval"):
-            model = _train(run_cfg, model, tokenizer, out_dir, logger, progress)
-        if not main:
-            return []
-        rows = _sweep(run_cfg, model, tokenizer, results_dir, logger, progress) if run_cfg.task != "train" else []
+        # The whole run, backward passes included, on one backend (activation checkpointing recomputes forwards).
+        with use_backend(run_cfg.backend):
+            if run_cfg.task in ("train", "train_eval"):
+                model = _train(run_cfg, model, tokenizer, out_dir, logger, progress)
+            # Every process evaluates: the sweep shards its forward passes and only the main process writes.
+            rows = _sweep(run_cfg, model, tokenizer, results_dir, logger, progress) if run_cfg.task != "train" else []
     finally:
         logger.finish()
-    return rows
+    return rows if main else []
 
 
 def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, progress: bool):
@@ -179,7 +195,7 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
         data = eval_documents(run_cfg.data, tokenizer, max(lengths), ev.n_docs, ev.split, ev.documents)
     else:
         data = token_stream(run_cfg.data, tokenizer, ev.split)
-    device = resolve_device(run_cfg.device)
+    device = process_device(run_cfg.device)
     model.to(device)
     meta = {
         "experiment": run_cfg.experiment_name,
@@ -208,6 +224,8 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
                           bos_id=tokenizer.bos_id, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
                           device=device, progress=progress)
         _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
+    if not current_shard().is_main:
+        return rows
     experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
     paths = write_report(experiment_rows, results_dir, train_length=train_length,
                          title=f"{run_cfg.experiment_name}: perplexity vs length")
@@ -229,5 +247,7 @@ def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: di
                              results_dir / "retrieval.jsonl", haystack_text=haystack, bos_id=tokenizer.bos_id,
                              meta={**meta, "protocol": {"data": run_cfg.data.name, "split": ev.split}},
                              device=device, progress=progress)
+        if not current_shard().is_main:
+            continue
         plot_heatmap(cell_accuracy(rows), results_dir / f"retrieval_{slug(meta['run'])}_{task.name}.png",
                      title=f"{task.name}: {meta['run']}", train_length=run_cfg.train.seq_len)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.loss import token_nll
-from lce.hf.lm import hidden_states, logits_from_hidden
+from lce.hf.lm import hidden_states, loss_head
 from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import load_checkpoint, prune, read_state, save_checkpoint
 from lce.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -87,7 +87,7 @@ class NextTokenLoss(nn.Module):
         kwargs = {"position_ids": position_ids} if position_ids is not None else {}
         hidden = hidden_states(self.model, inputs, attention_mask, **kwargs)
         return token_nll(
-            lambda h: logits_from_hidden(self.model, h), hidden.flatten(0, 1), targets.flatten(), self.chunk_size
+            loss_head(self.model), hidden.flatten(0, 1), targets.flatten(), self.chunk_size
         )
 
 
