@@ -143,12 +143,16 @@ def query_positions(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> tor
 
 
 def key_positions(q_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """``[B, Tk]`` key positions, aligned so the newest key sits at the newest query's position.
-
-    Cached keys are the contiguous tokens before the current ones; under left padding the pad keys get positions
-    below 0, and the mask hides them.
+    """``[B, Tk]`` key positions: the last ``Tq`` keys are this call's tokens, at the queries' own positions (which may
+    jump: PoSE's skipped positions, packed documents restarting at 0); cached keys before them are taken as the
+    contiguous run of positions preceding the first query (under left padding the pad keys get positions below 0, and
+    the mask hides them).
     """
-    return q_pos[:, -1:] - (kv_len - 1) + torch.arange(kv_len, device=q_pos.device)
+    tq = q_pos.shape[1]
+    if kv_len <= tq:
+        return q_pos[:, tq - kv_len:]
+    cached = q_pos[:, :1] - (kv_len - tq) + torch.arange(kv_len - tq, device=q_pos.device)
+    return torch.cat([cached, q_pos], dim=1)
 
 
 def lce_attention_forward(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

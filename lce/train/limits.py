@@ -4,8 +4,8 @@
   static frequency-scaling rope types (PI = ``linear``, ``yarn``, ``llama3``, ``longrope``: their frequencies are
   designed for exactly that range), a method's own ``max_length`` (Self-Extend: ``(L - W) * G + W``). Dynamic
   methods and plain RoPE have no bound. With PoSE the positions reach ``pose_target_len``, which is checked instead.
-- PoSE and document packing give position ids that are not ``0 ... T - 1``; lce's own attention kernels (DCA,
-  Self-Extend, ALiBi, sparse patterns) derive key positions as a contiguous run, so those combinations are refused.
+- PoSE and document packing give position ids that are not ``0 ... T - 1``: every position encoding follows them
+  (lce's kernels place a call's keys at its queries' positions, ``lce.attention.plan.key_positions``).
 - ``train.resume_from`` must exist and hold a checkpoint.
 """
 
@@ -44,8 +44,7 @@ def supported_length(model: nn.Module) -> tuple[int | None, str]:
 
 
 def check_positions(model: nn.Module, cfg: TrainConfig) -> None:
-    """Raise ConfigError when the positions training will use are beyond the model's position encoding, or are
-    not contiguous while an lce attention kernel assumes they are."""
+    """Raise ConfigError when the positions training will use are beyond the model's position encoding."""
     bound, source = supported_length(model)
     key, length = ("pose_target_len", cfg.pose_target_len) if cfg.pose_target_len else ("seq_len", cfg.seq_len)
     if bound is not None and length > bound:
@@ -53,15 +52,6 @@ def check_positions(model: nn.Module, cfg: TrainConfig) -> None:
             f"train.{key}: {length} is above the {bound} positions the position encoding supports, {source}; "
             f"raise the scaling factor (or the method's window) or lower train.{key}"
         )
-    if cfg.pose_target_len or cfg.pack_documents:
-        kernel = next((m for m in model.modules() if getattr(getattr(m, "lce_plan", None), "kernel", None)), None)
-        if kernel is not None:
-            option = "pose_target_len" if cfg.pose_target_len else "pack_documents"
-            raise ConfigError(
-                f"train.{option}: gives non-contiguous position ids, but the model computes attention with an lce "
-                f"kernel ({model.config._attn_implementation}) that assumes contiguous key positions; use it with "
-                "frequency-only position encodings (rope, pi, ntk, yarn, llama3, longrope) and full attention"
-            )
 
 
 def resolve_resume(out_dir: str | Path, resume_from: str | None) -> Path | None:

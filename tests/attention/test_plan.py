@@ -3,7 +3,8 @@ positions is plain RoPE (prefill and decode); masks still reach the function; pl
 
 import torch
 
-from lce.attention.plan import AttentionPlan
+import lce
+from lce.attention.plan import AttentionPlan, key_positions
 from lce.attention.segments import Segment, identity, segmented_attention
 from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
@@ -118,3 +119,19 @@ def test_segmented_attention_training_keeps_one_block_of_scores():
     assert total < full_scores / 8, f"autograd saved {total} bytes; the scores alone are {full_scores}"
     out.sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+def test_a_calls_own_keys_sit_at_the_queries_positions():
+    jumping = torch.tensor([[0, 1, 2, 40, 41]])  # PoSE's skipped positions; packed documents restart likewise
+    assert torch.equal(key_positions(jumping, 5), jumping)
+    assert torch.equal(key_positions(torch.tensor([[7, 8]]), 5), torch.tensor([[4, 5, 6, 7, 8]]))  # cache + new
+
+
+def test_kernels_see_skipped_positions_like_transformers_does():
+    """Self-Extend whose neighbour window covers every distance is plain RoPE: with jumping position ids too."""
+    model, reference = make_tiny_llama(), make_tiny_llama()
+    lce.patch(model, "self_extend", group_size=2, neighbor_window=63)
+    positions = torch.cat([torch.arange(10), torch.arange(40, 53)])[None].expand(2, -1)
+    # Block-wise eager softmax over segments vs SDPA: same math, different summation order in fp32.
+    torch.testing.assert_close(logits(model, IDS, position_ids=positions),
+                               logits(reference, IDS, position_ids=positions), atol=2e-5, rtol=2e-5)

@@ -1,7 +1,6 @@
 """PoSE position ids against the construction of Zhu et al. 2023 (arXiv:2309.10400 §3.2) and its reference code, and
 the training loop feeding them to the model with an explicit mask."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -96,7 +95,3 @@ def test_bad_pose_settings_are_clear_errors():
         TrainConfig(pose_target_len=100)
     with pytest.raises(ConfigError, match=r"train\.pack_documents: cannot be combined with PoSE"):
         TrainConfig(pose_target_len=1024, pack_documents=True)
-    model = __import__("lce").patch(make_tiny_llama(), "dca")
-    with pytest.raises(ConfigError, match=r"train\.pose_target_len: gives non-contiguous position ids.*lce kernel"):
-        train(model, torch.zeros(4, 5 * 17, dtype=torch.long),
-              dataclasses.replace(TrainConfig(seq_len=16, micro_batch_size=2), pose_target_len=64), "unused")
