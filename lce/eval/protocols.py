@@ -173,6 +173,21 @@ def _start_token(add_start_token: bool | None, bos_id: int | None, where: str) -
     return bos_id
 
 
+def _documents_after_start(data, length: int, add_start_token: bool | None, bos_id: int | None,
+                           purpose: str) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
+    """The documents of ``data``, the start-token prefix (None without one) and how many document tokens a window of
+    ``length`` holds after it; a document shorter than that is an error naming it (``purpose``: what they are for)."""
+    _check_length(length)
+    docs = _as_documents(data)
+    start = _start_token(add_start_token, bos_id, "protocol.add_start_token")
+    doc_tokens = length - 1 if start is not None else length
+    for i, doc in enumerate(docs):
+        if doc.numel() < doc_tokens:
+            raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the {doc_tokens} {purpose}")
+    prefix = None if start is None else torch.tensor([start], dtype=docs[0].dtype)
+    return docs, prefix, doc_tokens
+
+
 def _run(
     nll_fn: NllFn, windows: Iterable[tuple[torch.Tensor, Any]], batch_size: int
 ) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -329,14 +344,7 @@ class YarnProtocol:
         self, nll_fn: NllFn, data, length: int, *, bos_id: int | None = None, batch_size: int = 1
     ) -> ProtocolScore:
         """Score ``data`` (documents) at evaluation length ``length`` (window length including BOS)."""
-        _check_length(length)
-        docs = _as_documents(data)
-        start = _start_token(self.add_start_token, bos_id, "protocol.add_start_token")
-        max_tokens = length - 1 if start is not None else length
-        for i, doc in enumerate(docs):
-            if doc.numel() < max_tokens:
-                raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the {max_tokens} of one window")
-        prefix = None if start is None else torch.tensor([start], dtype=docs[0].dtype)
+        docs, prefix, max_tokens = _documents_after_start(data, length, self.add_start_token, bos_id, "of one window")
 
         def windows():
             for doc in docs:
@@ -615,15 +623,8 @@ class StreamingProtocol:
         self, nll_fn: NllFn, data, length: int, *, bos_id: int | None = None, batch_size: int = 1
     ) -> ProtocolScore:
         """Score ``data`` (documents) with the first ``length - 1`` predictions of each."""
-        _check_length(length)
-        docs = _as_documents(data)
-        start = _start_token(self.add_start_token, bos_id, "protocol.add_start_token")
-        doc_tokens = length - 1 if start is not None else length
-        for i, doc in enumerate(docs):
-            if doc.numel() < doc_tokens:
-                raise ConfigError(f"docs[{i}]: has {doc.numel()} tokens, fewer than the {doc_tokens} streamed")
-        if start is not None:
-            prefix = torch.tensor([start], dtype=docs[0].dtype)
+        docs, prefix, doc_tokens = _documents_after_start(data, length, self.add_start_token, bos_id, "streamed")
+        if prefix is not None:
             docs = [torch.cat([prefix, doc[:doc_tokens]]) for doc in docs]
         position_nll, _ = document_nll(nll_fn, docs, length, batch_size)
         point = point_score(position_nll, len(docs), self.bucket_size or length)
