@@ -101,7 +101,11 @@ def segmented_attention(
     """
     heads, tq = query.shape[1], query.shape[2]
     groups = heads // key.shape[1]
-    keys = [rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1) for seg in segments]
+    rotated: dict[int, torch.Tensor] = {}  # segments sharing a key map (all three of DCA's) share its rotated keys
+    for seg in segments:
+        if id(seg.k_map) not in rotated:
+            rotated[id(seg.k_map)] = rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1)
+    keys = [rotated[id(seg.k_map)] for seg in segments]
     values = value.repeat_interleave(groups, dim=1)
     # Under autograd each block is recomputed in the backward pass, so training keeps one block of scores, not T^2.
     recompute = torch.is_grad_enabled() and tq > block_size
@@ -138,6 +142,18 @@ def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling,
     return torch.matmul(probs.to(values.dtype), values)
 
 
+def _pairs_argument(chosen: torch.Tensor, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
+    """How the fused kernel learns which pairs of a span it scores, as ``(is_causal, bias)``: nothing for a span the
+    segment covers entirely, ``is_causal`` for a square causal one (both several times faster than a bias; every span
+    of DCA's chunk-aligned blocks is one of the two), else a ``[..., b, n]`` bias of 0 and ``-inf``."""
+    if bool(chosen.all()):
+        return False, None
+    rows, cols = chosen.shape[-2:]
+    if rows == cols and bool((chosen == torch.ones(rows, cols, dtype=torch.bool, device=chosen.device).tril()).all()):
+        return True, None
+    return False, torch.zeros(chosen.shape, dtype=dtype, device=chosen.device).masked_fill_(~chosen, float("-inf"))
+
+
 def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling, columns, visible):
     """``_block`` without autograd on CPU: per segment one fused SDPA call (PyTorch's CPU flash kernel, which returns
     the log-sum-exp) over the key columns that segment selects, merged by log-sum-exp weights. That is the same
@@ -158,9 +174,9 @@ def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, s
         cols = slice(int(used[0]), int(used[-1]) + 1)  # a contiguous span holding every selected column
         chosen = chosen[..., cols]
         q_rot = rotation.apply(query, seg.q_map(q_pos))
-        bias = torch.zeros(chosen.shape, dtype=query.dtype, device=query.device).masked_fill_(~chosen, float("-inf"))
+        causal, bias = _pairs_argument(chosen, query.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_rot, k_rot[:, :, cols], values[:, :, cols], 0.0, False, attn_mask=bias, scale=scaling)
+            q_rot, k_rot[:, :, cols], values[:, :, cols], 0.0, causal, attn_mask=bias, scale=scaling)
         # The kernel reports lse = 0 and output 0 for a row with no selected key: mark such rows -inf (weight 0).
         lses.append(lse.float().masked_fill(~chosen.any(dim=-1).expand_as(lse), float("-inf")))
         outs.append(out)
