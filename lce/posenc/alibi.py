@@ -131,6 +131,9 @@ def alibi_attention(query, key, value, slopes, q_pos, k_pos, scaling, attention_
     ``O(B * H * block_size * Tk)`` in training as well. Under a restriction (``visible``) a block scores only the key
     columns its block map and causality leave.
     """
+    if attention_mask is None and visible is None and not dropout and not torch.is_grad_enabled() and (
+            query.device.type == "cpu"):
+        return _alibi_inference(query, key, value, slopes, q_pos, k_pos, scaling, block_size)
     tq = query.shape[2]
     recompute = tq > block_size and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
@@ -146,6 +149,44 @@ def alibi_attention(query, key, value, slopes, q_pos, k_pos, scaling, attention_
         outs.append(checkpoint(_alibi_block, *args, use_reentrant=False) if recompute else _alibi_block(*args))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2)
+
+
+def _alibi_inference(query, key, value, slopes, q_pos, k_pos, scaling, block_size: int):
+    """``alibi_attention`` for unmasked causal inference on CPU, without a ``[b, Tk]`` bias per block.
+
+    The ALiBi logit ``s q_i.k_j - m_h (i - j)`` is ``[s q_i.k_j + m_h (j - i_0)] - m_h (i - i_0)``: for the keys before
+    a query block starting at ``i_0`` the bracket's bias depends on the key only (``[H, 1, n]``, broadcast over the
+    rows) and the rest is a per-row shift, which leaves the softmax unchanged and moves its log-sum-exp by exactly that
+    much. So each block takes two fused calls (PyTorch's CPU flash kernel, which returns the log-sum-exp): its past keys
+    with that broadcast bias, its own ``b x b`` causal square with the full bias; merged by log-sum-exp weights, this
+    is the same softmax (forward only: the weights would need the LSE's gradient).
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    tq, tk = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    m = slopes.to(torch.promote_types(query.dtype, torch.float32))[None, :, None]  # [1, H, 1]
+    outs = []
+    for start in range(0, tq, block_size):
+        stop = min(start + block_size, tq)
+        own = slice(tk - tq + start, tk - tq + stop)  # this block's own keys; those before it are all visible
+        i, j = q_pos[:, start:stop], k_pos[:, own]
+        distance = (i[:, :, None] - j[:, None, :]).to(m.dtype)[:, None]  # [B, 1, b, b]
+        square = (-m[..., None] * distance).masked_fill(distance < 0, float("-inf")).to(query.dtype)
+        out, lse = flash(query[:, :, start:stop], key[:, :, own], value[:, :, own], 0.0, False, attn_mask=square,
+                         scale=scaling)
+        if own.start > 0:
+            first = i[:, :1, None].to(m.dtype)  # [B, 1, 1]: i_0
+            past = (m * (k_pos[:, None, :own.start].to(m.dtype) - first)).to(query.dtype)  # [B, H, n]
+            past = past[:, :, None].expand(-1, -1, stop - start, -1)
+            out_past, lse_past = flash(query[:, :, start:stop], key[:, :, :own.start], value[:, :, :own.start], 0.0,
+                                       False, attn_mask=past, scale=scaling)
+            lse_past = lse_past - m * (i[:, None, :].to(m.dtype) - first)
+            top = torch.maximum(lse, lse_past)
+            w_own, w_past = torch.exp(lse - top)[..., None], torch.exp(lse_past - top)[..., None]
+            out = ((w_own * out.float() + w_past * out_past.float()) / (w_own + w_past)).to(query.dtype)
+        outs.append(out)
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 @POSENCS.register("alibi")

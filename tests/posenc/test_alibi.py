@@ -145,6 +145,20 @@ def test_blockwise_matches_eager_forward_and_backward(shape, padded):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_inference_form_matches_eager(shape):
+    """Without autograd on CPU: past keys with a broadcast bias and the causal square, merged by log-sum-exp."""
+    batch, heads, kv_heads, tq, tk, block = shape
+    q, k, v = random_qkv(batch, heads, kv_heads, tq, tk, seed=1)
+    k_pos = torch.arange(tk).expand(batch, tk) + 1000  # far from 0: the row shift is not a small number
+    q_pos = k_pos[:, tk - tq:]
+    slopes = alibi_slopes(heads, torch.float64)
+    with torch.no_grad():
+        fast = alibi_attention(q, k, v, slopes, q_pos, k_pos, 0.35, block_size=block)
+        ref = alibi_attention_eager(q, k, v, slopes, q_pos, k_pos, 0.35)
+    torch.testing.assert_close(fast, ref)  # fp64: exact merge algebra, default (1e-7) tolerance
+
+
 def capture_attention(model):
     """Record each self-attention call's input hidden states and output."""
     calls = []
