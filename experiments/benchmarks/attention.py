@@ -76,6 +76,10 @@ def flex_factory(device: torch.device):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
+    # One compiled graph per (case, length, score_mod): far more than dynamo's default limit of 8 recompilations,
+    # past which flex_attention silently falls back to its unfused eager form.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def block_mask(mask_mod, length):

@@ -121,9 +121,10 @@ def measure(case: str, length: int, impls: dict[str, Impl], device: torch.device
     return points
 
 
-def check(case: str, length: int, impls: dict[str, Impl]) -> list[Point]:
-    """Max absolute difference of every implementation from the first one (the reference)."""
-    outputs = {name: fn().float() for name, fn in impls.items()}
+def check(case: str, length: int, impls: dict[str, Impl], unlike: tuple[str, ...] = ()) -> list[Point]:
+    """Max absolute difference of every implementation from the first one (the reference); ``unlike`` names peers
+    that compute something else (a speed yardstick only) and are not compared."""
+    outputs = {name: fn().float() for name, fn in impls.items() if name not in unlike}
     reference = next(iter(outputs.values()))
     return [Point(case, name, length, "max_abs_err", float((out - reference).abs().max()))
             for name, out in outputs.items()]
