@@ -22,11 +22,11 @@ def make_tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama with GQA (4 query heads, 2 KV heads), head_dim 16 and a 259-token byte vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    params = dict(
-        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
+    params = {
+        "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None,
+    }
     params.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**params)).eval()

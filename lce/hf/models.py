@@ -117,7 +117,8 @@ class HFModel:
     def load(self, seed: int = 0) -> Loaded:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        common = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, local_files_only=hub_offline())
+        common = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
+                  "local_files_only": hub_offline()}
         where = f"model.path={self.path!r}"
         local = Path(os.path.expanduser(self.path))
         if (local.exists() or self.path.startswith((".", "/", "~"))) and not (local / "config.json").is_file():

@@ -18,24 +18,24 @@ IDS = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(0))
 
 # fp32 both ways; the kernel's online softmax sums in another order than the PyTorch kernels: 1e-5 on logits of
 # magnitude ~1 after two layers.
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 CASES = {
-    "logn": dict(posenc={"name": "logn", "logn_length": 8}),
-    "alibi": dict(posenc="alibi"),
-    "dca": dict(posenc={"name": "dca", "chunk_size": 12, "local_window": 4}),
-    "dca_paper": dict(posenc={"name": "dca", "chunk_size": 10, "local_window": 3, "convention": "paper",
-                              "pretraining_length": 16}),
-    "self_extend": dict(posenc={"name": "self_extend", "group_size": 3, "neighbor_window": 8}),
-    "rerope": dict(posenc={"name": "rerope", "window": 6}),
-    "sinks": dict(posenc={"name": "sinks", "start_size": 2, "recent_size": 9}),
-    "sliding_window": dict(posenc="rope", attention={"name": "sliding_window", "window": 7}),
-    "local_global": dict(posenc="rope", attention={"name": "local_global", "window": 7, "global_tokens": [0, 1]}),
-    "block_sparse": dict(posenc="rope", attention={"name": "block_sparse", "block_size": 8, "window_blocks": 1,
-                                                   "global_blocks": 1, "random_blocks": 1}),
-    "alibi_window": dict(posenc="alibi", attention={"name": "sliding_window", "window": 7, "sink_tokens": 2}),
-    "dca_window": dict(posenc={"name": "dca", "chunk_size": 12, "local_window": 4},
-                       attention={"name": "sliding_window", "window": 9}),
+    "logn": {"posenc": {"name": "logn", "logn_length": 8}},
+    "alibi": {"posenc": "alibi"},
+    "dca": {"posenc": {"name": "dca", "chunk_size": 12, "local_window": 4}},
+    "dca_paper": {"posenc": {"name": "dca", "chunk_size": 10, "local_window": 3, "convention": "paper",
+                              "pretraining_length": 16}},
+    "self_extend": {"posenc": {"name": "self_extend", "group_size": 3, "neighbor_window": 8}},
+    "rerope": {"posenc": {"name": "rerope", "window": 6}},
+    "sinks": {"posenc": {"name": "sinks", "start_size": 2, "recent_size": 9}},
+    "sliding_window": {"posenc": "rope", "attention": {"name": "sliding_window", "window": 7}},
+    "local_global": {"posenc": "rope", "attention": {"name": "local_global", "window": 7, "global_tokens": [0, 1]}},
+    "block_sparse": {"posenc": "rope", "attention": {"name": "block_sparse", "block_size": 8, "window_blocks": 1,
+                                                   "global_blocks": 1, "random_blocks": 1}},
+    "alibi_window": {"posenc": "alibi", "attention": {"name": "sliding_window", "window": 7, "sink_tokens": 2}},
+    "dca_window": {"posenc": {"name": "dca", "chunk_size": 12, "local_window": 4},
+                       "attention": {"name": "sliding_window", "window": 9}},
 }
 
 

@@ -14,11 +14,11 @@ from lce.errors import ConfigError
 from lce.posenc.alibi import alibi_attention, alibi_attention_eager, alibi_bias, alibi_slopes
 from lce.posenc.logn import logn_scale
 from tests.conftest import (
-    scale_queries,
     assert_checkpointed_training_step,
     assert_decode_matches_full,
     logits,
     make_tiny_llama,
+    scale_queries,
 )
 
 IDS = torch.randint(3, 259, (2, 29), generator=torch.Generator().manual_seed(0))

@@ -21,11 +21,11 @@ from lce.posenc.dca import Dca, DcaGeometry, dca_attention, dca_mscale, dca_rela
 from lce.posenc.logn import logn_scale
 from lce.posenc.rotation import Rotation
 from tests.conftest import (
-    scale_queries,
     assert_checkpointed_training_step,
     assert_decode_matches_full,
     logits,
     make_tiny_llama,
+    scale_queries,
 )
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import lce
 from lce.errors import ConfigError
 from lce.posenc.logn import logn_scale
-from tests.conftest import scale_queries, make_tiny_llama
+from tests.conftest import make_tiny_llama, scale_queries
 
 
 def logits(model, ids, **kwargs):

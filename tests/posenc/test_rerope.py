@@ -11,8 +11,8 @@ from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
 from lce.posenc.logn import logn_scale
 from lce.posenc.rerope import ReRope, rerope_attention
-from tests.posenc.pairwise import dispatcher_positions, per_pair_reference, random_qkv
 from tests.conftest import assert_checkpointed_training_step, assert_decode_matches_full, logits, make_tiny_llama
+from tests.posenc.pairwise import dispatcher_positions, per_pair_reference, random_qkv
 
 IDS = torch.randint(3, 259, (2, 30), generator=torch.Generator().manual_seed(0))
 

@@ -17,11 +17,11 @@ from lce.posenc.self_extend import (
     self_extend_relative_positions,
 )
 from tests.conftest import (
-    scale_queries,
     assert_checkpointed_training_step,
     assert_decode_matches_full,
     logits,
     make_tiny_llama,
+    scale_queries,
 )
 from tests.posenc.test_dca import (
     IDS,
