@@ -29,6 +29,6 @@ def list_attentions() -> list[str]:
 
 
 __all__ = [
-    "ATTENTIONS", "MODELS", "POSENCS", "ConfigError", "LceError", "UnsupportedModelError", "list_attentions", "list_posencs", "load_model", "patch",
-    "patch_spec", "save_model", "unpatch",
+    "ATTENTIONS", "MODELS", "POSENCS", "ConfigError", "LceError", "UnsupportedModelError", "list_attentions",
+    "list_posencs", "load_model", "patch", "patch_spec", "save_model", "unpatch",
 ]

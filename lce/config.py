@@ -77,7 +77,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {value!r} is not allowed{did_you_mean(value, map(str, args))}; choose one of {allowed}")
+            raise ConfigError(f"{where}: {value!r} is not allowed{did_you_mean(value, map(str, args))}; "
+                              f"choose one of {allowed}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -76,7 +76,8 @@ def parse_run_config(cfg: Any) -> RunConfig:
     allowed = {f.name for f in dataclasses.fields(RunConfig)}
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"{key}: unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, allowed)}; "
+                              f"allowed keys: {', '.join(sorted(allowed))}")
     built: dict[str, Any] = {}
     for name, registry in GROUPS.items():
         spec = data.get(name, {"name": "none"} if name == "logger" else None)

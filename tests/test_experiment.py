@@ -8,8 +8,8 @@ from lce.kernels.backend import requested_backend
 
 def test_the_run_config_backend_covers_training_and_evaluation(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(experiment, "_train", lambda run_cfg, model, *args: seen.setdefault("train",
-                                                                                           requested_backend()) and model)
+    monkeypatch.setattr(experiment, "_train",
+                        lambda run_cfg, model, *args: seen.setdefault("train", requested_backend()) and model)
     monkeypatch.setattr(experiment, "_sweep", lambda *args: seen.setdefault("sweep", requested_backend()) and [])
     monkeypatch.delenv("LCE_BACKEND", raising=False)
     cfg = OmegaConf.create({"model": {"name": "tiny_llama"}, "posenc": {"name": "rope"}, "attention": {"name": "full"},

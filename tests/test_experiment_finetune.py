@@ -35,7 +35,8 @@ def test_paper_settings():
     yarn = parse_run_config(composed(["experiment=yarn_finetune"])).train
     assert (yarn.steps, yarn.lr, yarn.betas, yarn.weight_decay, yarn.warmup_steps) == (400, 2e-5, [0.9, 0.95], 0.0, 20)
     longlora = parse_run_config(composed(["experiment=longlora"]))
-    assert (longlora.train.lora_rank, longlora.train.lora_alpha, longlora.train.trainable) == (8, 16.0, ["embed", "norm"])
+    assert (longlora.train.lora_rank, longlora.train.lora_alpha,
+            longlora.train.trainable) == (8, 16.0, ["embed", "norm"])
     assert (longlora.attention.name, longlora.train.steps, longlora.train.lr) == ("s2_attn", 1000, 2e-5)
     assert parse_run_config(composed(["experiment=pi_finetune"])).train.steps == 1000
 

@@ -55,7 +55,8 @@ class Inputs:
         self.pos = torch.arange(length, device=device)[None].expand(args.batch, length)
         self.scale = args.head_dim ** -0.5
         self.length, self.device = length, device
-        self.rotation = Rotation(1.0 / 10000 ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+        self.rotation = Rotation(
+            1.0 / 10000 ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
 
     def rotated(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotation.apply(self.q, self.pos), self.rotation.apply(self.k, self.pos)

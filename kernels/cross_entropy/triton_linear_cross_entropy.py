@@ -190,8 +190,10 @@ def _meta(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
 
 
 def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            multiplier: float, softcap: float | None, blocks: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(nll [N], lse [N])`` fp32 for contiguous ``hidden [N, C]``, ``weight [V, C]``, ``bias [V]``, ``targets [N]``."""
+            multiplier: float, softcap: float | None,
+            blocks: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nll [N], lse [N])`` fp32 for contiguous ``hidden [N, C]``, ``weight [V, C]``, ``bias [V]``,
+    ``targets [N]``."""
     (n, c), v = hidden.shape, weight.shape[0]
     nll = hidden.new_empty(n, dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)

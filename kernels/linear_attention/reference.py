@@ -80,7 +80,8 @@ def linear_attention_final_state(fk, v, log_decay=None, initial_state: State | N
 
 
 def _blocks(x: torch.Tensor, chunks: int, size: int) -> torch.Tensor:
-    """``[B, H, T, ...] -> [B, H, chunks, size, ...]``, zero-padded at the end (padding adds nothing, decays nothing)."""
+    """``[B, H, T, ...] -> [B, H, chunks, size, ...]``, zero-padded at the end (padding adds nothing, decays
+    nothing)."""
     pad = chunks * size - x.shape[2]
     if pad:
         x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))

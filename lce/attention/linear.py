@@ -128,7 +128,8 @@ def linear_attention_recurrent(fq, fk, v, log_decay=None, state: LinearState | N
 
 
 def divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
-    """Katharopoulos et al.'s normalisation ``num / (den + eps)``: ``[B, H, T, E]``, ``[B, H, T]`` -> ``[B, H, T, E]``."""
+    """Katharopoulos et al.'s normalisation ``num / (den + eps)``: ``[B, H, T, E]``, ``[B, H, T]`` ->
+    ``[B, H, T, E]``."""
     return num / (den + eps)[..., None]
 
 

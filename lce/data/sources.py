@@ -68,7 +68,9 @@ class StdlibData:
     name: str = "stdlib"
     include: str = "*.py"
     exclude: list[str] = field(
-        default_factory=lambda: ["site-packages/*", "dist-packages/*", "test/*", "*/test/*", "*/tests/*", "idlelib/*", "lib2to3/*"]
+        default_factory=lambda: [
+            "site-packages/*", "dist-packages/*", "test/*", "*/test/*", "*/tests/*", "idlelib/*", "lib2to3/*",
+        ]
     )
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -156,7 +158,8 @@ class HFData:
 
     def __post_init__(self):
         _check_split_fractions("data", self.validation_fraction, self.test_fraction)
-        check(self.path != "???", "data.path", "set a dataset name (e.g. data.path=pg19) or loader (json, parquet, text)")
+        check(self.path != "???", "data.path",
+              "set a dataset name (e.g. data.path=pg19) or loader (json, parquet, text)")
 
     def _load(self, split: str):
         import datasets

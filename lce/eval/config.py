@@ -62,4 +62,5 @@ class EvalConfig:
             build_retrieval(spec, f"eval.retrieval[{i}]")
         labels = [posenc_label(spec, f"eval.posencs[{i}]")[1] for i, spec in enumerate(self.posencs)]
         check(len(set(labels)) == len(labels), "eval.posencs", f"labels must be distinct, got {labels}")
-        check(self.bucket_size is None or self.bucket_size >= 1, "eval.bucket_size", f"must be >= 1, got {self.bucket_size}")
+        check(self.bucket_size is None or self.bucket_size >= 1, "eval.bucket_size",
+              f"must be >= 1, got {self.bucket_size}")

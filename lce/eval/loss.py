@@ -36,7 +36,8 @@ def token_nll(
         ``[N]`` float32 NLL per position.
     """
     if hidden.shape[:-1] != targets.shape or hidden.dim() != 2:
-        raise ValueError(f"hidden [N, C] and targets [N] must match, got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(f"hidden [N, C] and targets [N] must match, "
+                         f"got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     if isinstance(logits_fn, LogitHead):

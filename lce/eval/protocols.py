@@ -24,8 +24,9 @@ that must run the model differently (``streaming``: token by token with a KV cac
 method, and ``protocol_nll_fn`` picks it.
 
 Sources: YaRN (Peng et al., arXiv:2309.00071), LongLoRA (Chen et al., arXiv:2309.12307) and Dual Chunk Attention
-(An et al., arXiv:2402.17463), ALiBi (Press et al., arXiv:2108.12409), StreamingLLM (Xiao et al., arXiv:2309.17453), each protocol's reference file named in its
-docstring. Only ``canonical`` (nanoGPT's rule: NLL summed, divided once) is a sound statistic; ``yarn`` and
+(An et al., arXiv:2402.17463), ALiBi (Press et al., arXiv:2108.12409), StreamingLLM (Xiao et al., arXiv:2309.17453),
+each protocol's reference file named in its docstring. Only ``canonical`` (nanoGPT's rule: NLL summed, divided once)
+is a sound statistic; ``yarn`` and
 ``longlora_stream`` weight a prediction by one over the size of its window or batch, and exist to reproduce
 published tables. Their results carry ``aggregation`` so that a report never mixes them up silently.
 """

@@ -219,7 +219,8 @@ def plot_position_nll(rows: list[dict], path: str | Path, train_length: int | No
         ax.plot(xs, row["bucket_nll"], marker=marker, markersize=3, color=color,
                 label=f"{name} (L={format_length(int(row['length']))})")
     if train_length is not None:
-        ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1, label=f"train length ({format_length(train_length)})")
+        ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1,
+                   label=f"train length ({format_length(train_length)})")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_length(x)))
     ax.grid(True, which="both", alpha=0.25)

@@ -112,7 +112,8 @@ class HFModel:
     tokenizer: str | None = None
 
     def __post_init__(self):
-        check(self.path != "???", "model.path", "set a hub id or a local directory, e.g. model.path=meta-llama/Llama-2-7b-hf")
+        check(self.path != "???", "model.path",
+              "set a hub id or a local directory, e.g. model.path=meta-llama/Llama-2-7b-hf")
 
     def load(self, seed: int = 0) -> Loaded:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -127,7 +128,8 @@ class HFModel:
         try:
             config = AutoConfig.from_pretrained(path, **common)
         except (OSError, ValueError) as e:
-            hint = " and HF_HUB_OFFLINE=1: it must be a local directory or already in the HF cache" if hub_offline() else ""
+            hint = (" and HF_HUB_OFFLINE=1: it must be a local directory or already in the HF cache"
+                    if hub_offline() else "")
             raise LceError(f"{where} could not be loaded{hint} ({str(e).splitlines()[0]})") from None
         dtype = "auto" if self.dtype == "auto" else DTYPES[self.dtype]
         kwargs = dict(config=config, dtype=dtype, **common)
@@ -163,7 +165,8 @@ def load_model(spec: Any = "tiny_llama", *, seed: int = 0, **params: Any) -> Loa
 
 
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Save weights (safetensors), config (with the lce patch spec) and tokenizer so ``load_model(path)`` restores all."""
+    """Save weights (safetensors), config (with the lce patch spec) and tokenizer so ``load_model(path)`` restores
+    all."""
     path = Path(path)
     if isinstance(tokenizer, ByteTokenizer):
         setattr(model.config, TOKENIZER_KEY, tokenizer.kind)

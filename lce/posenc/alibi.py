@@ -17,8 +17,9 @@ rounds every logit by up to ``m_h * j * 6e-8`` (3e-3 at ``j = 1e5``), while ``m_
 for the nearby keys that carry the probability mass, and large only for keys the softmax ignores anyway.
 
 Two kernels with one signature: ``alibi_attention_eager`` materialises the ``[B, H, Tq, Tk]`` bias (the readable
-reference), and ``alibi_attention`` (the default) hands one block of queries at a time to a fused SDPA call with that block's bias,
-so neither the bias nor the scores ever exist for all ``Tq`` at once; with more than one block it recomputes each
+reference), and ``alibi_attention`` (the default) hands one block of queries at a time to a fused SDPA call with that
+block's bias, so neither the bias nor the scores ever exist for all ``Tq`` at once; with more than one block it
+recomputes each
 block in the backward pass (activation checkpointing per block), so training memory stays ``O(B * H * block * Tk)``
 too. Under the ``triton`` backend (``auto`` on CUDA) lce's fused kernel (``lce.kernels.attention``) computes ALiBi in
 registers instead, in one pass over all queries.

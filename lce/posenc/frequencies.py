@@ -200,7 +200,8 @@ def check_positive(value: float | None, where: str) -> None:
 
 def resolve_original_length(config, target) -> int:
     """A method's ``original_max_position_embeddings``, or the model's training length when it is null: the
-    model's own ``original_max_position_embeddings`` if its rope parameters have one, else ``max_position_embeddings``."""
+    model's own ``original_max_position_embeddings`` if its rope parameters have one, else
+    ``max_position_embeddings``."""
     return int(config.original_max_position_embeddings or original_length(target.config))
 
 

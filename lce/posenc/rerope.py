@@ -97,4 +97,5 @@ class ReRope(PosEnc):
                                     block_size, visible=visible), None
 
         fused = segments.fused_segments(kernel_segments.rerope_segments(window), rotation)
-        target.use_kernel("rerope", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)
+        target.use_kernel("rerope", lambda layer_index, module: kernel,
+                          fused_for_layer=lambda layer_index, module: fused)

@@ -127,4 +127,5 @@ class Sinks(PosEnc):
         # segment can select (the segments alone would be exact, but scan every earlier key).
         fused = segments.fused_segments(kernel_segments.sink_segments(start_size, recent_size), rotation,
                                         window=recent_size, sink_tokens=start_size)
-        target.use_kernel("sinks", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)
+        target.use_kernel("sinks", lambda layer_index, module: kernel,
+                          fused_for_layer=lambda layer_index, module: fused)

@@ -61,7 +61,8 @@ def test_eval_documents_long_and_concat(tmp_path):
     assert len(docs) == 3 and all(d.numel() >= 300 for d in docs)
     again = eval_documents(source, tokenizer, min_tokens=300, n_docs=3, policy="long")
     assert all(torch.equal(a, b) for a, b in zip(docs, again))  # deterministic
-    with pytest.raises(ConfigError, match=r"eval\.n_docs: only \d+ documents .* at least 5000 tokens.*documents=concat"):
+    with pytest.raises(ConfigError,
+                       match=r"eval\.n_docs: only \d+ documents .* at least 5000 tokens.*documents=concat"):
         eval_documents(source, tokenizer, min_tokens=5000, n_docs=3)
     cut = eval_documents(source, tokenizer, min_tokens=1000, n_docs=2, policy="concat")
     assert [d.numel() for d in cut] == [1000, 1000]
@@ -84,7 +85,8 @@ def test_hf_dataset_from_local_json(tmp_path):
     ids = {s: [d for d, _ in source.documents(s)] for s in ("train", "validation", "test")}
     assert sum(map(len, ids.values())) == 50 and ids["test"] and not (set(ids["train"]) & set(ids["test"]))
     with pytest.raises(ConfigError, match=r"data\.text_field: 'text' is not a column.*body"):
-        list(HFData(path="json", data_files={"train": str(path)}, validation_split=None, test_split=None).documents("train"))
+        list(HFData(path="json", data_files={"train": str(path)}, validation_split=None,
+                    test_split=None).documents("train"))
 
 
 class CountingTokenizer(ByteTokenizer):
@@ -112,5 +114,6 @@ def test_eval_documents_first_in_dataset_order(tmp_path):
     assert [d.numel() for d in by_hash] != [d.numel() for d in docs]  # the hash order picks others (or orders them so)
     with pytest.raises(ConfigError, match=r"eval\.n_docs: only 5 documents .* at least 300 tokens .*, 6 requested"):
         eval_documents(source, ByteTokenizer(), min_tokens=300, n_docs=6, policy="first")
-    with pytest.raises(ConfigError, match=r"eval\.documents: 'last' is not allowed; choose one of 'long', 'concat', 'first'"):
+    with pytest.raises(ConfigError,
+                       match=r"eval\.documents: 'last' is not allowed; choose one of 'long', 'concat', 'first'"):
         eval_documents(source, ByteTokenizer(), min_tokens=300, n_docs=1, policy="last")

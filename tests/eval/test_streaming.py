@@ -33,7 +33,8 @@ def test_windows_and_aggregation_hand_computed():
 
 
 def test_config_errors_and_selection():
-    assert build_protocol({"name": "streaming", "start_size": 1, "recent_size": 256}) == StreamingProtocol(start_size=1, recent_size=256)
+    assert build_protocol({"name": "streaming", "start_size": 1, "recent_size": 256}) == StreamingProtocol(
+        start_size=1, recent_size=256)
     assert EvalConfig(protocol={"name": "streaming", "recent_size": 64}).protocol_config().recent_size == 64
     for bad, key in (({"recent_size": 0}, "recent_size"), ({"start_size": -1}, "start_size"),
                      ({"bucket_size": 0}, "bucket_size")):

@@ -46,7 +46,8 @@ def test_hf_model_from_local_directory(tmp_path):
 
 def test_missing_model_offline_fails_fast():
     start = time.monotonic()
-    with pytest.raises(LceError, match=r"model\.path='no-such-org/no-such-model' could not be loaded and HF_HUB_OFFLINE=1"):
+    with pytest.raises(LceError,
+                       match=r"model\.path='no-such-org/no-such-model' could not be loaded and HF_HUB_OFFLINE=1"):
         lce.load_model("no-such-org/no-such-model")
     assert time.monotonic() - start < 5, "offline loading must not retry"
 

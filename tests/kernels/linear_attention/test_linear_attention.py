@@ -66,7 +66,8 @@ def relative_error(x, ref):
 def assert_matches_reference(run, args, tolerance):
     """``run(*args) -> (num, den, (S, z))`` equals the fp64 reference, and so do the gradients of a random weighting
     of all four outputs with respect to every input."""
-    args = [None if a is None else (tuple(t.requires_grad_() for t in a) if isinstance(a, tuple) else a.requires_grad_())
+    args = [None if a is None
+            else (tuple(t.requires_grad_() for t in a) if isinstance(a, tuple) else a.requires_grad_())
             for a in args]
     num, den, (S, z) = run(*args)
     exact_args = [None if a is None else (tuple(t.double() for t in a) if isinstance(a, tuple) else a.double())
