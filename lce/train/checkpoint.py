@@ -3,11 +3,16 @@
 Layout of one checkpoint, named by the global optimizer step it was taken after::
 
     out_dir/checkpoints/step_00000200/
-        model.safetensors      model state dict (tied weights stored once, see ``safetensors.torch.save_model``)
-        optimizer.safetensors  optimizer state tensors as ``state.{param_index}.{name}`` (AdamW: step, exp_avg, ...)
+        model.safetensors      full model state dict (tied weights stored once, see ``safetensors.torch.save_model``)
+        optimizer.safetensors  full optimizer state as ``state.{parameter name}.{name}`` (AdamW: step, exp_avg, ...)
         rng.safetensors        ``torch`` CPU RNG state and ``cuda.{i}`` per CUDA device when present
-        state.json             global_step, data_position, epoch, optimizer_param_groups, rng (numpy, python),
-                               config (the TrainConfig), extra (whatever the caller passes)
+        state.json             format, global_step, data_position, epoch, optimizer_param_groups (parameters by name),
+                               rng (numpy, python), config (the TrainConfig), extra (whatever the caller passes)
+
+Everything is unsharded and keyed by parameter name, so a checkpoint written by one process, by DDP or by FSDP2
+(``lce.train.fsdp``) resumes under any of them: ``full_optimizer_state`` gathers a sharded optimizer's state through
+``torch.distributed.checkpoint.state_dict`` and ``load_optimizer_state`` scatters it back. Checkpoints of format 1
+(optimizer state keyed by the parameter's index in the optimizer) still load.
 
 A checkpoint is written into a hidden temporary directory, ``state.json`` last, and then renamed into place with
 ``os.replace``; a process killed mid-save leaves only the temporary directory, which ``latest_checkpoint`` ignores
@@ -29,12 +34,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from lce.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_PREFIX = ".tmp-"
+FORMAT = 2  # 1: optimizer state keyed by parameter index (no "format" in state.json); 2: by parameter name
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -42,11 +54,29 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full (unsharded) state of ``optimizer`` on the CPU, keyed by the names of ``model``'s parameters.
+
+    With a model sharded by FSDP2 this is a collective: every process calls it, and the main process receives the
+    state (the others an empty dict). Otherwise it is a local copy.
+
+    Args:
+        model: the module whose parameters ``optimizer`` updates (the sharded copy under FSDP2, not a DDP wrapper).
+        optimizer: a torch optimizer (not accelerate's wrapper).
+
+    Returns:
+        ``{"state": {name: {key: tensor}}, "param_groups": [{..., "params": [name, ...]}]}``.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=distributed))
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     *,
     data_position: int,
     epoch: int,
@@ -58,8 +88,9 @@ def save_checkpoint(
     Args:
         out_dir: run directory; the checkpoint goes to ``out_dir/checkpoints/step_{step:08d}``.
         step: global optimizer steps taken so far.
-        model: the unwrapped model.
-        optimizer: its optimizer; every per-parameter state value must be a tensor (true of torch's optimizers).
+        model: the unwrapped, unsharded model.
+        optimizer_state: from ``full_optimizer_state``; every per-parameter value must be a tensor (true of
+            torch's optimizers).
         data_position: global micro-batches consumed so far (where the data order resumes).
         epoch: data epoch of the next micro-batch.
         config: the run's training config, compared on resume.
@@ -72,10 +103,10 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
 
     save_model(model, str(tmp / "model.safetensors"))
-    optimizer_state = optimizer.state_dict()
     save_file(_flatten_optimizer_state(optimizer_state["state"]), str(tmp / "optimizer.safetensors"))
     save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
     state = {
+        "format": FORMAT,
         "global_step": step,
         "data_position": data_position,
         "epoch": epoch,
@@ -109,29 +140,61 @@ def load_checkpoint(
 
     Args:
         path: a checkpoint directory (e.g. from ``latest_checkpoint``).
-        model: the unwrapped model, built with the same architecture; weights are copied in place.
-        optimizer: optimizer over the same parameters in the same order; None leaves optimizers alone.
+        model: the unwrapped, unsharded model, built with the same architecture; weights are copied in place.
+        optimizer: a torch optimizer over ``model``'s parameters; None leaves optimizers alone (under FSDP2, load
+            the weights first, shard, then ``load_optimizer_state`` into the sharded model's optimizer).
         restore_rng: also restore torch (CPU and CUDA), numpy and python ``random`` RNG states.
 
     Returns:
         The checkpoint's ``state.json`` contents.
     """
-    path = Path(path)
     state = read_state(path)
-    device = next(model.parameters()).device
-    load_model(model, path / "model.safetensors", strict=True, device=str(device))
+    load_weights(path, model)
     if optimizer is not None:
-        optimizer.load_state_dict({
-            "state": _unflatten_optimizer_state(load_file(path / "optimizer.safetensors")),
-            # JSON has no tuples; torch optimizers keep hyperparameters such as betas as tuples.
-            "param_groups": [
-                {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-                for group in state["optimizer_param_groups"]
-            ],
-        })
+        load_optimizer_state(path, model, optimizer)
     if restore_rng:
-        _restore_rng(load_file(path / "rng.safetensors"), state["rng"])
+        restore_rng_state(path)
     return state
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Copy the weights of checkpoint ``path`` into the unsharded ``model`` (every name must match)."""
+    device = next(model.parameters()).device
+    load_model(model, Path(path) / "model.safetensors", strict=True, device=str(device))
+
+
+def load_optimizer_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state of checkpoint ``path`` into ``optimizer``, matched to ``model``'s parameters by name.
+
+    With a model sharded by FSDP2 this is a collective: the main process reads the file and each process receives
+    its shards (``broadcast_from_rank0``); otherwise each process reads the file.
+
+    Args:
+        path: a checkpoint directory.
+        model: the module whose parameters ``optimizer`` updates (sharded or not, never a DDP wrapper).
+        optimizer: a torch optimizer (not accelerate's wrapper) with the parameter groups it was saved with.
+    """
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    full: dict[str, Any] = {}
+    if not sharded or torch.distributed.get_rank() == 0:
+        state = read_state(path)
+        flat = load_file(Path(path) / "optimizer.safetensors")
+        groups = state["optimizer_param_groups"]
+        if state.get("format", 1) == 1:
+            full = _named_legacy_state(flat, groups, model, optimizer)
+        else:
+            full = {"state": _unflatten_optimizer_state(flat), "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
+    # JSON, and torch.distributed.checkpoint's flattening of a full state, have no tuples; torch optimizers keep
+    # hyperparameters such as AdamW's betas as tuples.
+    for group in optimizer.param_groups:
+        group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list) and k != "params"})
+
+
+def restore_rng_state(path: str | Path) -> None:
+    """Restore the torch (CPU and CUDA), numpy and python ``random`` RNG states saved in checkpoint ``path``."""
+    _restore_rng(load_file(Path(path) / "rng.safetensors"), read_state(path)["rng"])
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -170,22 +233,41 @@ def _complete_checkpoints(out_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _flatten_optimizer_state(state: dict[int, dict[str, Any]]) -> dict[str, torch.Tensor]:
+def _flatten_optimizer_state(state: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     flat = {}
-    for index, values in state.items():
+    for param_name, values in state.items():
         for name, value in values.items():
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {index}.{name} is a {type(value).__name__}, not a tensor")
-            flat[f"state.{index}.{name}"] = value.detach().contiguous()
+                raise TypeError(f"optimizer state {param_name}.{name} is a {type(value).__name__}, not a tensor")
+            if "." in name:
+                raise TypeError(f"optimizer state {param_name}.{name}: a state name with a dot cannot be stored")
+            flat[f"state.{param_name}.{name}"] = value.detach().contiguous()
     return flat
 
 
-def _unflatten_optimizer_state(flat: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def _unflatten_optimizer_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        param_name, name = key.removeprefix("state.").rsplit(".", 1)
+        state.setdefault(param_name, {})[name] = value
+    return state
+
+
+def _named_legacy_state(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]], model: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A format-1 optimizer state (``state.{index}.{name}``, groups listing indices) keyed by parameter name.
+
+    Index ``i`` is the ``i``-th parameter over ``optimizer.param_groups`` in order (how torch numbers them in
+    ``Optimizer.state_dict``), which is the order the optimizer was saved with when it is built the same way.
+    """
+    names_by_id = {id(p): name for name, p in model.named_parameters()}
+    names = [names_by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    return state
+        state.setdefault(names[int(index)], {})[name] = value
+    return {"state": state,
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups]}
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

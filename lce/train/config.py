@@ -16,9 +16,10 @@ Schedule = Literal["cosine", "linear", "constant"]
 
 # Fields that may change between a checkpoint and its resumption: they decide how long to run and what to record,
 # never what the model computes. Every other field is part of the loss trajectory (``seed`` is compared as the
-# effective run seed, see ``lce.train.loop``).
+# effective run seed and ``grad_accum`` as the global batch, grad_accum x processes, see ``lce.train.loop``).
 RESUMABLE_CHANGES = frozenset(
-    {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches", "resume_from"}
+    {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches", "resume_from",
+     "grad_accum"}
 )
 
 

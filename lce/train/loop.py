@@ -6,13 +6,15 @@ checkpoint under ``out_dir`` restores weights, AdamW state, RNG states and the d
 pure function of the step (``lce.train.schedule``), so on CPU in fp32 a resumed run repeats the losses of an
 uninterrupted one bit for bit.
 
-Runs under ``accelerate launch`` as they are (``conf/accelerate/``: DDP; FSDP2 and DeepSpeed ZeRO-3 are refused
-with a clear error until their sharded checkpoints are supported). With ``train.lora_rank > 0`` the model trains
-LoRA adapters (``lce.train.lora``) that are merged into its weights when training ends.
+Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parallel (DDP) or fully sharded (FSDP2,
+``lce.train.fsdp``), with the losses of one process with the same global batch and checkpoints that resume under
+any of them. DeepSpeed ZeRO-3 is refused with a clear error (``fresh_accelerator``). With ``train.lora_rank > 0`` the
+model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when training ends.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -30,16 +32,28 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.loss import token_nll
+from lce.hf.adapters import adapter_for
 from lce.hf.lm import hidden_states, loss_head
 from lce.train.batch import Batch, block_length, make_batch
-from lce.train.checkpoint import load_checkpoint, prune, read_state, save_checkpoint
+from lce.train.checkpoint import (
+    full_optimizer_state,
+    load_optimizer_state,
+    load_weights,
+    prune,
+    read_state,
+    restore_rng_state,
+    save_checkpoint,
+)
 from lce.train.config import RESUMABLE_CHANGES, TrainConfig
 from lce.train.data import TrainBlocks
+from lce.train.fsdp import fsdp_settings, gather_parameters, shard
 from lce.train.limits import check_positions, resolve_resume
 from lce.train.lora import apply_lora, merge_lora
 from lce.train.schedule import lr_at
@@ -106,13 +120,51 @@ def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            f"accelerate: distributed type {accelerator.distributed_type.value} shards weights and optimizer state, "
-            "but lce's exact-resume checkpoints (lce.train.checkpoint) save unsharded ones; launch with "
-            "conf/accelerate/ddp.yaml (or a single process) until sharded checkpoints are supported"
+            "accelerate: distributed type DEEPSPEED is not supported by lce's training loop (its exact-resume "
+            "checkpoints need the full optimizer state by parameter name, which lce gathers for FSDP2 but not from "
+            "DeepSpeed's engine); launch with conf/accelerate/fsdp2.yaml for ZeRO-3-style sharding, or ddp.yaml"
         )
     return accelerator
+
+
+@dataclass
+class PreparedRun:
+    """The model as the loop trains it.
+
+    Attributes:
+        loss_module: what forward and backward go through: ``NextTokenLoss`` wrapped by accelerate (DDP, autocast)
+            or sharded by FSDP2.
+        trained: the module whose parameters the optimizer updates: the caller's model, or its sharded copy.
+        optimizer: what the loop steps (accelerate's wrapper without sharding).
+        sharded: whether ``trained`` is an FSDP2-sharded copy (then the caller's model receives its weights at each
+            checkpoint and at the end).
+    """
+
+    loss_module: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    sharded: bool
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer itself (inside accelerate's ``AcceleratedOptimizer`` when there is one)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+
+def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> PreparedRun:
+    """Wrap ``model`` and its AdamW for this launch: accelerate's ``prepare`` (one process, DDP), or FSDP2 on a copy
+    when the launch config asks for it (``lce.train.fsdp``; the caller's model waits on the CPU meanwhile)."""
+    settings = fsdp_settings(accelerator, accelerator.mixed_precision)
+    if settings is None:
+        loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size),
+                                                     build_optimizer(model, cfg))
+        return PreparedRun(loss_module, model, optimizer, sharded=False)
+    trained = copy.deepcopy(model.cpu())
+    loss_module = shard(NextTokenLoss(trained, cfg.loss_chunk_size), adapter_for(trained).layers(trained), settings)
+    # Built on the sharded parameters, so each process keeps AdamW state for its shards only.
+    return PreparedRun(loss_module, trained, build_optimizer(trained, cfg), sharded=True)
 
 
 def check_launcher_backend() -> None:
@@ -200,25 +252,30 @@ def train(
           + (" (PoSE: pose_source_factor x (seq_len + 1))" if cfg.pose_target_len else " (seq_len + 1)"))
     check(data.micro_batch_size == cfg.micro_batch_size, "train.micro_batch_size",
           f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
-    run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data)}
     check_positions(model, cfg)
     resume = resolve_resume(out_dir, cfg.resume_from)
+    accelerator = fresh_accelerator(cfg)
+    run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data),
+                "micro_batches_per_step": cfg.grad_accum * accelerator.num_processes}
     if resume is not None:
         check_resumable(read_state(resume), cfg, run_info, resume)
-
-    accelerator = fresh_accelerator(cfg)
     set_seed(run_seed)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     lora = apply_lora(model, cfg) if cfg.lora_rank else None
-    loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size), build_optimizer(model, cfg))
+    if resume is not None:
+        load_weights(resume, model)
+    run = prepare(accelerator, model, cfg)
 
     start_step, data_position, final_loss = 0, 0, None
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer)
+        state = read_state(resume)
+        load_optimizer_state(resume, run.trained, run.torch_optimizer)
+        restore_rng_state(resume)
         start_step, data_position, final_loss = state["global_step"], state["data_position"], state["extra"].get("loss")
         if accelerator.scaler is not None and "grad_scaler" in state["extra"]:
             accelerator.scaler.load_state_dict(state["extra"]["grad_scaler"])
+    loss_module, optimizer = run.loss_module, run.optimizer
 
     log_path = out_dir / LOG_NAME
     if accelerator.is_main_process:
@@ -268,17 +325,24 @@ def train(
             bar.update(1)
 
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                # Gathering the state of a sharded model is a collective: every process takes part.
+                optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
+                if run.sharded:
+                    gather_parameters(run.trained, model if accelerator.is_main_process else None)
                 if accelerator.is_main_process:
                     extra = {"run": run_info, "loss": final_loss}
                     if accelerator.scaler is not None:
                         extra["grad_scaler"] = accelerator.scaler.state_dict()
                     save_checkpoint(
-                        out_dir, step, model, optimizer, data_position=data_position,
+                        out_dir, step, model, optimizer_state, data_position=data_position,
                         epoch=data_position // data.batches_per_epoch, config=cfg, extra=extra,
                     )
                     prune(out_dir, cfg.keep_checkpoints)
                 accelerator.wait_for_everyone()
 
+    if run.sharded:
+        gather_parameters(run.trained, model)
+        model.to(accelerator.device)
     model.eval()
     if lora is not None:
         merge_lora(lora)
@@ -310,9 +374,13 @@ def optimizer_step(
         group["lr"] = lr
     nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = 0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         batch = next(batches).to(accelerator.device)
         scored = batch.scored
+        if isinstance(loss_module, FSDPModule):
+            # Reduce-scatter gradients after the last micro-batch only. accelerate.accumulate does the same when its
+            # distributed type is FSDP, which it never is on CPU processes (lce.train.fsdp).
+            loss_module.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
         with accelerator.accumulate(loss_module):
             nll = loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask)
             # accelerate divides by grad_accum: with every token scored, the step's mean over its tokens (packing
@@ -322,6 +390,8 @@ def optimizer_step(
         count += scored
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
     grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # Summed over every token of the step and divided once, not a mean of per-micro-batch means.
@@ -361,18 +431,22 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, run_info: dict[str,
     """Raise ConfigError naming every setting that differs from checkpoint ``path`` and changes the trajectory.
 
     ``cfg.seed`` itself is not compared: the effective seeds and the data are, through ``run_info``
-    (``seed``, ``data_seed``, ``num_blocks``).
+    (``seed``, ``data_seed``, ``num_blocks``). Nor is ``cfg.grad_accum``: the global batch is
+    (``micro_batches_per_step``, ``grad_accum`` x processes), so a run may resume on another number of processes.
     """
     saved_cfg, saved_run = state["config"], state["extra"].get("run", {})
+    # Checkpoints written before lce recorded micro_batches_per_step compare grad_accum itself, as lce did then.
+    legacy = "micro_batches_per_step" not in saved_run
+    resumable = RESUMABLE_CHANGES - {"grad_accum"} if legacy else RESUMABLE_CHANGES
     diffs = [
         f"train.{name}: checkpoint {saved_cfg.get(name)!r}, now {value!r}"
         for name, value in dataclasses.asdict(cfg).items()
-        if name not in RESUMABLE_CHANGES and name != "seed" and saved_cfg.get(name) != value
+        if name not in resumable and name != "seed" and saved_cfg.get(name) != value
     ]
     diffs += [
         f"{name}: checkpoint {saved_run.get(name)!r}, now {value!r}"
         for name, value in run_info.items()
-        if saved_run.get(name) != value
+        if saved_run.get(name) != value and not (legacy and name == "micro_batches_per_step")
     ]
     if diffs:
         raise ConfigError(

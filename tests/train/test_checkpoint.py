@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip of weights, AdamW state and RNG; atomic naming; pruning; no pickle on load."""
+"""Checkpoints: exact round trip of weights, AdamW state and RNG; optimizer state by parameter name (and format-1
+checkpoints by index still load); atomic naming; pruning; no pickle on load."""
 
 import json
 import pickle
@@ -7,9 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lce.train import TrainConfig, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
-from lce.train.checkpoint import checkpoint_dir
+from lce.train.checkpoint import checkpoint_dir, full_optimizer_state
 from lce.train.loop import build_optimizer
 from tests.conftest import make_tiny_llama
 
@@ -31,8 +33,18 @@ def trained_pair(seed: int = 0, steps: int = 2):
 def save(out_dir, step, model=None, optimizer=None):
     if model is None:
         model, optimizer = trained_pair()
-    return save_checkpoint(out_dir, step, model, optimizer, data_position=3 * step, epoch=0, config=CFG,
-                           extra={"note": "hi"})
+    return save_checkpoint(out_dir, step, model, full_optimizer_state(model, optimizer), data_position=3 * step,
+                           epoch=0, config=CFG, extra={"note": "hi"})
+
+
+def assert_same_optimizer_state(want: torch.optim.Optimizer, got: torch.optim.Optimizer):
+    want, got = want.state_dict(), got.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert want["state"].keys() == got["state"].keys()
+    for index, values in want["state"].items():
+        assert values.keys() == got["state"][index].keys()
+        for name, tensor in values.items():
+            assert torch.equal(tensor, got["state"][index][name]), (index, name)
 
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
@@ -49,14 +61,8 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
     assert other.lm_head.weight is other.model.embed_tokens.weight  # still tied
-    want, got = optimizer.state_dict(), other_opt.state_dict()
-    assert got["param_groups"] == want["param_groups"]
-    assert want["state"].keys() == got["state"].keys()
-    for index, values in want["state"].items():
-        assert values.keys() == got["state"][index].keys()
-        for name, tensor in values.items():
-            assert torch.equal(tensor, got["state"][index][name]), (index, name)
-    assert float(got["state"][0]["step"]) == 2.0
+    assert_same_optimizer_state(optimizer, other_opt)
+    assert float(other_opt.state_dict()["state"][0]["step"]) == 2.0
     assert state["global_step"] == 2 and state["data_position"] == 6 and state["epoch"] == 0
     assert state["config"] == json.loads(json.dumps(CFG.__dict__)) and state["extra"] == {"note": "hi"}
 
@@ -68,6 +74,39 @@ def test_layout(tmp_path):
         "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
     ]
     assert read_state(path)["global_step"] == 7
+
+
+def test_optimizer_state_is_stored_by_parameter_name(tmp_path):
+    model, optimizer = trained_pair()
+    path = save(tmp_path, 1, model, optimizer)
+    state = read_state(path)
+    assert state["format"] == 2
+    names = [name for name, _ in model.named_parameters()]  # the tied output layer is one parameter, listed once
+    assert [n for group in state["optimizer_param_groups"] for n in group["params"]] == [
+        n for n in names if model.get_parameter(n).dim() >= 2] + [n for n in names if model.get_parameter(n).dim() < 2]
+    stored = load_file(path / "optimizer.safetensors")
+    assert set(stored) == {f"state.{n}.{key}" for n in names for key in ("step", "exp_avg", "exp_avg_sq")}
+
+
+def write_format_1(path, optimizer):
+    """Rewrite checkpoint ``path`` as lce wrote it before format 2: state by index in the optimizer's parameter
+    order (``state.{index}.{name}``), parameter groups listing indices, no ``format`` in state.json."""
+    packed = optimizer.state_dict()
+    save_file({f"state.{i}.{name}": value.contiguous() for i, values in packed["state"].items()
+               for name, value in values.items()}, str(path / "optimizer.safetensors"))
+    state = read_state(path)
+    del state["format"]
+    state["optimizer_param_groups"] = packed["param_groups"]
+    (path / "state.json").write_text(json.dumps(state))
+
+
+def test_format_1_checkpoint_loads(tmp_path):
+    model, optimizer = trained_pair(seed=0)
+    path = save(tmp_path, 2, model, optimizer)
+    write_format_1(path, optimizer)
+    other, other_opt = trained_pair(seed=1, steps=1)
+    load_checkpoint(path, other, other_opt)
+    assert_same_optimizer_state(optimizer, other_opt)
 
 
 def test_latest_picks_highest_complete_step(tmp_path):
