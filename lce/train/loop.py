@@ -412,6 +412,11 @@ def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: Train
             batch = make_batch(rows, 0, cfg, model, seed=0, eos_id=eos_id, pose=False).to(device)
             total += loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask).double().sum()
             count += batch.scored
+    # FSDP2 keeps the root unit gathered from a forward to its backward; without a backward, shard it again here so
+    # that the registered parameters are the optimizer's shards when the next step or checkpoint looks for them.
+    for module in loss_module.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     loss_module.train()
     return (total / count).item()
 

@@ -26,9 +26,10 @@ def run_config(num_processes: int, global_micro_batches: int = 2, **overrides) -
     return dataclasses.replace(base, **overrides)
 
 
-def launch(config: str | Path, out_dir: Path, *, kill_at: int | None = None, **run_kwargs) -> subprocess.CompletedProcess:
+def launch(config: str | Path, out_dir: Path, *, kill_at: int | None = None, val_blocks: int = 0,
+           **run_kwargs) -> subprocess.CompletedProcess:
     """Train in the processes of ``conf/accelerate/{config}.yaml`` (or of the config file ``config``, a Path);
-    ``run_kwargs`` go to ``run_config``.
+    ``run_kwargs`` go to ``run_config``; the first ``val_blocks`` blocks are the validation blocks.
 
     With ``kill_at`` the main process dies when step ``kill_at`` is logged (before its checkpoint) and torchrun stops
     the others, like a killed job; the run then exits non-zero. Otherwise a failed run raises with its output.
@@ -36,7 +37,7 @@ def launch(config: str | Path, out_dir: Path, *, kill_at: int | None = None, **r
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    job = {"kill_at": kill_at, "run": run_kwargs}
+    job = {"kill_at": kill_at, "val_blocks": val_blocks, "run": run_kwargs}
     config_file = config if isinstance(config, Path) else ACCELERATE / f"{config}.yaml"
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),

@@ -34,7 +34,8 @@ if __name__ == "__main__":
     out_dir, job = Path(sys.argv[1]), json.loads(sys.argv[2])
     model = make_tiny_llama()
     cfg = run_config(int(os.environ["WORLD_SIZE"]), **job["run"])
-    train(model, BLOCKS, cfg, out_dir, logger=KillAt(job["kill_at"]), progress=False)
+    val_blocks = BLOCKS[: job["val_blocks"]] if job.get("val_blocks") else None
+    train(model, BLOCKS, cfg, out_dir, val_blocks=val_blocks, logger=KillAt(job["kill_at"]), progress=False)
     if int(os.environ["RANK"]) == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
                   str(out_dir / "final.safetensors"))
