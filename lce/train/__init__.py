@@ -1,8 +1,15 @@
 """Train a causal LM at a short context or fine-tune it at a longer one: config, schedule, resumable data order
-(plain, packed or PoSE), LoRA, safetensors checkpoints, loop."""
+(plain, packed or PoSE), LoRA, FSDP2 sharding, safetensors checkpoints, loop."""
 
 from lce.train.batch import Batch, block_length, make_batch
-from lce.train.checkpoint import latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
+from lce.train.checkpoint import (
+    full_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune,
+    read_state,
+    save_checkpoint,
+)
 from lce.train.config import TrainConfig
 from lce.train.data import TrainBlocks, blocks_from_stream
 from lce.train.loop import TrainResult, train
@@ -17,6 +24,7 @@ __all__ = [
     "apply_lora",
     "block_length",
     "blocks_from_stream",
+    "full_optimizer_state",
     "latest_checkpoint",
     "load_checkpoint",
     "lr_at",

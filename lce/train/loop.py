@@ -8,8 +8,9 @@ uninterrupted one bit for bit.
 
 Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parallel (DDP) or fully sharded (FSDP2,
 ``lce.train.fsdp``), with the losses of one process with the same global batch and checkpoints that resume under
-any of them. DeepSpeed ZeRO-3 is refused with a clear error (``fresh_accelerator``). With ``train.lora_rank > 0`` the
-model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when training ends.
+any of them. DeepSpeed launches are refused with a clear error (``check_launcher_backend``). With
+``train.lora_rank > 0`` the model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when
+training ends.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -120,12 +121,6 @@ def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "accelerate: distributed type DEEPSPEED is not supported by lce's training loop (its exact-resume "
-            "checkpoints need the full optimizer state by parameter name, which lce gathers for FSDP2 but not from "
-            "DeepSpeed's engine); launch with conf/accelerate/fsdp2.yaml for ZeRO-3-style sharding, or ddp.yaml"
-        )
     return accelerator
 
 
@@ -168,19 +163,27 @@ def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> Pre
 
 
 def check_launcher_backend() -> None:
-    """A clear error when ``accelerate launch`` asks for DeepSpeed but it is not installed.
+    """A clear error when ``accelerate launch`` asks for DeepSpeed, which lce's training loop does not run.
 
     accelerate sets ``ACCELERATE_USE_DEEPSPEED=true`` in the environment of the processes it launches with a
-    DeepSpeed config (``conf/accelerate/deepspeed_zero3.yaml``); without the package, ``Accelerator()`` would fail
-    deep inside accelerate.
+    DeepSpeed config (``conf/accelerate/deepspeed_zero3.yaml``). Without the package ``Accelerator()`` would fail
+    deep inside accelerate; with it, accelerate 1.15 runs DeepSpeed on GPUs only and turns CPU processes into plain
+    gloo data parallelism without a word. Exact resume would need DeepSpeed's fp32 master weights and Adam moments
+    by parameter name out of its flat ZeRO-3 partitions, with their step counters; that path is not implemented.
+    FSDP2 (``conf/accelerate/fsdp2.yaml``) shards parameters, gradients and optimizer state the same way (ZeRO-3).
     """
     import importlib.util
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and (
-            importlib.util.find_spec("deepspeed") is None):
-        raise ConfigError("accelerate: the launch config asks for DeepSpeed (ZeRO-3), but the deepspeed package is "
-                          "not installed; pip install deepspeed on a CUDA machine, or launch with "
-                          "conf/accelerate/ddp.yaml")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+        return
+    installed = importlib.util.find_spec("deepspeed") is not None
+    raise ConfigError(
+        "accelerate: the launch config asks for DeepSpeed (ZeRO-3)"
+        + ("" if installed else ", and the deepspeed package is not installed")
+        + "; lce's training loop does not run under DeepSpeed (its exact-resume checkpoints need the full optimizer "
+        "state by parameter name, which lce gathers from FSDP2, not from DeepSpeed's partitions); launch with "
+        "conf/accelerate/fsdp2.yaml for the same ZeRO-3 sharding, or ddp.yaml"
+    )
 
 
 def resolve_mixed_precision(mode: str) -> str:

@@ -1,5 +1,5 @@
 """Scale-out by configuration: 2 CPU processes (gloo, conf/accelerate/cpu_ddp.yaml) reproduce one process with the
-same global batch; the shipped accelerate configs parse; DeepSpeed requested without the package is a clear error."""
+same global batch; the shipped accelerate configs parse; a DeepSpeed launch is a clear error (FSDP2: test_fsdp.py)."""
 
 import pytest
 import torch
@@ -38,11 +38,16 @@ def test_accelerate_configs_parse(name, kind, check):
     assert config.distributed_type.value == kind and check(config)
 
 
-def test_deepspeed_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("installed", [False, True], ids=["deepspeed-missing", "deepspeed-installed"])
+def test_deepspeed_launch_is_a_clear_error(tmp_path, monkeypatch, installed):
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if installed else None) if name == "deepspeed"
+                        else find_spec(name, *args))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for deepspeed_zero3.yaml
-    with pytest.raises(ConfigError, match=r"asks for DeepSpeed \(ZeRO-3\), but the deepspeed package is not installed"):
+    missing = "" if installed else ", and the deepspeed package is not installed"
+    with pytest.raises(ConfigError, match=rf"asks for DeepSpeed \(ZeRO-3\){missing}; lce's training loop does not "
+                                          r"run under DeepSpeed .* launch with conf/accelerate/fsdp2.yaml"):
         train(make_tiny_llama(), BLOCKS, run_config(1, steps=1), tmp_path, progress=False)
