@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lce.errors import ConfigError
 from lce.train import latest_checkpoint, load_checkpoint, train
 from lce.train.checkpoint import checkpoint_dir
-from lce.train.fsdp import FsdpSettings, fsdp_settings
+from lce.train.fsdp import FsdpSettings, fsdp_settings, shard
 from tests.conftest import make_tiny_llama
 from tests.train.launched import ACCELERATE, BLOCKS, launch, read_log, run_config
 
@@ -178,3 +178,10 @@ def test_settings_follow_the_launch_config(monkeypatch):
 def test_unsupported_launch_settings_are_clear_errors(monkeypatch, env, mixed_precision, message):
     with pytest.raises(ConfigError, match=message):
         fsdp_settings(cpu_launch(monkeypatch, **env), mixed_precision)
+
+
+def test_wrap_classes_must_be_the_models_decoder_layers():
+    model = make_tiny_llama()
+    with pytest.raises(ConfigError, match="fsdp_transformer_layer_cls_to_wrap is MistralDecoderLayer, but this "
+                                          "model's decoder layers are LlamaDecoderLayer"):
+        shard(model, list(model.model.layers), FsdpSettings(layer_classes=("MistralDecoderLayer",)))
