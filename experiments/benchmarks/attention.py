@@ -2,7 +2,9 @@
 
 Cases and implementations (``[B, H, T, D]`` inputs, GQA with ``H / HKV`` query heads per KV head):
 
-- ``causal``: SDPA (``is_causal``), compiled FlexAttention (causal ``BlockMask``), lce's Triton kernel.
+- ``causal``: SDPA (``is_causal``), compiled FlexAttention (causal ``BlockMask``), lce's Triton kernel, and the
+  flash-attn package (``flash_attn_func``, also with ``alibi_slopes`` and ``window_size`` in the next cases) when it
+  is installed and the inputs are fp16/bf16 on CUDA.
 - ``alibi``: lce's PyTorch path (``lce.posenc.alibi.alibi_attention``, block-wise), SDPA with a materialised
   ``[1, H, T, T]`` bias (built per call, as a model without lce would), FlexAttention (``score_mod``), Triton.
 - ``logn``: lce's PyTorch path (queries scaled, then SDPA), FlexAttention (``score_mod`` scaling each row), Triton.
@@ -89,6 +91,23 @@ def flex_factory(device: torch.device):
     return compiled, block_mask
 
 
+def flash_attn_func():
+    """The flash-attn package's ``flash_attn_func`` (CUDA only), or None when it is not installed."""
+    try:
+        from flash_attn import flash_attn_func as func
+    except ImportError:
+        return None
+    return func
+
+
+def flash_attn_impl(q, k, v, **kwargs) -> Impl | None:
+    """flash-attn on ``[B, H, T, D]`` inputs (it takes ``[B, T, H, D]``), for fp16/bf16 CUDA tensors."""
+    func = flash_attn_func()
+    if func is None or not q.is_cuda or q.dtype == torch.float32:
+        return None
+    return lambda: func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **kwargs).transpose(1, 2)
+
+
 def causal_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
@@ -101,6 +120,8 @@ def peer_impls(case: str, x: Inputs, args, flex) -> dict[str, Impl]:
     if case == "causal":
         qr, kr = x.rotated()
         impls["sdpa"] = lambda: sdpa(qr, kr, v, is_causal=True)
+        if (fa := flash_attn_impl(qr, kr, v)) is not None:
+            impls["flash_attn"] = fa
         if flex:
             compiled, block_mask = flex
             mask = block_mask(causal_mod, length)
@@ -115,6 +136,8 @@ def peer_impls(case: str, x: Inputs, args, flex) -> dict[str, Impl]:
             return sdpa(q, k, v, attn_mask=bias[None].to(q.dtype))
 
         impls["sdpa_bias"] = sdpa_bias
+        if (fa := flash_attn_impl(q, k, v, alibi_slopes=slopes.float())) is not None:
+            impls["flash_attn"] = fa  # flash-attn's ALiBi: -m_h |i - j|, equal to lce's on causal pairs
         if flex:
             compiled, block_mask = flex
             mask = block_mask(causal_mod, length)
@@ -148,6 +171,8 @@ def peer_impls(case: str, x: Inputs, args, flex) -> dict[str, Impl]:
             return sdpa(qr, kr, v, attn_mask=(j <= i) & (i - j < window))
 
         impls["sdpa_mask"] = sdpa_mask
+        if (fa := flash_attn_impl(qr, kr, v, window_size=(window - 1, 0))) is not None:
+            impls["flash_attn"] = fa  # keys i - (window - 1) .. i
         if flex:
             compiled, block_mask = flex
 

@@ -205,12 +205,13 @@ def plot(points: list[Point], path: Path, title: str) -> Path:
 
     ms = lookup(points, "ms")
     cases = list(dict.fromkeys(case for case, _, _ in ms))
+    styles = {impl: series_style(i) for i, impl in enumerate(dict.fromkeys(impl for _, impl, _ in ms))}  # one per impl
     fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
     for ax, case in zip(axes[0], cases):
         impls = list(dict.fromkeys(impl for c, impl, _ in ms if c == case))
-        for i, impl in enumerate(impls):
+        for impl in impls:
             xs = sorted(length for c, m, length in ms if c == case and m == impl)
-            color, marker = series_style(i)
+            color, marker = styles[impl]
             ax.plot(xs, [ms[(case, impl, x)] for x in xs], marker=marker, color=color, label=impl)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
