@@ -108,7 +108,8 @@ def shard(root: nn.Module, layers: list[nn.Module], settings: FsdpSettings) -> n
     actual = sorted({type(layer).__name__ for layer in layers})
     if settings.layer_classes and sorted(set(settings.layer_classes)) != actual:
         raise ConfigError(f"accelerate FSDP launch config: fsdp_transformer_layer_cls_to_wrap is "
-                          f"{','.join(settings.layer_classes)}, but this model's decoder layers are {','.join(actual)}; "
+                          f"{','.join(settings.layer_classes)}, but this model's decoder layers are "
+                          f"{','.join(actual)}; "
                           "name those or leave the setting out")
     common = {
         # Reduce in float32 whatever the compute dtype: bf16 gradient sums over processes lose the small terms.

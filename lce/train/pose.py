@@ -69,6 +69,7 @@ def pose_sample(
 def pose_batch(
     sources: torch.Tensor, seq_len: int, target_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pose_sample`` for each row of ``sources [B, W]``: tokens ``[B, seq_len + 1]``, position ids ``[B, seq_len]``."""
+    """``pose_sample`` for each row of ``sources [B, W]``: tokens ``[B, seq_len + 1]``, position ids
+    ``[B, seq_len]``."""
     samples = [pose_sample(row, seq_len, target_len, generator) for row in sources]
     return torch.stack([t for t, _ in samples]), torch.stack([p for _, p in samples])
