@@ -62,10 +62,14 @@ def identity(positions: torch.Tensor) -> torch.Tensor:
 def fused_segments(segments: tuple, rotation: Rotation, window: int | None = None, sink_tokens: int = 0):
     """A segment method as data for lce's fused kernel (``lce.attention.plan.FusedAttention``): its segments written
     as ``lce.kernels.attention.spec.Segment`` (``lce.kernels.attention.segments``, tested equal to the callables the
-    method's ``segmented_attention`` reference uses) and the model's rotation."""
+    method's ``segmented_attention`` reference uses) and the layer's rotation. Without rotation every segment gives
+    the same logits, so only the pairs they select matter: all causal pairs for DCA, Self-Extend and ReRoPE, the
+    window and sinks (passed as ``window``/``sink_tokens``) for StreamingLLM."""
     from lce.attention.plan import FusedAttention
     from lce.kernels.attention import Rotary
 
+    if rotation.rotary_dim == 0:  # a layer that does not rotate (SmolLM3's NoPE layers): every segment scores alike
+        return FusedAttention(window=window, sink_tokens=sink_tokens)
     return FusedAttention(segments=tuple(segments), rotary=Rotary.from_rotation(rotation), window=window,
                           sink_tokens=sink_tokens)
 

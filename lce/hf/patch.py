@@ -125,6 +125,11 @@ class PatchTarget:
             return _same_rotation(self._rotations, self.adapter, method)
         return self._rotations[layer]
 
+    def layer_rotations_in_attention(self, method: str) -> list[Rotation]:
+        """``rotate_in_attention(method, layer=i)`` for every decoder layer, for methods that build each layer's
+        kernel from that layer's rotation (Gemma3's per-layer-type frequencies, SmolLM3's NoPE layers)."""
+        return [self.rotate_in_attention(method, layer=index) for index in range(self.config.num_hidden_layers)]
+
     def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel],
                    handles: Collection[str] = (),
                    fused_for_layer: Callable[[int, nn.Module], FusedAttention | None] | None = None) -> None:

@@ -230,25 +230,33 @@ class Dca(PosEnc):
         return self.geometry(int(config.max_position_embeddings))
 
     def apply(self, target) -> None:
-        geometry = self.geometry_for(target.config)
-        rotation = target.rotate_in_attention("dca")
-        mscale = self.mscale
-
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                   **kwargs):
-            if dropout:
-                raise LceError(f"posenc=dca has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
-            out = dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
-                                mscale=mscale, visible=visible)
-            return out, None
-
         from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
 
-        fused = fused_segments(kernel_segments.dca_segments(geometry), rotation)
-        if mscale:
-            c = geometry.pretraining_length
-            fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
-        target.use_kernel("dca", lambda layer_index, module: kernel, fused_for_layer=lambda layer_index, module: fused)
+        geometry = self.geometry_for(target.config)
+        rotations = target.layer_rotations_in_attention("dca")
+        mscale, c = self.mscale, geometry.pretraining_length
+
+        def kernel_for(layer_index, module):
+            rotation = rotations[layer_index]
+
+            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                       **kwargs):
+                if dropout:
+                    raise LceError(f"posenc=dca has no attention dropout; got dropout={dropout} "
+                                   "(set attention_dropout=0)")
+                out = dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
+                                    mscale=mscale, visible=visible)
+                return out, None
+
+            return kernel
+
+        def fused_for(layer_index, module):
+            fused = fused_segments(kernel_segments.dca_segments(geometry), rotations[layer_index])
+            if mscale:
+                fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
+            return fused
+
+        target.use_kernel("dca", kernel_for, fused_for_layer=fused_for)
 
 
 def dca_relative_positions(geometry: DcaGeometry, length: int) -> torch.Tensor:

@@ -85,17 +85,24 @@ class ReRope(PosEnc):
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
     def apply(self, target) -> None:
-        rotation = target.rotate_in_attention("rerope")
+        rotations = target.layer_rotations_in_attention("rerope")
         window, block_size = self.window, self.block_size
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                   **kwargs):
-            if dropout:
-                raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
-                                    block_size, visible=visible), None
+        def kernel_for(layer_index, module):
+            rotation = rotations[layer_index]
 
-        fused = segments.fused_segments(kernel_segments.rerope_segments(window), rotation)
-        target.use_kernel("rerope", lambda layer_index, module: kernel,
-                          fused_for_layer=lambda layer_index, module: fused)
+            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                       **kwargs):
+                if dropout:
+                    raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
+                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
+                                        block_size, visible=visible), None
+
+            return kernel
+
+        parts = kernel_segments.rerope_segments(window)
+        target.use_kernel("rerope", kernel_for,
+                          fused_for_layer=lambda layer_index, module: segments.fused_segments(parts,
+                                                                                              rotations[layer_index]))
+

@@ -147,18 +147,24 @@ class SelfExtend(PosEnc):
         self.check_length(int(target.config.max_position_embeddings))
         from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
 
-        rotation = target.rotate_in_attention("self_extend")
+        rotations = target.layer_rotations_in_attention("self_extend")
         group_size, neighbor_window = self.group_size, self.neighbor_window
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                   **kwargs):
-            if dropout:
-                raise LceError(f"posenc=self_extend has no attention dropout; got dropout={dropout} "
-                               "(set attention_dropout=0)")
-            out = self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
-                                        scaling, attention_mask, visible=visible)
-            return out, None
+        def kernel_for(layer_index, module):
+            rotation = rotations[layer_index]
 
-        fused = fused_segments(kernel_segments.self_extend_segments(group_size, neighbor_window), rotation)
-        target.use_kernel("self_extend", lambda layer_index, module: kernel,
-                          fused_for_layer=lambda layer_index, module: fused)
+            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                       **kwargs):
+                if dropout:
+                    raise LceError(f"posenc=self_extend has no attention dropout; got dropout={dropout} "
+                                   "(set attention_dropout=0)")
+                out = self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
+                                            scaling, attention_mask, visible=visible)
+                return out, None
+
+            return kernel
+
+        segments = kernel_segments.self_extend_segments(group_size, neighbor_window)
+
+        target.use_kernel("self_extend", kernel_for,
+                          fused_for_layer=lambda layer_index, module: fused_segments(segments, rotations[layer_index]))

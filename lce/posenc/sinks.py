@@ -113,19 +113,23 @@ class Sinks(PosEnc):
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
     def apply(self, target) -> None:
-        rotation = target.rotate_in_attention("sinks")
+        rotations = target.layer_rotations_in_attention("sinks")
         start_size, recent_size, block_size = self.start_size, self.recent_size, self.block_size
 
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
-            if dropout:
-                raise LceError("posenc=sinks does not implement attention dropout; set attention_dropout=0")
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
-                                   attention_mask, block_size), None
+        def kernel_for(layer_index, module):
+            rotation = rotations[layer_index]
+
+            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+                if dropout:
+                    raise LceError("posenc=sinks does not implement attention dropout; set attention_dropout=0")
+                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
+                                       attention_mask, block_size), None
+
+            return kernel
 
         # The recent window and the sinks as a kernel pattern too: the fused kernel then skips the key tiles neither
         # segment can select (the segments alone would be exact, but scan every earlier key).
-        fused = segments.fused_segments(kernel_segments.sink_segments(start_size, recent_size), rotation,
-                                        window=recent_size, sink_tokens=start_size)
-        target.use_kernel("sinks", lambda layer_index, module: kernel,
-                          fused_for_layer=lambda layer_index, module: fused)
+        parts = kernel_segments.sink_segments(start_size, recent_size)
+        target.use_kernel("sinks", kernel_for, fused_for_layer=lambda layer_index, module: segments.fused_segments(
+            parts, rotations[layer_index], window=recent_size, sink_tokens=start_size))

@@ -313,3 +313,37 @@ def test_logit_head_is_none_for_heads_it_cannot_express():
     assert adapter_for(model).logit_head(model) is not None
     model.set_output_embeddings(QuantisedLinear(linear.in_features, linear.out_features, bias=False))
     assert adapter_for(model).logit_head(model) is None
+
+
+ROTATE_IN_ATTENTION = {  # each reduces to plain RoPE on the 21-token test sequences (every distance is in range)
+    "dca": {"name": "dca"},  # c = 64: chunks of stride 40 hold the whole sequence
+    "self_extend": {"name": "self_extend", "group_size": 2, "neighbor_window": 32},
+    "rerope": {"name": "rerope", "window": 32},
+    "sinks": {"name": "sinks", "start_size": 2, "recent_size": 32},
+}
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "smollm3"])
+@pytest.mark.parametrize("method", list(ROTATE_IN_ATTENTION))
+def test_methods_rotate_each_layer_with_its_own_rotation(family, method):
+    """Gemma3 (local and global frequencies) and SmolLM3 (NoPE layers) under the rotate-in-attention methods: with
+    windows covering the sequence each is the unpatched model, so every layer used its own rotation (or none)."""
+    model, reference = family_model(family), family_model(family)
+    lce.patch(model, ROTATE_IN_ATTENTION[method])
+    ids = torch.randint(3, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    # Block-wise eager softmax over segments vs the family's SDPA attention: same math, fp32 summation order.
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_nope_layers_take_the_fused_kernel_without_segments():
+    from lce.kernels.backend import use_backend
+
+    model, reference = family_model("smollm3"), family_model("smollm3")
+    lce.patch(model, ROTATE_IN_ATTENTION["dca"])
+    fused = [layer.self_attn.lce_plan.fused for layer in model.model.layers]
+    assert fused[0].segments and not fused[1].segments  # layer 1 is a NoPE layer
+    ids = torch.randint(3, 64, (1, 21), generator=torch.Generator().manual_seed(1))
+    with use_backend("triton"):  # Triton's interpreter on CPU
+        got = logits(model, ids)
+    # The fused kernel's online softmax vs the family's SDPA attention, both fp32.
+    torch.testing.assert_close(got, logits(reference, ids), atol=2e-5, rtol=2e-5)
