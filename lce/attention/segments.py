@@ -86,6 +86,7 @@ def segmented_attention(
     attention_mask: torch.Tensor | None = None,
     block_size: int = 1024,
     visible: Restriction | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention whose logits come from the segment owning each pair.
 
@@ -99,6 +100,7 @@ def segmented_attention(
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend), or None; combined with causality.
         block_size: query rows scored at once.
         visible: a sparse variant's restriction of the pairs that may attend, or None.
+        softcap: soft-cap every logit to ``softcap * tanh(logit / softcap)`` before the softmax (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]`` in ``query.dtype``; rows with no visible key are 0.
@@ -121,14 +123,16 @@ def segmented_attention(
         columns = key_columns(visible, q_pos[:, start:stop], k_pos) if visible is not None else slice(None)
         args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling,
                 columns, visible)
-        if torch.is_grad_enabled() or query.device.type != "cpu":
+        if torch.is_grad_enabled() or query.device.type != "cpu" or softcap is not None:
+            args += (softcap,)
             blocks.append(checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args))
         else:
             blocks.append(_block_merged(*args))
     return torch.cat(blocks, dim=2).transpose(1, 2)
 
 
-def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling, columns, visible) -> torch.Tensor:
+def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling, columns, visible,
+           softcap=None) -> torch.Tensor:
     """Attention of one query block ``[B, H, Tb, D]`` over its key columns: segment logits merged, one softmax."""
     score_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax in at least fp32
     k_pos, keys, values = k_pos[:, columns], [k[:, :, columns] for k in keys], values[:, :, columns]
@@ -141,6 +145,8 @@ def _block(query, q_pos, k_pos, keys, values, mask, segments, rotation, scaling,
         q_rot = rotation.apply(query, seg.q_map(q_pos))
         chosen = seg.select(i, j)[:, None] & allowed
         logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         scores = torch.where(chosen, logits, scores)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) attend to nothing
     return torch.matmul(probs.to(values.dtype), values)

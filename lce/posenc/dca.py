@@ -141,6 +141,7 @@ def dca_attention(
     mscale: bool = True,
     block_size: int = 1024,
     visible=None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Dual chunk attention with one softmax over the three segments.
 
@@ -155,6 +156,7 @@ def dca_attention(
         mscale: multiply the logits of the query at position ``i`` by ``dca_mscale(i + 1, c)^2``.
         block_size: query rows scored at once.
         visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
+        softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
@@ -169,7 +171,7 @@ def dca_attention(
         # inter), which the fused per-segment calls of segmented_attention run without masks (ChunkLlama's layout).
         block_size = geometry.stride
     return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
-                               attention_mask, block_size=block_size, visible=visible)
+                               attention_mask, block_size=block_size, visible=visible, softcap=softcap)
 
 
 @POSENCS.register("dca")
@@ -245,7 +247,7 @@ class Dca(PosEnc):
                     raise LceError(f"posenc=dca has no attention dropout; got dropout={dropout} "
                                    "(set attention_dropout=0)")
                 out = dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
-                                    mscale=mscale, visible=visible)
+                                    mscale=mscale, visible=visible, softcap=kwargs.get("softcap"))
                 return out, None
 
             return kernel
@@ -256,7 +258,7 @@ class Dca(PosEnc):
                 fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
             return fused
 
-        target.use_kernel("dca", kernel_for, fused_for_layer=fused_for)
+        target.use_kernel("dca", kernel_for, handles={"softcap"}, fused_for_layer=fused_for)
 
 
 def dca_relative_positions(geometry: DcaGeometry, length: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ def rerope_segments(window: int) -> list[segments.Segment]:
 def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
                      q_pos: torch.Tensor, k_pos: torch.Tensor, scaling: float, window: int,
                      attention_mask: torch.Tensor | None = None, block_size: int = 1024,
-                     visible=None) -> torch.Tensor:
+                     visible=None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention with relative positions clipped at ``window``.
 
     Args:
@@ -54,13 +54,14 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         rotation: the model's rotary embedding.
         q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
         scaling: softmax scale; window: ``w``; attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal);
-        block_size: query rows scored at once; visible: an attention variant's sparsity pattern, or None.
+        block_size: query rows scored at once; visible: an attention variant's sparsity pattern, or None;
+        softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
     """
     return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
-                                        attention_mask, block_size=block_size, visible=visible)
+                                        attention_mask, block_size=block_size, visible=visible, softcap=softcap)
 
 
 @POSENCS.register("rerope")
@@ -97,12 +98,12 @@ class ReRope(PosEnc):
                     raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                 return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
-                                        block_size, visible=visible), None
+                                        block_size, visible=visible, softcap=kwargs.get("softcap")), None
 
             return kernel
 
         parts = kernel_segments.rerope_segments(window)
-        target.use_kernel("rerope", kernel_for,
+        target.use_kernel("rerope", kernel_for, handles={"softcap"},
                           fused_for_layer=lambda layer_index, module: segments.fused_segments(parts,
                                                                                               rotations[layer_index]))
 

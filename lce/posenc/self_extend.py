@@ -77,6 +77,7 @@ def self_extend_attention(
     attention_mask: torch.Tensor | None = None,
     block_size: int = 1024,
     visible=None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Self-Extend attention: neighbor and grouped logits merged before one softmax.
 
@@ -91,6 +92,7 @@ def self_extend_attention(
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None.
         block_size: query rows scored at once.
         visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
+        softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
@@ -98,7 +100,8 @@ def self_extend_attention(
     from lce.attention.segments import segmented_attention
 
     return segmented_attention(query, key, value, self_extend_segments(group_size, neighbor_window), rotation,
-                               q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible)
+                               q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
+                               softcap=softcap)
 
 
 def self_extend_relative_positions(group_size: int, neighbor_window: int, length: int) -> torch.Tensor:
@@ -159,12 +162,12 @@ class SelfExtend(PosEnc):
                     raise LceError(f"posenc=self_extend has no attention dropout; got dropout={dropout} "
                                    "(set attention_dropout=0)")
                 out = self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
-                                            scaling, attention_mask, visible=visible)
+                                            scaling, attention_mask, visible=visible, softcap=kwargs.get("softcap"))
                 return out, None
 
             return kernel
 
         segments = kernel_segments.self_extend_segments(group_size, neighbor_window)
 
-        target.use_kernel("self_extend", kernel_for,
+        target.use_kernel("self_extend", kernel_for, handles={"softcap"},
                           fused_for_layer=lambda layer_index, module: fused_segments(segments, rotations[layer_index]))

@@ -55,7 +55,8 @@ def sink_segments(start_size: int, recent_size: int) -> list[segments.Segment]:
 
 def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
                     q_pos: torch.Tensor, k_pos: torch.Tensor, scaling: float, start_size: int, recent_size: int,
-                    attention_mask: torch.Tensor | None = None, block_size: int = 1024) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, block_size: int = 1024,
+                    softcap: float | None = None) -> torch.Tensor:
     """StreamingLLM attention (sinks + recent window, cache-local positions).
 
     Each block of queries is scored against the key columns some query of the block may see (the sinks and the
@@ -66,7 +67,8 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         rotation: the model's rotary embedding.
         q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
         scaling: softmax scale; start_size, recent_size: ``S``, ``R``;
-        attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal); block_size: query rows scored at once.
+        attention_mask: ``[B, 1, Tq, Tk]`` boolean or None (plain causal); block_size: query rows scored at once;
+        softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
@@ -85,7 +87,7 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             k, v, kp = key[:, :, columns], value[:, :, columns], k_pos[:, columns]
             mask = mask[..., columns] if mask is not None else None
         outs.append(segments.segmented_attention(query[:, :, start:stop], k, v, parts, rotation, i, kp, scaling, mask,
-                                                 block_size=block_size))
+                                                 block_size=block_size, softcap=softcap))
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
@@ -124,12 +126,13 @@ class Sinks(PosEnc):
                     raise LceError("posenc=sinks does not implement attention dropout; set attention_dropout=0")
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                 return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
-                                       attention_mask, block_size), None
+                                       attention_mask, block_size, softcap=kwargs.get("softcap")), None
 
             return kernel
 
         # The recent window and the sinks as a kernel pattern too: the fused kernel then skips the key tiles neither
         # segment can select (the segments alone would be exact, but scan every earlier key).
         parts = kernel_segments.sink_segments(start_size, recent_size)
-        target.use_kernel("sinks", kernel_for, fused_for_layer=lambda layer_index, module: segments.fused_segments(
-            parts, rotations[layer_index], window=recent_size, sink_tokens=start_size))
+        target.use_kernel("sinks", kernel_for, handles={"softcap"},
+                          fused_for_layer=lambda layer_index, module: segments.fused_segments(
+                              parts, rotations[layer_index], window=recent_size, sink_tokens=start_size))

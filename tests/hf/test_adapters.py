@@ -323,11 +323,12 @@ ROTATE_IN_ATTENTION = {  # each reduces to plain RoPE on the 21-token test seque
 }
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "smollm3"])
+@pytest.mark.parametrize("family", ["gemma3_text", "smollm3", "gemma2"])
 @pytest.mark.parametrize("method", list(ROTATE_IN_ATTENTION))
 def test_methods_rotate_each_layer_with_its_own_rotation(family, method):
-    """Gemma3 (local and global frequencies) and SmolLM3 (NoPE layers) under the rotate-in-attention methods: with
-    windows covering the sequence each is the unpatched model, so every layer used its own rotation (or none)."""
+    """Gemma3 (local and global frequencies), SmolLM3 (NoPE layers) and Gemma2 (attention-logit soft-capping, sliding
+    layers) under the rotate-in-attention methods: with windows covering the sequence each is the unpatched model, so
+    every layer used its own rotation (or none) and soft-capped its logits."""
     model, reference = family_model(family), family_model(family)
     lce.patch(model, ROTATE_IN_ATTENTION[method])
     ids = torch.randint(3, 64, (2, 21), generator=torch.Generator().manual_seed(1))
