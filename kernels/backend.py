@@ -77,6 +77,18 @@ def requested_backend(backend: str | None = None) -> str:
     return check_backend(os.environ.get("LCE_BACKEND", "auto") or "auto", "LCE_BACKEND")
 
 
+#: The largest second and third launch-grid dimensions CUDA allows (the first goes to 2^31 - 1); launchers that put
+#: ``B * H`` or a chunk count there check against it (the interpreter has no such limit, so tests cannot hit it).
+MAX_GRID_YZ = 65535
+
+
+def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context to launch Triton kernels on ``tensor`` in: Triton launches on the *current* CUDA device, not on
+    its arguments' device, so with a model split over GPUs (``device_map="auto"``) a kernel for a layer on ``cuda:1``
+    would run on ``cuda:0`` against memory it cannot address. CPU tensors (the interpreter) need no guard."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """``ref`` or ``triton`` for an op on ``tensors``.
 

@@ -14,7 +14,7 @@ import torch
 from lce.errors import LceError
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import MAX_POSITION, AttentionSpec
-from lce.kernels.backend import resolve_backend
+from lce.kernels.backend import MAX_GRID_YZ, resolve_backend
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)  # fp64 for exact checks on the reference only
@@ -56,6 +56,10 @@ def check_inputs(q, k, v, spec, q_pos, k_pos, backend: str) -> None:
     if backend == "triton" and (dim > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM):
         raise LceError(f"flash_attention (triton): head dims up to {MAX_HEAD_DIM} are supported, got D = {dim}, "
                        f"Dv = {v.shape[3]}; use backend 'ref'")
+    if backend == "triton" and batch * heads > MAX_GRID_YZ:
+        raise LceError(f"flash_attention (triton): B * H = {batch} * {heads} = {batch * heads} programs per query "
+                       f"tile exceed CUDA's {MAX_GRID_YZ} on the launch grid's second axis; split the batch into "
+                       "smaller calls or use backend 'ref'")
 
 
 def _check_positions(q, k, q_pos, k_pos) -> None:

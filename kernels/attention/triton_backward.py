@@ -32,6 +32,7 @@ from lce.kernels.attention.triton_common import (
     visible_pairs,
 )
 from lce.kernels.attention.triton_forward import allocate, kernel_config, spec_arguments
+from lce.kernels.backend import on_device_of
 
 
 @triton.jit
@@ -244,8 +245,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     common = dict(H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv_dim, n_qt=n_qt, n_kt=n_kt,
                   BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, num_warps=num_warps,
                   **spec_arguments(spec, q), **kernel_config(spec, q, v))
-    attention_bwd_dq_kernel[(n_qt, batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, q_pos, k_pos, schedule.kv_count, schedule.kv_index, **common)
-    attention_bwd_dk_dv_kernel[(n_kt, batch * kv_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, q_pos, k_pos, schedule.q_count, schedule.q_index, **common)
+    with on_device_of(q):
+        attention_bwd_dq_kernel[(n_qt, batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, q_pos, k_pos, schedule.kv_count, schedule.kv_index, **common)
+        attention_bwd_dk_dv_kernel[(n_kt, batch * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, q_pos, k_pos, schedule.q_count, schedule.q_index, **common)
     return dq, dk, dv

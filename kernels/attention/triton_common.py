@@ -13,6 +13,8 @@ Under partial rotary and both RoPE styles a head vector splits into three tiles:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,9 +31,17 @@ def _map_row(m: PositionMap) -> list[int]:
 
 
 def segment_table(spec: AttentionSpec, device: torch.device) -> torch.Tensor:
-    """int32 ``[max(1, N_SEG), SEG_FIELDS]``: the spec's segments as the kernels read them."""
+    """int32 ``[max(1, N_SEG), SEG_FIELDS]``: the spec's segments as the kernels read them (read-only, shared)."""
+    return _segment_table(spec.segments, device)
+
+
+# Cached per (segments, device): building the table copies a host list to the GPU, and a blocking host-to-device copy
+# waits for the whole stream to drain (a host synchronisation in every attention forward and backward otherwise).
+# Segments are frozen dataclasses of ints, so equal specs share one table; there are a handful per run.
+@functools.lru_cache(maxsize=64)
+def _segment_table(segments: tuple, device: torch.device) -> torch.Tensor:
     rows = []
-    for seg in spec.segments:
+    for seg in segments:
         sel = seg.select
         rows.append(_map_row(seg.q_map) + _map_row(seg.k_map) + [
             sel.div, -BIG if sel.lo is None else sel.lo, BIG if sel.hi is None else sel.hi,
@@ -122,15 +132,22 @@ def head_columns(R2, D, BLOCK_R2: tl.constexpr, BLOCK_REST: tl.constexpr, INTERL
 
 
 @triton.jit
+def tile_offsets(rows, cols, row_stride):
+    """``rows[:, None] * row_stride + cols[None, :]`` in int64. ``rows`` are int32 and so is ``row_stride`` when it
+    fits: the output and its gradient are ``[B, Tq, H, Dv]``, rows ``H * Dv`` apart, and ``Tq * H * Dv`` passes 2^31
+    at 512k tokens of 32 heads x 128, where an int32 product would wrap to a wrong address."""
+    return rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+
+
+@triton.jit
 def load_tile(ptr, rows, row_ok, cols, col_ok, row_stride):
     """``ptr[rows, cols]`` of a row-major matrix, 0 where masked."""
-    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                   other=0.0)
+    return tl.load(ptr + tile_offsets(rows, cols, row_stride), mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
 def store_tile(ptr, value, rows, row_ok, cols, col_ok, row_stride):
-    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptr + tile_offsets(rows, cols, row_stride), value, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit

@@ -32,6 +32,7 @@ from lce.kernels.attention.triton_common import (
     tile_scores,
     visible_pairs,
 )
+from lce.kernels.backend import on_device_of
 
 
 def allocate(shape, dtype, device) -> torch.Tensor:
@@ -214,12 +215,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         out = allocate((batch, tq, heads, dv), q.dtype, q.device)
         m_part = l_part = lse
     grid = (n_qt, batch * heads, n_splits)
-    attention_fwd_kernel[grid](
-        q, k, v, out, lse, m_part, l_part, q_pos, k_pos, schedule.kv_count, schedule.kv_index,
-        H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv, n_qt=n_qt, n_kt=n_kt,
-        tiles_per_split=tiles_per_split, n_splits=n_splits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-        SPLIT=split, num_warps=num_warps, **spec_arguments(spec, q), **kernel_config(spec, q, v),
-    )
+    with on_device_of(q):
+        attention_fwd_kernel[grid](
+            q, k, v, out, lse, m_part, l_part, q_pos, k_pos, schedule.kv_count, schedule.kv_index,
+            H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv, n_qt=n_qt, n_kt=n_kt,
+            tiles_per_split=tiles_per_split, n_splits=n_splits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+            SPLIT=split, num_warps=num_warps, **spec_arguments(spec, q), **kernel_config(spec, q, v),
+        )
     if split:
         return combine_splits(m_part, l_part, out, q.dtype)
     return out, lse

@@ -13,6 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from lce.kernels.backend import on_device_of
+
+
+@triton.jit
+def head_offsets(h, stride_h, d, stride_d):
+    """``h * stride_h + d * stride_d`` in int64 for heads ``h [BLOCK_H, 1]`` and dims ``d [1, N]``: a head stride
+    is ``T * D`` for ``[B, H, T, D]`` tensors (the outputs, contiguous inputs), and ``H * T * D`` passes 2^31 at 1M
+    tokens of 32 heads x 128, where an int32 product would wrap to a wrong address."""
+    return h.to(tl.int64) * stride_h + d * stride_d
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, stride_d, out_ptr, out_stride_h, heads, cos, sin,
@@ -26,15 +36,16 @@ def _rotate_heads(x_ptr, stride_h, stride_d, out_ptr, out_stride_h, heads, cos, 
         first, second = 2 * pair, 2 * pair + 1
     else:
         first, second = pair, pair + HALF
-    x1 = tl.load(x_ptr + h * stride_h + first * stride_d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + h * stride_h + second * stride_d, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + head_offsets(h, stride_h, first, stride_d), mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + head_offsets(h, stride_h, second, stride_d), mask=mask, other=0.0).to(tl.float32)
     out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + h * out_stride_h + first, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
-    tl.store(out_ptr + h * out_stride_h + second, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
+    tl.store(out_ptr + head_offsets(h, out_stride_h, first, 1), (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
+    tl.store(out_ptr + head_offsets(h, out_stride_h, second, 1), (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
     if D > 2 * HALF:  # partial rotary: the remaining dims are copied
         d = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
         rest = (h < heads) & (d < D)
-        tl.store(out_ptr + h * out_stride_h + d, tl.load(x_ptr + h * stride_h + d * stride_d, mask=rest), mask=rest)
+        tl.store(out_ptr + head_offsets(h, out_stride_h, d, 1),
+                 tl.load(x_ptr + head_offsets(h, stride_h, d, stride_d), mask=rest), mask=rest)
 
 
 @triton.jit
@@ -85,12 +96,13 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor
     k_out = torch.empty((batch, kv_heads, length, dim_k), dtype=k.dtype, device=k.device) if k is not None else q_out
     k_in = k if k is not None else q
     stride_pb = positions.stride(0) if positions.shape[0] > 1 else 0
-    rope_fwd_kernel[(batch * length,)](
-        q, k_in, q_out, k_out, positions, inv_freq, length, heads, kv_heads,
-        *q.stride(), *k_in.stride(), stride_pb, positions.stride(1), float(attention_scaling),
-        -1.0 if inverse else 1.0,
-        HALF=half, DQ=dim_q, DK=dim_k, INTERLEAVED=style == "interleaved", HAS_K=k is not None,
-        BLOCK_H=_block(heads), BLOCK_HKV=_block(kv_heads), BLOCK_HALF=_block(half),
-        BLOCK_PASS_Q=_block(dim_q - 2 * half), BLOCK_PASS_K=_block(dim_k - 2 * half),
-    )
+    with on_device_of(q):
+        rope_fwd_kernel[(batch * length,)](
+            q, k_in, q_out, k_out, positions, inv_freq, length, heads, kv_heads,
+            *q.stride(), *k_in.stride(), stride_pb, positions.stride(1), float(attention_scaling),
+            -1.0 if inverse else 1.0,
+            HALF=half, DQ=dim_q, DK=dim_k, INTERLEAVED=style == "interleaved", HAS_K=k is not None,
+            BLOCK_H=_block(heads), BLOCK_HKV=_block(kv_heads), BLOCK_HALF=_block(half),
+            BLOCK_PASS_Q=_block(dim_q - 2 * half), BLOCK_PASS_K=_block(dim_k - 2 * half),
+        )
     return (q_out, k_out) if k is not None else (q_out,)

@@ -64,6 +64,15 @@ def test_triton_takes_no_fp64_and_no_huge_heads():
         flash_attention(*wide[:3], AttentionSpec(0.1), *wide[3:], backend="triton")
 
 
+def test_triton_refuses_more_programs_than_the_launch_grid_holds():
+    """B * H programs go on the grid's second axis, at most 65535 on CUDA: one more is a named error, not a launch
+    failure (the interpreter has no such limit, so only the check can catch it on CPU)."""
+    q, k, v = (torch.zeros(4097, heads, 1, 16, device=DEVICE) for heads in (16, 1, 1))
+    pos = torch.zeros(4097, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(LceError, match=r"B \* H = 4097 \* 16 = 65552 .* exceed CUDA's 65535"):
+        flash_attention(q, k, v, AttentionSpec(0.25), pos, pos, backend="triton")
+
+
 def test_importing_compiles_nothing():
     """Importing the package must not import Triton (nor compile or launch anything)."""
     code = "import sys, lce.kernels.attention; assert 'triton' not in sys.modules, 'triton imported'"

@@ -11,11 +11,14 @@ interpreter, libdevice on GPU; each within 1 ulp of torch's) and may fuse multip
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lce.errors import ConfigError, LceError
 from lce.hf.adapters import adapter_for
 from lce.kernels.rope import apply_rope, rope, rope_reference
 from lce.kernels.rope import function as dispatch
+from lce.kernels.rope.triton_rope import head_offsets
 from lce.posenc.rotation import Rotation
 from tests.conftest import make_tiny_llama
 
@@ -134,6 +137,26 @@ def test_16_bit_inputs_are_at_least_as_accurate_as_the_reference(dtype):
         exact = rope_reference(x.double(), pos, freqs, scaling, style)
         ref_error = (rope_reference(x, pos, freqs, scaling, style).double() - exact).abs().max()
         assert (out.double() - exact).abs().max() <= 2 * ref_error
+
+
+@triton.jit
+def head_offsets_kernel(out_ptr, stride_h, stride_d, BLOCK: tl.constexpr):
+    """``out [BLOCK, BLOCK]`` = ``head_offsets`` of heads and dims ``[0, BLOCK)``."""
+    local = tl.arange(0, BLOCK)
+    tl.store(out_ptr + local[:, None] * BLOCK + local[None, :],
+             head_offsets(local[:, None], stride_h, local[None, :], stride_d))
+
+
+def test_head_offsets_do_not_wrap_past_2_31():
+    """A ``[B, H, T, D]`` tensor's head stride is ``T * D``: at 1M tokens x 128 (2^27, an int32 argument) head 16
+    starts at 2^31, where an int32 product wraps."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter runs CPU tensors only
+    stride_h = 2**20 * 128
+    out = torch.zeros(32, 32, dtype=torch.int64, device=device)
+    head_offsets_kernel[(1,)](out, stride_h, 1, BLOCK=32)
+    expected = torch.arange(32)[:, None] * stride_h + torch.arange(32)[None, :]
+    assert expected.max() >= 2**31  # the case is one an int32 product would get wrong
+    assert torch.equal(out.cpu(), expected)
 
 
 def test_no_rotary_dims_is_the_identity():
