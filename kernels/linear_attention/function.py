@@ -11,12 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from lce.errors import LceError
-from lce.kernels.backend import requested_backend, resolve_backend
+from lce.kernels.backend import MAX_GRID_YZ, requested_backend, resolve_backend
 from lce.kernels.linear_attention.reference import State, linear_attention_chunked_ref
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: The Triton kernels' smallest chunk: ``tl.dot`` needs tiles of at least 16 rows.
-MIN_TRITON_CHUNK = 16
+#: The Triton kernels' chunk is a block size (results do not depend on it) within these bounds: ``tl.dot`` needs
+#: tiles of at least 16 rows, and past 64 the fp32 ``[C, C]`` score tile and ``[C, 64]`` operand tiles, staged in
+#: shared memory for the dot products, outgrow what one GPU block gets (227 KiB on an H100/H200: at ``C = 256`` the
+#: score tile alone is 256 KiB). flash-linear-attention's chunk kernels use 64 too.
+MIN_TRITON_CHUNK, MAX_TRITON_CHUNK = 16, 64
+
+
+def triton_chunk(chunk_size: int) -> int:
+    """The chunk the Triton kernels run with for ``chunk_size``: its next power of two, clamped to
+    ``[MIN_TRITON_CHUNK, MAX_TRITON_CHUNK]``."""
+    return min(MAX_TRITON_CHUNK, max(MIN_TRITON_CHUNK, 1 << (chunk_size - 1).bit_length()))
 
 
 def chunk_cumsum(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -94,6 +103,16 @@ def _check(fq, fk, v, log_decay, initial_state, chunk_size) -> None:
                            "all inputs must share dtype and device")
 
 
+def _check_grid(fk: torch.Tensor, chunk: int) -> None:
+    """The Triton launches put the chunks and ``B * H`` on the grid's second and third axes (at most 65535 on CUDA)."""
+    batch, heads, length = fk.shape[:3]
+    chunks = -(-length // chunk)
+    if chunks > MAX_GRID_YZ or batch * heads > MAX_GRID_YZ:
+        raise LceError(f"linear_attention (triton): {chunks} chunks of {chunk} positions and B * H = {batch} * {heads} "
+                       f"= {batch * heads} must each be at most {MAX_GRID_YZ} (CUDA's launch-grid limit); split the "
+                       "sequence (carry the state on with initial_state) or the batch, or use backend 'ref'")
+
+
 def _backend(backend: str | None, fk: torch.Tensor) -> str:
     """The resolved backend; ``auto`` takes the reference for dtypes the kernels do not take (float64)."""
     choice = resolve_backend(backend, fk)
@@ -116,8 +135,8 @@ def linear_attention(fq: torch.Tensor | None, fk: torch.Tensor, v: torch.Tensor,
         log_decay: ``[B, H, T]`` per-step log-decays ``a_t <= 0`` (retention's ``log γ``, Performer's stabiliser),
             or None for no decay.
         initial_state: ``(S_0 [B, H, F, E], z_0 [B, H, F])``, the state of a preceding prefix, or None (empty).
-        chunk_size: ``C``, positions per chunk. The Triton kernels round it up to a power of two >= 16 (a block size:
-            the result does not depend on it).
+        chunk_size: ``C``, positions per chunk. The Triton kernels run with ``triton_chunk(chunk_size)``, its next
+            power of two within [16, 64] (a block size: the result does not depend on it).
         backend: ``ref``, ``triton`` or ``auto``/None (``lce.kernels.backend``).
 
     Returns:
@@ -127,13 +146,12 @@ def linear_attention(fq: torch.Tensor | None, fk: torch.Tensor, v: torch.Tensor,
     _check(fq, fk, v, log_decay, initial_state, chunk_size)
     if _backend(backend, fk) == "ref":
         return linear_attention_chunked_ref(fq, fk, v, log_decay, initial_state, chunk_size)
-    import triton
-
+    chunk = triton_chunk(chunk_size)
+    _check_grid(fk, chunk)
     # den is the numerator of a value channel of ones; (S, z) is one [F, E + 1] state.
     values = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1)
     h0 = None if initial_state is None else torch.cat([initial_state[0], initial_state[1][..., None]], -1).contiguous()
     queries = fq if fq is not None else torch.zeros_like(fk)  # state only: queries of zeros read nothing
-    chunk = max(MIN_TRITON_CHUNK, triton.next_power_of_2(chunk_size))
     out, final = ChunkedLinearAttentionFunction.apply(queries.contiguous(), fk.contiguous(), values, log_decay, h0,
                                                       chunk)
     state = (final[..., :-1], final[..., -1])

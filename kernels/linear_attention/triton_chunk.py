@@ -16,8 +16,8 @@ whatever the decay; the cross-chunk factors are never split into ``e^{b_p}`` and
 
 Memory is ``O(T)``: the states ``h_n`` (and ``D_n``), ``T / C`` of ``F x E`` each, are written by one kernel and read
 by the next; the backward recomputes ``h_n`` rather than keeping them from the forward. Loads and math are fp32
-(``tl.dot`` in IEEE fp32, not TF32). Positions past ``T`` are masked to zero, and a zero log-decay, so a length that
-is not a multiple of ``C`` needs no padding copies.
+(``tl.dot`` in IEEE fp32, not TF32). Positions past ``T`` are masked to zero and take the log-decay of the chunk's
+last position (so every exponent stays ``<= 0``): a length that is not a multiple of ``C`` needs no padding copies.
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lce.kernels.backend import on_device_of
+
 
 @triton.jit
 def _chunk_decays(b_ptr, chunk, T, C: tl.constexpr):
-    """``b`` of the chunk's positions ``[C]`` (0 past ``T``) and ``G``, the ``b`` of its last position."""
+    """``b`` of the chunk's positions ``[C]`` and ``G``, the ``b`` of its last position. Positions past ``T`` take
+    ``G`` too: with 0 there, ``e^{b_p - b_j}`` of a padding row ``p`` reaches ``e^{-b_j}``, which overflows to inf
+    under strong decays (``b_j < -88``), and inf times the row's zero features is NaN in ``dk`` and ``dv``."""
     t = chunk * C + tl.arange(0, C)
-    b = tl.load(b_ptr + t, mask=t < T, other=0.0)
     last = tl.load(b_ptr + tl.minimum(chunk * C + C - 1, T - 1))
+    b = tl.where(t < T, tl.load(b_ptr + t, mask=t < T, other=0.0), last)
     return b, last
 
 
@@ -227,10 +231,11 @@ def chunk_states(k, v, b, h0, chunk_size: int, store_states: bool):
     states = k.new_empty(batch, heads, chunks, features, channels, dtype=torch.float32) if store_states else None
     final = k.new_empty(batch, heads, features, channels, dtype=torch.float32)
     grid = (triton.cdiv(features, bk) * triton.cdiv(channels, bv), batch * heads)
-    chunk_state_fwd_kernel[grid](
-        k, v, b if b is not None else k, h0 if h0 is not None else final, states if store_states else final, final,
-        length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None,
-        HAS_INITIAL=h0 is not None, STORE_STATES=store_states)
+    with on_device_of(k):
+        chunk_state_fwd_kernel[grid](
+            k, v, b if b is not None else k, h0 if h0 is not None else final, states if store_states else final,
+            final, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None,
+            HAS_INITIAL=h0 is not None, STORE_STATES=store_states)
     return states, final
 
 
@@ -241,7 +246,7 @@ def chunk_forward(q, k, v, b, h0, chunk_size: int):
         q, k: ``[B, H, T, F]``; v: ``[B, H, T, E]``; all contiguous, of one dtype.
         b: ``[B, H, T]`` fp32 log-decays cumulated inside chunks, or None (no decay).
         h0: ``[B, H, F, E]`` initial state, or None.
-        chunk_size: ``C``, a power of two >= 16.
+        chunk_size: ``C``, a power of two in [16, 64] (``function.triton_chunk``).
     """
     batch, heads, length, features = q.shape
     channels = v.shape[-1]
@@ -249,8 +254,9 @@ def chunk_forward(q, k, v, b, h0, chunk_size: int):
     out = torch.empty_like(v)
     bk, bv = _tiles(features, channels)
     grid = (triton.cdiv(channels, bv), states.shape[2], batch * heads)
-    chunk_output_fwd_kernel[grid](q, k, v, b if b is not None else q, states, out, length, features, channels,
-                                  states.shape[2], C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None)
+    with on_device_of(q):
+        chunk_output_fwd_kernel[grid](q, k, v, b if b is not None else q, states, out, length, features, channels,
+                                      states.shape[2], C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None)
     return out, final
 
 
@@ -270,15 +276,16 @@ def chunk_backward(q, k, v, b, h0, do, dht, chunk_size: int):
     decays = b if b is not None else q
     state_grads = torch.empty_like(states)
     dh0 = torch.empty_like(dht, dtype=torch.float32)
-    chunk_state_bwd_kernel[(triton.cdiv(features, bk) * triton.cdiv(channels, bv), batch * heads)](
-        q, do, decays, dht, state_grads, dh0, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
-        USE_DECAY=b is not None)
     dq, dk = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-    chunk_dv_bwd_kernel[(triton.cdiv(channels, bv), chunks, batch * heads)](
-        q, k, decays, do, state_grads, dv, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
-        USE_DECAY=b is not None)
-    chunk_dqk_bwd_kernel[(triton.cdiv(features, bk), chunks, batch * heads)](
-        q, k, v, decays, states, do, state_grads, dq, dk, length, features, channels, chunks, C=chunk_size, BK=bk,
-        BV=bv, USE_DECAY=b is not None)
+    with on_device_of(q):
+        chunk_state_bwd_kernel[(triton.cdiv(features, bk) * triton.cdiv(channels, bv), batch * heads)](
+            q, do, decays, dht, state_grads, dh0, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
+            USE_DECAY=b is not None)
+        chunk_dv_bwd_kernel[(triton.cdiv(channels, bv), chunks, batch * heads)](
+            q, k, decays, do, state_grads, dv, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
+            USE_DECAY=b is not None)
+        chunk_dqk_bwd_kernel[(triton.cdiv(features, bk), chunks, batch * heads)](
+            q, k, v, decays, states, do, state_grads, dq, dk, length, features, channels, chunks, C=chunk_size,
+            BK=bk, BV=bv, USE_DECAY=b is not None)
     return dq, dk, dv, dh0

@@ -105,6 +105,34 @@ def test_triton_matches_the_reference(case):
                              STRONG_DECAY_RELATIVE if decay == "strong" else RELATIVE)
 
 
+def test_strong_decay_in_a_partial_last_chunk():
+    """T = 20 in chunks of 16: the last chunk has 4 positions and 12 of padding. A step of -100 at its last position
+    cumulates below -100 there, and a padding row's factor ``e^{b_p - b_j}`` must not become ``e^{100}`` (inf in
+    fp32, then NaN times the row's zero features in ``dk`` and ``dv``). The other steps are mild, so the gradients
+    are not all vanishing (a relative error needs a reference of some size)."""
+    fq, fk, v, log_decay, state = inputs(1, 2, 20, 4, 4, "mild", True)
+    log_decay[..., -1] = -100.0
+    assert_matches_reference(lambda *a: linear_attention(*a, chunk_size=16, backend="triton"),
+                             [fq, fk, v, log_decay, state], STRONG_DECAY_RELATIVE)
+
+
+@pytest.mark.parametrize("chunk_size,chunk", [(1, 16), (16, 16), (17, 32), (64, 64), (65, 64), (1000, 64)])
+def test_triton_chunk_is_a_power_of_two_from_16_to_64(chunk_size, chunk):
+    """``tl.dot`` tiles need >= 16 rows; past 64 the fp32 tiles outgrow a GPU block's shared memory."""
+    assert dispatch.triton_chunk(chunk_size) == chunk
+
+
+@pytest.mark.parametrize("shape,message", [((1, 1, 64 * 65535 + 1), "65536 chunks of 64 positions"),
+                                           ((65536, 1, 1), r"B \* H = 65536 \* 1 = 65536")],
+                         ids=["chunks", "batch_heads"])
+def test_triton_refuses_more_programs_than_the_launch_grid_holds(shape, message):
+    """Chunks and B * H go on the CUDA grid's second and third axes (at most 65535 each): a named error, not a launch
+    failure (the interpreter has no such limit)."""
+    fk = torch.zeros(*shape, 1)
+    with pytest.raises(LceError, match=message + r".* at most 65535"):
+        linear_attention(None, fk, fk, chunk_size=1000, backend="triton")
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[5]])
 def test_reference_backend_matches_the_reference(case):
     """The ``ref`` backend (the PyTorch chunkwise form, what CPUs run) in fp32, against the same fp64 reference."""
