@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lce.kernels.backend import interpreting
+from lce.kernels.backend import interpreting, on_device_of
 from lce.kernels.cross_entropy.reference import IGNORE_INDEX
 
 
@@ -138,6 +138,10 @@ def lce_bwd_dh_kernel(h_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, grad_ptr, dh_pt
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         ds = _dlogit_tile(h_ptr, w_ptr, b_ptr, targets, lse, grad, rows, cols, N, V, C, multiplier, softcap,
                           HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_C)
+        # The loop below reads back the dh tiles this program stored for the previous vocabulary tile. Triton may
+        # give the store and the load different thread layouts and inserts no barrier for global memory, so another
+        # thread's store could still be in flight (triton-lang/triton#10924): synchronise the block first.
+        tl.debug_barrier()
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_in = cs < C
@@ -165,6 +169,7 @@ def lce_bwd_dw_kernel(h_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, grad_ptr, dw_pt
         ds = _dlogit_tile(h_ptr, w_ptr, b_ptr, targets, lse, grad, rows, cols, N, V, C, multiplier, softcap,
                           HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_C)
         db += tl.sum(ds, axis=0)
+        tl.debug_barrier()  # dw tiles stored for the previous row block are read back below (see the dh kernel)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_in = cs < C
@@ -198,10 +203,11 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     nll = hidden.new_empty(n, dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
     if n:
-        lce_fwd_kernel[(triton.cdiv(n, blocks[0]),)](
-            hidden, weight, hidden if bias is None else bias, targets, nll, lse, n, v, c, float(multiplier),
-            float(softcap or 1.0), IGNORE_INDEX, **_meta(hidden, bias, softcap, blocks),
-        )
+        with on_device_of(hidden):
+            lce_fwd_kernel[(triton.cdiv(n, blocks[0]),)](
+                hidden, weight, hidden if bias is None else bias, targets, nll, lse, n, v, c, float(multiplier),
+                float(softcap or 1.0), IGNORE_INDEX, **_meta(hidden, bias, softcap, blocks),
+            )
     return nll, lse
 
 
@@ -218,16 +224,18 @@ def lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if need_dh:
         dh = torch.zeros(n, c, device=hidden.device, dtype=torch.float32)
         if n:
-            lce_bwd_dh_kernel[(triton.cdiv(n, blocks[0]),)](
-                hidden, weight, hidden if bias is None else bias, *args, dh, n, v, c, *scalars, **meta)
+            with on_device_of(hidden):
+                lce_bwd_dh_kernel[(triton.cdiv(n, blocks[0]),)](
+                    hidden, weight, hidden if bias is None else bias, *args, dh, n, v, c, *scalars, **meta)
         dh = dh.to(hidden.dtype)
     if need_dw:
         dw = torch.zeros(v, c, device=weight.device, dtype=torch.float32)
         db = None if bias is None else torch.zeros(v, device=weight.device, dtype=torch.float32)
         if n:
-            lce_bwd_dw_kernel[(triton.cdiv(v, blocks[1]),)](
-                hidden, weight, hidden if bias is None else bias, *args, dw, dw if db is None else db, n, v, c,
-                *scalars, **meta)
+            with on_device_of(hidden):
+                lce_bwd_dw_kernel[(triton.cdiv(v, blocks[1]),)](
+                    hidden, weight, hidden if bias is None else bias, *args, dw, dw if db is None else db, n, v, c,
+                    *scalars, **meta)
         dw = dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
     return dh, dw, db

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from lce.errors import ConfigError, LceError
-from lce.kernels.backend import requested_backend, resolve_backend, use_backend
+from lce.kernels.attention import AttentionSpec, flash_attention
+from lce.kernels.backend import on_device_of, requested_backend, resolve_backend, use_backend
+from lce.kernels.cross_entropy import LogitHead, linear_cross_entropy
+from lce.kernels.linear_attention import linear_attention
+from lce.kernels.rope import rope
 
 
 def test_auto_is_the_reference_on_cpu(monkeypatch):
@@ -45,3 +49,41 @@ def test_use_backend_sits_between_an_explicit_choice_and_the_environment(monkeyp
     assert requested_backend(None) == "triton"
     with pytest.raises(ConfigError, match="'fast'"), use_backend("fast"):
         pass
+
+
+def test_cpu_tensors_launch_without_a_device_guard():
+    """The interpreter runs CPU tensors; entering the guard must not touch CUDA (there may be none)."""
+    with on_device_of(torch.zeros(1)):
+        pass
+
+
+def _every_op(device: str) -> list[torch.Tensor]:
+    """Each Triton op's outputs and input gradients on ``device`` (fixed seed, fp32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 70, 32, generator=g).to(device).requires_grad_()
+    pos = torch.arange(70, device=device)
+    rotated = rope(x, pos, torch.rand(8, generator=g).to(device), backend="triton")
+    attended = flash_attention(rotated, x[:, :1], x[:, :1], AttentionSpec(32 ** -0.5), pos[None], pos[None],
+                               backend="triton")
+    num, _, _ = linear_attention(x.sigmoid(), x.sigmoid(), x, -x[..., 0].sigmoid(), backend="triton")
+    head = LogitHead(torch.randn(50, 32, generator=g).to(device).requires_grad_())
+    nll = linear_cross_entropy(attended.flatten(0, 2), head, torch.randint(0, 50, (140,), generator=g).to(device),
+                               backend="triton")
+    loss = rotated.sum() + attended.sum() + num.sum() + nll.sum()
+    return [rotated, attended, num, nll, *torch.autograd.grad(loss, (x, head.weight))]
+
+
+@pytest.mark.gpu
+def test_kernels_launch_on_their_tensors_device_not_the_current_one():
+    """Triton launches on the current CUDA device: every op must switch to its tensors' device (a model split over
+    GPUs runs layers on cuda:1 while cuda:0 is current). The same kernels on the same device must agree bit for bit
+    with a run where cuda:1 is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with torch.cuda.device(1):
+        expected = _every_op("cuda:1")
+    with torch.cuda.device(0):
+        got = _every_op("cuda:1")
+        torch.cuda.synchronize(1)
+    for out, ref in zip(got, expected):
+        assert out.device == torch.device("cuda:1") and torch.equal(out, ref)
