@@ -193,7 +193,8 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
     if getattr(protocol, "bucket_size", 0) is None:
         protocol = dataclasses.replace(protocol, bucket_size=ev.bucket_size or train_length)
     if protocol.input == "documents":
-        data = eval_documents(run_cfg.data, tokenizer, max(lengths), ev.n_docs, ev.split, ev.documents)
+        data = eval_documents(run_cfg.data, tokenizer, ev.min_doc_tokens or max(lengths), ev.n_docs, ev.split,
+                              ev.documents)
     else:
         data = token_stream(run_cfg.data, tokenizer, ev.split)
     device = process_device(run_cfg.device)

@@ -32,7 +32,9 @@ class EvalConfig:
     ``protocol`` selects the perplexity protocol (``lce.eval.protocols``: canonical, yarn, longlora_stream, sliding,
     fairseq, streaming) with its parameters (None: canonical; a mapping, so a Hydra override replaces it whole);
     the buckets of ``canonical`` and ``streaming`` default to the training length. ``retrieval`` lists
-    retrieval tasks (``lce.eval.retrieval``: passkey, needle) run after the perplexity sweep.
+    retrieval tasks (``lce.eval.retrieval``: passkey, needle) run after the perplexity sweep. ``min_doc_tokens``: the
+    documents' minimum length (None: the longest evaluation length); YaRN's runs of its 8k-context models read the
+    same documents of >= 131072 tokens as its 64k/128k runs, at shorter lengths.
     """
 
     name: str = "default"
@@ -40,6 +42,7 @@ class EvalConfig:
     n_docs: int = 16
     split: Literal["validation", "test"] = "test"
     documents: Literal["long", "concat", "first"] = "long"
+    min_doc_tokens: int | None = None
     batch_size: int = 4
     bucket_size: int | None = None
     loss_chunk_size: int = 4096
@@ -57,6 +60,9 @@ class EvalConfig:
             check(length >= 2, "eval.lengths", f"every length must be >= 2 (one prediction), got {length}")
         check(len(set(self.lengths)) == len(self.lengths), "eval.lengths", f"has duplicates: {self.lengths}")
         check_at_least(self, "eval", 1, "n_docs", "batch_size", "loss_chunk_size")
+        check(self.min_doc_tokens is None or self.min_doc_tokens >= max(self.lengths), "eval.min_doc_tokens",
+              f"must be at least the longest length {max(self.lengths)} (each document is truncated to each length), "
+              f"got {self.min_doc_tokens}")
         self.protocol_config()
         for i, spec in enumerate(self.retrieval):
             build_retrieval(spec, f"eval.retrieval[{i}]")
