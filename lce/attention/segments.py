@@ -30,9 +30,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lce.attention.blockwise import allowed_pairs, key_columns
+from lce.errors import LceError
 
 if TYPE_CHECKING:  # annotations only: importing lce.posenc here would import every method (a cycle)
     from lce.attention.plan import Restriction
+    from lce.hf.patch import PatchTarget
     from lce.posenc.rotation import Rotation
 
 PositionMap = Callable[[torch.Tensor], torch.Tensor]
@@ -72,6 +74,47 @@ def fused_segments(segments: tuple, rotation: Rotation, window: int | None = Non
         return FusedAttention(window=window, sink_tokens=sink_tokens)
     return FusedAttention(segments=tuple(segments), rotary=Rotary.from_rotation(rotation), window=window,
                           sink_tokens=sink_tokens)
+
+
+def use_segment_method(target: PatchTarget, method: str, attend: Callable[..., torch.Tensor],
+                       fused_for: Callable[[Rotation], object], takes_visible: bool = True) -> None:
+    """Patch every layer of ``target`` with a segment method, each layer rotating with its own rotation (Gemma3's
+    per-layer-type frequencies, SmolLM3's NoPE layers).
+
+    Args:
+        method: the position encoding's name (errors, the attention function's name).
+        attend: ``(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap) -> [B, Tq, H,
+            D]``, the method's attention on one layer (``visible``: a restriction or None; ``softcap``: the model's
+            attention-logit soft-cap or None).
+        fused_for: a layer's rotation -> its ``FusedAttention`` (the same method as data for the fused kernel).
+        takes_visible: whether ``attend`` honours an attention variant's restriction; if not, combining the method
+            with a sparse variant is refused when the model is patched.
+    """
+    rotations = target.layer_rotations_in_attention(method)
+
+    def kernel_for(layer_index, module):
+        rotation = rotations[layer_index]
+
+        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
+                   **kwargs):
+            if dropout:
+                raise LceError(f"posenc={method} has no attention dropout; got dropout={dropout} "
+                               "(set attention_dropout=0)")
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return attend(rotation, query, key, value, q_pos, k_pos, scale, attention_mask, visible,
+                          kwargs.get("softcap")), None
+
+        if takes_visible:
+            return kernel
+
+        def kernel_without_visible(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos,
+                                   **kwargs):
+            return kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs)
+
+        return kernel_without_visible
+
+    target.use_kernel(method, kernel_for, handles={"softcap"},
+                      fused_for_layer=lambda layer_index, module: fused_for(rotations[layer_index]))
 
 
 def segmented_attention(

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from lce.config import check
-from lce.errors import LceError
 from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 
@@ -232,33 +231,22 @@ class Dca(PosEnc):
         return self.geometry(int(config.max_position_embeddings))
 
     def apply(self, target) -> None:
-        from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
+        from lce.attention.segments import fused_segments, use_segment_method  # lce.attention imports lce.posenc
 
         geometry = self.geometry_for(target.config)
-        rotations = target.layer_rotations_in_attention("dca")
         mscale, c = self.mscale, geometry.pretraining_length
 
-        def kernel_for(layer_index, module):
-            rotation = rotations[layer_index]
+        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
+            return dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
+                                 mscale=mscale, visible=visible, softcap=softcap)
 
-            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                       **kwargs):
-                if dropout:
-                    raise LceError(f"posenc=dca has no attention dropout; got dropout={dropout} "
-                                   "(set attention_dropout=0)")
-                out = dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
-                                    mscale=mscale, visible=visible, softcap=kwargs.get("softcap"))
-                return out, None
-
-            return kernel
-
-        def fused_for(layer_index, module):
-            fused = fused_segments(kernel_segments.dca_segments(geometry), rotations[layer_index])
+        def fused_for(rotation):
+            fused = fused_segments(kernel_segments.dca_segments(geometry), rotation)
             if mscale:
                 fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
             return fused
 
-        target.use_kernel("dca", kernel_for, handles={"softcap"}, fused_for_layer=fused_for)
+        use_segment_method(target, "dca", attend, fused_for)
 
 
 def dca_relative_positions(geometry: DcaGeometry, length: int) -> torch.Tensor:

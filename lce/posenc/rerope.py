@@ -30,7 +30,6 @@ import torch
 # names may not exist yet while this module is imported; they are looked up when called.
 from lce.attention import segments
 from lce.config import check
-from lce.errors import LceError
 from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.rotation import Rotation
@@ -86,24 +85,11 @@ class ReRope(PosEnc):
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
     def apply(self, target) -> None:
-        rotations = target.layer_rotations_in_attention("rerope")
         window, block_size = self.window, self.block_size
-
-        def kernel_for(layer_index, module):
-            rotation = rotations[layer_index]
-
-            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                       **kwargs):
-                if dropout:
-                    raise LceError("posenc=rerope does not implement attention dropout; set attention_dropout=0")
-                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                return rerope_attention(query, key, value, rotation, q_pos, k_pos, scale, window, attention_mask,
-                                        block_size, visible=visible, softcap=kwargs.get("softcap")), None
-
-            return kernel
-
         parts = kernel_segments.rerope_segments(window)
-        target.use_kernel("rerope", kernel_for, handles={"softcap"},
-                          fused_for_layer=lambda layer_index, module: segments.fused_segments(parts,
-                                                                                              rotations[layer_index]))
 
+        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
+            return rerope_attention(query, key, value, rotation, q_pos, k_pos, scaling, window, attention_mask,
+                                    block_size, visible=visible, softcap=softcap)
+
+        segments.use_segment_method(target, "rerope", attend, lambda rotation: segments.fused_segments(parts, rotation))

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from lce.config import check
-from lce.errors import LceError
 from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 
@@ -148,26 +147,13 @@ class SelfExtend(PosEnc):
 
     def apply(self, target) -> None:
         self.check_length(int(target.config.max_position_embeddings))
-        from lce.attention.segments import fused_segments  # lce.attention imports lce.posenc: import on use
+        from lce.attention.segments import fused_segments, use_segment_method  # lce.attention imports lce.posenc
 
-        rotations = target.layer_rotations_in_attention("self_extend")
         group_size, neighbor_window = self.group_size, self.neighbor_window
+        parts = kernel_segments.self_extend_segments(group_size, neighbor_window)
 
-        def kernel_for(layer_index, module):
-            rotation = rotations[layer_index]
+        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
+            return self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
+                                         scaling, attention_mask, visible=visible, softcap=softcap)
 
-            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                       **kwargs):
-                if dropout:
-                    raise LceError(f"posenc=self_extend has no attention dropout; got dropout={dropout} "
-                                   "(set attention_dropout=0)")
-                out = self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
-                                            scaling, attention_mask, visible=visible, softcap=kwargs.get("softcap"))
-                return out, None
-
-            return kernel
-
-        segments = kernel_segments.self_extend_segments(group_size, neighbor_window)
-
-        target.use_kernel("self_extend", kernel_for, handles={"softcap"},
-                          fused_for_layer=lambda layer_index, module: fused_segments(segments, rotations[layer_index]))
+        use_segment_method(target, "self_extend", attend, lambda rotation: fused_segments(parts, rotation))

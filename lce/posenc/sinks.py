@@ -38,7 +38,6 @@ import torch
 # names may not exist yet while this module is imported; they are looked up when called.
 from lce.attention import segments
 from lce.config import check
-from lce.errors import LceError
 from lce.kernels.attention import segments as kernel_segments
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.rotation import Rotation
@@ -115,24 +114,16 @@ class Sinks(PosEnc):
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
     def apply(self, target) -> None:
-        rotations = target.layer_rotations_in_attention("sinks")
         start_size, recent_size, block_size = self.start_size, self.recent_size, self.block_size
+        parts = kernel_segments.sink_segments(start_size, recent_size)
 
-        def kernel_for(layer_index, module):
-            rotation = rotations[layer_index]
-
-            def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
-                if dropout:
-                    raise LceError("posenc=sinks does not implement attention dropout; set attention_dropout=0")
-                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                return sinks_attention(query, key, value, rotation, q_pos, k_pos, scale, start_size, recent_size,
-                                       attention_mask, block_size, softcap=kwargs.get("softcap")), None
-
-            return kernel
+        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
+            return sinks_attention(query, key, value, rotation, q_pos, k_pos, scaling, start_size, recent_size,
+                                   attention_mask, block_size, softcap=softcap)
 
         # The recent window and the sinks as a kernel pattern too: the fused kernel then skips the key tiles neither
         # segment can select (the segments alone would be exact, but scan every earlier key).
-        parts = kernel_segments.sink_segments(start_size, recent_size)
-        target.use_kernel("sinks", kernel_for, handles={"softcap"},
-                          fused_for_layer=lambda layer_index, module: segments.fused_segments(
-                              parts, rotations[layer_index], window=recent_size, sink_tokens=start_size))
+        segments.use_segment_method(
+            target, "sinks", attend, takes_visible=False,
+            fused_for=lambda rotation: segments.fused_segments(parts, rotation, window=recent_size,
+                                                               sink_tokens=start_size))
