@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Impl, Point, check, environment, measure, plot, print_summary, write_csv
+from harness import Impl, Point, add_common_arguments, check, environment, measure, report
 
 from lce.attention.blockwise import blockwise_attention
 from lce.attention.sliding_window import SlidingWindowPattern
@@ -317,16 +317,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--window", type=int, default=256, help="sliding-window size of the window case")
     p.add_argument("--train-length", type=int, default=256, help="c of DCA and L of log-n")
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes on CPU)")
-    p.add_argument("--interpreted-triton", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks/attention"))
+    add_common_arguments(p, "outputs/benchmarks/attention")
     return p.parse_args(argv)
 
 
@@ -337,10 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     env.update(dtype=args.dtype, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                pass_="fwd+bwd" if args.backward else "fwd")
     stem = "attention_bwd" if args.backward else "attention"
-    print(f"wrote {write_csv(points, env, args.out / f'{stem}.csv')}")
-    title = f"{env['device']} {args.dtype} {env['pass_']}"
-    print(f"wrote {plot(points, args.out / f'{stem}.png', title)}")
-    print_summary(points, subjects=["lce_ref", "lce_triton"])
+    report(points, env, args.out, stem, f"{env['device']} {args.dtype} {env['pass_']}")
 
 
 if __name__ == "__main__":

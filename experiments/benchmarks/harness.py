@@ -40,6 +40,24 @@ class Point:
     extra: dict = field(default_factory=dict)
 
 
+def add_common_arguments(parser, out: str) -> None:
+    """The options every benchmark takes: dtype, timing, device, the interpreter switch and the output folder."""
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--interpreted-triton", action="store_true",
+                        help="time the Triton kernels in the CPU interpreter too (meaningless numbers, for checks)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def report(points: list[Point], env: dict, out: Path, stem: str, title: str) -> None:
+    """Write ``<stem>.csv`` and ``<stem>.png`` under ``out`` and print the tables and ratios of lce's paths."""
+    print(f"wrote {write_csv(points, env, out / f'{stem}.csv')}")
+    print(f"wrote {plot(points, out / f'{stem}.png', title)}")
+    print_summary(points, subjects=["lce_ref", "lce_triton"])
+
+
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on (goes into every CSV row)."""
     info = {

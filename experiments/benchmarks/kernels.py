@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Impl, Point, check, environment, measure, plot, print_summary, write_csv
+from harness import Impl, Point, add_common_arguments, check, environment, measure, report
 
 from lce.kernels.cross_entropy import LogitHead, linear_cross_entropy
 from lce.kernels.linear_attention import linear_attention
@@ -134,12 +134,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the loss case")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the loss case")
     p.add_argument("--loss-chunk", type=int, default=1024, help="rows of logits the reference holds at once")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--interpreted-triton", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks/kernels"))
+    add_common_arguments(p, "outputs/benchmarks/kernels")
     return p.parse_args(argv)
 
 
@@ -149,10 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(torch.device(args.device))
     env.update(dtype=args.dtype, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                hidden=args.hidden, vocab=args.vocab)
-    print(f"wrote {write_csv(points, env, args.out / 'kernels.csv')}")
-    title = f"{env['device']} {args.dtype} fwd"
-    print(f"wrote {plot(points, args.out / 'kernels.png', title)}")
-    print_summary(points, subjects=["lce_ref", "lce_triton"])
+    report(points, env, args.out, "kernels", f"{env['device']} {args.dtype} fwd")
 
 
 if __name__ == "__main__":
