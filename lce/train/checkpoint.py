@@ -9,10 +9,11 @@ Layout of one checkpoint, named by the global optimizer step it was taken after:
         state.json             format, global_step, data_position, epoch, optimizer_param_groups (parameters by name),
                                rng (numpy, python), config (the TrainConfig), extra (whatever the caller passes)
 
-Everything is unsharded and keyed by parameter name, so a checkpoint written by one process, by DDP or by FSDP2
-(``lce.train.fsdp``) resumes under any of them: ``full_optimizer_state`` gathers a sharded optimizer's state through
-``torch.distributed.checkpoint.state_dict`` and ``load_optimizer_state`` scatters it back. Checkpoints of format 1
-(optimizer state keyed by the parameter's index in the optimizer) still load.
+Everything is unsharded and keyed by parameter name, so a checkpoint written by one process, by DDP, by FSDP2
+(``lce.train.fsdp``) or by DeepSpeed ZeRO-3 (``lce.train.zero3``) resumes under any of them: ``full_optimizer_state``
+gathers a sharded optimizer's state through ``torch.distributed.checkpoint.state_dict`` and ``load_optimizer_state``
+scatters it back (ZeRO-3 has its own gather and scatter, on the names ``read_optimizer_state`` gives).
+Checkpoints of format 1 (optimizer state keyed by the parameter's index in the optimizer) still load.
 
 A checkpoint is written into a hidden temporary directory, ``state.json`` last, and then renamed into place with
 ``os.replace``; a process killed mid-save leaves only the temporary directory, which ``latest_checkpoint`` ignores
@@ -177,19 +178,31 @@ def load_optimizer_state(path: str | Path, model: nn.Module, optimizer: torch.op
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     full: dict[str, Any] = {}
     if not sharded or torch.distributed.get_rank() == 0:
-        state = read_state(path)
-        flat = load_file(Path(path) / "optimizer.safetensors")
-        groups = state["optimizer_param_groups"]
-        if state.get("format", 1) == 1:
-            full = _named_legacy_state(flat, groups, model, optimizer)
-        else:
-            full = {"state": _unflatten_optimizer_state(flat), "param_groups": groups}
+        names_by_id = {id(p): name for name, p in model.named_parameters()}
+        full = read_optimizer_state(path, [names_by_id[id(p)] for group in optimizer.param_groups
+                                           for p in group["params"]])
     set_optimizer_state_dict(model, optimizer, full,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
     # JSON, and torch.distributed.checkpoint's flattening of a full state, have no tuples; torch optimizers keep
     # hyperparameters such as AdamW's betas as tuples.
     for group in optimizer.param_groups:
         group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list) and k != "params"})
+
+
+def read_optimizer_state(path: str | Path, names: list[str]) -> dict[str, Any]:
+    """The full optimizer state of checkpoint ``path`` keyed by parameter name, as ``full_optimizer_state`` returns it.
+
+    Args:
+        path: a checkpoint directory.
+        names: the names of the optimizer's parameters, group after group in order; used only to name the state of
+            a format-1 checkpoint (keyed by that order).
+    """
+    state = read_state(path)
+    flat = load_file(Path(path) / "optimizer.safetensors")
+    groups = state["optimizer_param_groups"]
+    if state.get("format", 1) == 1:
+        return _named_legacy_state(flat, groups, names)
+    return {"state": _unflatten_optimizer_state(flat), "param_groups": groups}
 
 
 def restore_rng_state(path: str | Path) -> None:
@@ -253,15 +266,13 @@ def _unflatten_optimizer_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[
     return state
 
 
-def _named_legacy_state(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]], model: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _named_legacy_state(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]],
+                        names: list[str]) -> dict[str, Any]:
     """A format-1 optimizer state (``state.{index}.{name}``, groups listing indices) keyed by parameter name.
 
-    Index ``i`` is the ``i``-th parameter over ``optimizer.param_groups`` in order (how torch numbers them in
+    Index ``i`` is the ``i``-th parameter over the optimizer's groups in order (how torch numbers them in
     ``Optimizer.state_dict``), which is the order the optimizer was saved with when it is built the same way.
     """
-    names_by_id = {id(p): name for name, p in model.named_parameters()}
-    names = [names_by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         _, index, name = key.split(".", 2)

@@ -8,7 +8,7 @@ uninterrupted one bit for bit.
 
 Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parallel (DDP) or fully sharded (FSDP2,
 ``lce.train.fsdp``), with the losses of one process with the same global batch and checkpoints that resume under
-any of them. DeepSpeed launches are refused with a clear error (``check_launcher_backend``). With
+any of them; DeepSpeed ZeRO-3 launches train a DeepSpeed engine lce builds itself (``lce.train.zero3``). With
 ``train.lora_rank > 0`` the model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when
 training ends.
 """
@@ -42,12 +42,14 @@ from lce.errors import ConfigError
 from lce.eval.loss import token_nll
 from lce.hf.adapters import adapter_for
 from lce.hf.lm import hidden_states, loss_head
+from lce.train import zero3
 from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import (
     full_optimizer_state,
     load_optimizer_state,
     load_weights,
     prune,
+    read_optimizer_state,
     read_state,
     restore_rng_state,
     save_checkpoint,
@@ -115,7 +117,7 @@ def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
     """
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    check_launcher_backend()
+    zero3.zero3_settings(resolve_mixed_precision(cfg.mixed_precision))  # a bad DeepSpeed launch fails before any setup
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.grad_accum,
@@ -129,18 +131,26 @@ class PreparedRun:
     """The model as the loop trains it.
 
     Attributes:
-        loss_module: what forward and backward go through: ``NextTokenLoss`` wrapped by accelerate (DDP, autocast)
-            or sharded by FSDP2.
+        loss_module: what forward and backward go through: ``NextTokenLoss`` wrapped by accelerate (DDP, autocast),
+            sharded by FSDP2, or a DeepSpeed ZeRO-3 engine around it.
         trained: the module whose parameters the optimizer updates: the caller's model, or its sharded copy.
-        optimizer: what the loop steps (accelerate's wrapper without sharding).
-        sharded: whether ``trained`` is an FSDP2-sharded copy (then the caller's model receives its weights at each
-            checkpoint and at the end).
+        optimizer: what the loop steps (accelerate's wrapper without sharding; DeepSpeed's around lce's AdamW).
+        sharded: whether ``trained`` is an FSDP2-sharded or ZeRO-3-partitioned copy (then the caller's model
+            receives its weights at each checkpoint and at the end).
+        group_names: under ZeRO-3, the parameter names of each AdamW group (DeepSpeed's flat partitions replace the
+            parameters in the groups); otherwise empty.
     """
 
     loss_module: nn.Module
     trained: nn.Module
     optimizer: torch.optim.Optimizer
     sharded: bool
+    group_names: list[list[str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def zero3(self) -> bool:
+        """Whether ``loss_module`` is a DeepSpeed ZeRO-3 engine."""
+        return zero3.is_engine(self.loss_module)
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
@@ -149,8 +159,19 @@ class PreparedRun:
 
 
 def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> PreparedRun:
-    """Wrap ``model`` and its AdamW for this launch: accelerate's ``prepare`` (one process, DDP), or FSDP2 on a copy
-    when the launch config asks for it (``lce.train.fsdp``; the caller's model waits on the CPU meanwhile)."""
+    """Wrap ``model`` and its AdamW for this launch: accelerate's ``prepare`` (one process, DDP), or FSDP2 or
+    DeepSpeed ZeRO-3 on a copy when the launch config asks for it (``lce.train.fsdp``, ``lce.train.zero3``; the
+    caller's model waits on the CPU meanwhile)."""
+    zero3_settings = zero3.zero3_settings(accelerator.mixed_precision)
+    if zero3_settings is not None:
+        trained = copy.deepcopy(model.cpu())
+        optimizer = build_optimizer(trained, cfg)
+        names = {id(p): name for name, p in trained.named_parameters()}
+        group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        engine = zero3.initialize(NextTokenLoss(trained, cfg.loss_chunk_size), optimizer, cfg, zero3_settings,
+                                  trained.config.hidden_size)
+        zero3.set_master_weights(engine, trained, model)
+        return PreparedRun(engine, trained, engine.optimizer, sharded=True, group_names=group_names)
     settings = fsdp_settings(accelerator, accelerator.mixed_precision)
     if settings is None:
         loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size),
@@ -160,30 +181,6 @@ def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> Pre
     loss_module = shard(NextTokenLoss(trained, cfg.loss_chunk_size), adapter_for(trained).layers(trained), settings)
     # Built on the sharded parameters, so each process keeps AdamW state for its shards only.
     return PreparedRun(loss_module, trained, build_optimizer(trained, cfg), sharded=True)
-
-
-def check_launcher_backend() -> None:
-    """A clear error when ``accelerate launch`` asks for DeepSpeed, which lce's training loop does not run.
-
-    accelerate sets ``ACCELERATE_USE_DEEPSPEED=true`` in the environment of the processes it launches with a
-    DeepSpeed config (``conf/accelerate/deepspeed_zero3.yaml``). Without the package ``Accelerator()`` would fail
-    deep inside accelerate; with it, accelerate 1.15 runs DeepSpeed on GPUs only and turns CPU processes into plain
-    gloo data parallelism without a word. Exact resume would need DeepSpeed's fp32 master weights and Adam moments
-    by parameter name out of its flat ZeRO-3 partitions, with their step counters; that path is not implemented.
-    FSDP2 (``conf/accelerate/fsdp2.yaml``) shards parameters, gradients and optimizer state the same way (ZeRO-3).
-    """
-    import importlib.util
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
-        return
-    installed = importlib.util.find_spec("deepspeed") is not None
-    raise ConfigError(
-        "accelerate: the launch config asks for DeepSpeed (ZeRO-3)"
-        + ("" if installed else ", and the deepspeed package is not installed")
-        + "; lce's training loop does not run under DeepSpeed (its exact-resume checkpoints need the full optimizer "
-        "state by parameter name, which lce gathers from FSDP2, not from DeepSpeed's partitions); launch with "
-        "conf/accelerate/fsdp2.yaml for the same ZeRO-3 sharding, or ddp.yaml"
-    )
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -273,7 +270,11 @@ def train(
     start_step, data_position, final_loss = 0, 0, None
     if resume is not None:
         state = read_state(resume)
-        load_optimizer_state(resume, run.trained, run.torch_optimizer)
+        if run.zero3:
+            names = [name for group in run.group_names for name in group]
+            zero3.load_optimizer_state(run.loss_module, run.trained, read_optimizer_state(resume, names)["state"])
+        else:
+            load_optimizer_state(resume, run.trained, run.torch_optimizer)
         restore_rng_state(resume)
         start_step, data_position, final_loss = state["global_step"], state["data_position"], state["extra"].get("loss")
         if accelerator.scaler is not None and "grad_scaler" in state["extra"]:
@@ -329,9 +330,14 @@ def train(
 
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 # Gathering the state of a sharded model is a collective: every process takes part.
-                optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
-                if run.sharded:
-                    gather_parameters(run.trained, model if accelerator.is_main_process else None)
+                keeper = model if accelerator.is_main_process else None
+                if run.zero3:
+                    optimizer_state = zero3.full_optimizer_state(run.loss_module, run.trained, run.group_names)
+                    zero3.gather_parameters(run.loss_module, run.trained, keeper)
+                else:
+                    optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
+                    if run.sharded:
+                        gather_parameters(run.trained, keeper)
                 if accelerator.is_main_process:
                     extra = {"run": run_info, "loss": final_loss}
                     if accelerator.scaler is not None:
@@ -343,8 +349,12 @@ def train(
                     prune(out_dir, cfg.keep_checkpoints)
                 accelerator.wait_for_everyone()
 
-    if run.sharded:
+    if run.zero3:
+        zero3.gather_parameters(run.loss_module, run.trained, model)
+        run.loss_module.destroy()  # removes DeepSpeed's hooks from the trained copy, so that it can be freed
+    elif run.sharded:
         gather_parameters(run.trained, model)
+    if run.sharded:
         model.to(accelerator.device)
     model.eval()
     if lora is not None:
@@ -380,6 +390,14 @@ def optimizer_step(
     for micro in range(cfg.grad_accum):
         batch = next(batches).to(accelerator.device)
         scored = batch.scored
+        if zero3.is_engine(loss_module):
+            nll = loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask)
+            # DeepSpeed divides by grad_accum like accelerate, and steps (clipping first) after the last micro-batch.
+            loss_module.backward(nll.sum() / max(scored, 1))
+            loss_module.step()
+            nll_sum += nll.detach().double().sum()
+            count += scored
+            continue
         if isinstance(loss_module, FSDPModule):
             # Reduce-scatter gradients after the last micro-batch only. accelerate.accumulate does the same when its
             # distributed type is FSDP, which it never is on CPU processes (lce.train.fsdp).
@@ -391,12 +409,15 @@ def optimizer_step(
             accelerator.backward(nll.sum() / max(scored, 1))
         nll_sum += nll.detach().double().sum()
         count += scored
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
-    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
-    if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
-        grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if zero3.is_engine(loss_module):
+        grad_norm = loss_module.get_global_grad_norm()  # before clipping, over all partitions
+    else:
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
+        grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     # Summed over every token of the step and divided once, not a mean of per-micro-batch means.
     total = accelerator.reduce(torch.stack([nll_sum, nll_sum.new_tensor(count)]), "sum")
     return (total[0] / total[1]).item(), float(grad_norm)

@@ -1,11 +1,10 @@
 """Scale-out by configuration: 2 CPU processes (gloo, conf/accelerate/cpu_ddp.yaml) reproduce one process with the
-same global batch; the shipped accelerate configs parse; a DeepSpeed launch is a clear error (FSDP2: test_fsdp.py)."""
+same global batch; the shipped accelerate configs parse (FSDP2: test_fsdp.py, DeepSpeed ZeRO-3: test_zero3.py)."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lce.errors import ConfigError
 from lce.train import train
 from tests.conftest import make_tiny_llama
 from tests.train.launched import ACCELERATE, BLOCKS, launch, losses, run_config
@@ -30,24 +29,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ("fsdp2", "FSDP", lambda c: c.fsdp_config["fsdp_version"] == 2),
     ("cpu_fsdp2", "FSDP", lambda c: c.use_cpu and c.num_processes == 2 and c.fsdp_config["fsdp_version"] == 2),
     ("deepspeed_zero3", "DEEPSPEED", lambda c: c.deepspeed_config["zero_stage"] == 3),
+    ("cpu_deepspeed_zero3", "DEEPSPEED", lambda c: c.use_cpu and c.num_processes == 2
+     and c.deepspeed_config["zero_stage"] == 3),
 ])
 def test_accelerate_configs_parse(name, kind, check):
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(str(ACCELERATE / f"{name}.yaml"))
     assert config.distributed_type.value == kind and check(config)
-
-
-@pytest.mark.parametrize("installed", [False, True], ids=["deepspeed-missing", "deepspeed-installed"])
-def test_deepspeed_launch_is_a_clear_error(tmp_path, monkeypatch, installed):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: (object() if installed else None) if name == "deepspeed"
-                        else find_spec(name, *args))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for deepspeed_zero3.yaml
-    missing = "" if installed else ", and the deepspeed package is not installed"
-    with pytest.raises(ConfigError, match=rf"asks for DeepSpeed \(ZeRO-3\){missing}; lce's training loop does not "
-                                          r"run under DeepSpeed .* launch with conf/accelerate/fsdp2.yaml"):
-        train(make_tiny_llama(), BLOCKS, run_config(1, steps=1), tmp_path, progress=False)
