@@ -18,6 +18,30 @@ ACCELERATE = ROOT / "conf" / "accelerate"
 BLOCKS = torch.randint(2, 259, (16, 17), generator=torch.Generator().manual_seed(0))
 
 
+# The sharded-training tests (test_fsdp.py, test_zero3.py): 2 micro-batches per process and step, so gradients
+# accumulate across micro-batches while sharded; 0.5 is below every step's gradient norm in these runs (asserted), so
+# clipping scales every update; validation (a forward without backward) runs just before each checkpoint.
+SHARDED_RUN = {"global_micro_batches": 4, "grad_clip": 0.5, "checkpoint_every": 2, "val_every": 2}
+VAL_BLOCKS = 4
+
+
+def one_process_reference(run: Path):
+    """The one-process run the sharded ones are compared with: 4 micro-batches per step; returns the trained model."""
+    from lce.train import train
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    train(model, BLOCKS, run_config(1, **SHARDED_RUN), run, val_blocks=BLOCKS[:VAL_BLOCKS], progress=False)
+    return model
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights a launched run saved when it finished (tests/train/worker.py)."""
+    from safetensors.torch import load_file
+
+    return load_file(run / "final.safetensors")
+
+
 def run_config(num_processes: int, global_micro_batches: int = 2, **overrides) -> TrainConfig:
     """``global_micro_batches`` micro-batches of 2 blocks per optimizer step, split over ``num_processes``."""
     base = TrainConfig(steps=4, seq_len=16, micro_batch_size=2, grad_accum=global_micro_batches // num_processes,

@@ -15,29 +15,28 @@ from lce.train import latest_checkpoint, load_checkpoint, train
 from lce.train.checkpoint import checkpoint_dir
 from lce.train.zero3 import Zero3Settings, zero3_settings
 from tests.conftest import make_tiny_llama
-from tests.train.launched import BLOCKS, launch, read_log, run_config
+from tests.train.launched import (
+    BLOCKS,
+    SHARDED_RUN,
+    VAL_BLOCKS,
+    final_weights,
+    launch,
+    one_process_reference,
+    read_log,
+    run_config,
+)
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install 'deepspeed>=0.19')")
 
-# As in test_fsdp.py: 2 micro-batches per process and step, so gradients accumulate across micro-batches while
-# partitioned; 0.5 is below every step's gradient norm (asserted), so clipping scales every update; validation
-# (a forward without backward) runs just before each checkpoint.
-RUN = {"global_micro_batches": 4, "grad_clip": 0.5, "checkpoint_every": 2, "val_every": 2}
-VAL_BLOCKS = 4
-
-
-def final_weights(run) -> dict[str, torch.Tensor]:
-    return load_file(run / "final.safetensors")
+RUN = SHARDED_RUN
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: one process, 4 micro-batches per step; its run directory and trained model."""
     run = tmp_path_factory.mktemp("one") / "run"
-    model = make_tiny_llama()
-    train(model, BLOCKS, run_config(1, **RUN), run, val_blocks=BLOCKS[:VAL_BLOCKS], progress=False)
-    return run, model
+    return run, one_process_reference(run)
 
 
 @pytest.fixture(scope="module")
