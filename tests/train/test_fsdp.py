@@ -23,19 +23,11 @@ from tests.train.launched import (
     VAL_BLOCKS,
     final_weights,
     launch,
-    one_process_reference,
     read_log,
     run_config,
 )
 
 RUN = SHARDED_RUN
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: one process, 4 micro-batches per step; its run directory and trained model."""
-    run = tmp_path_factory.mktemp("one") / "run"
-    return run, one_process_reference(run)
 
 
 @pytest.fixture(scope="module")

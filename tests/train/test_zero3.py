@@ -21,7 +21,6 @@ from tests.train.launched import (
     VAL_BLOCKS,
     final_weights,
     launch,
-    one_process_reference,
     read_log,
     run_config,
 )
@@ -30,13 +29,6 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed (pip install 'deepspeed>=0.19')")
 
 RUN = SHARDED_RUN
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: one process, 4 micro-batches per step; its run directory and trained model."""
-    run = tmp_path_factory.mktemp("one") / "run"
-    return run, one_process_reference(run)
 
 
 @pytest.fixture(scope="module")
