@@ -11,7 +11,7 @@
 
 Lengths are tokens (``B = 1``). Output: ``kernels.csv`` (long format), ``kernels.png``, ratios printed.
 
-    python experiments/benchmarks/kernels.py --lengths 1024 4096 16384 --out experiments/results/kernels/cpu
+    python experiments/benchmarks/ops.py --lengths 1024 4096 16384 --out experiments/results/kernels/cpu
 """
 
 from __future__ import annotations

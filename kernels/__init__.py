@@ -1,1 +1,0 @@
-"""Triton kernels (installed as ``lce.kernels``). Importing this package has no side effects."""
