@@ -4,8 +4,9 @@
     lce report a/results.jsonl b/results.jsonl --format csv --run 'rope*' --experiment quickstart
 
 Inputs are ``results.jsonl`` / ``retrieval.jsonl`` files or directories searched recursively for them. Rows are
-deduplicated by experiment and identity (``lce.eval.sweep.point_key``, plus depth and trial for retrieval rows), so
-a file given twice, or both directly and through its directory, counts once. A series is an (experiment, run,
+deduplicated by experiment and identity (``lce.eval.sweep.point_key``, plus depth and trial for retrieval rows) by the
+sweep's own rule (``lce.eval.sweep.first_finished``: the first finished row wins), so a file given twice, or both
+directly and through its directory, or a point a file holds twice, counts once. A series is an (experiment, run,
 protocol) triple, labelled by the parts that differ between the selected rows. Perplexities whose protocol does not
 average token-weighted (``yarn``, ``longlora_stream``: see ``lce.eval.protocols``) are marked with a dagger.
 
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from lce.errors import ConfigError, LceError
 from lce.eval.heatmap import plot_heatmap
-from lce.eval.report import format_ppl, plot
+from lce.eval.report import STATUS_NOTES, STATUS_TEXT, format_ppl, plot
 from lce.eval.retrieval import KIND, cell_accuracy, retrieval_key
-from lce.eval.sweep import DONE_STATUSES, ResultStore, point_key
+from lce.eval.sweep import NONFINITE, OK, OOM, ResultStore, first_finished, point_key
 
 RESULT_FILES = ("results.jsonl", "retrieval.jsonl")
 TOKEN_MEAN = "token_mean"
@@ -57,17 +58,21 @@ def find_result_files(paths: list[str | Path]) -> list[Path]:
     return list(found)
 
 
+def row_identity(row: dict) -> str:
+    """A row's identity across result files: its experiment plus ``retrieval_key`` or ``point_key`` (the sweep's
+    identity is per results file; across files the experiment tells runs apart)."""
+    key = retrieval_key(row) if row.get("kind") == KIND else point_key(row)
+    return json.dumps(row.get("experiment")) + key
+
+
+def unique_rows(rows) -> list[dict]:
+    """Each (experiment, identity) once, in order: its first finished row (``lce.eval.sweep.first_finished``)."""
+    return list(first_finished(rows, row_identity).values())
+
+
 def load_rows(paths: list[str | Path]) -> list[dict]:
-    """Finished rows (status ok or oom) of every result file under ``paths``, each (experiment, identity) once."""
-    rows: dict[str, dict] = {}
-    for file in find_result_files(paths):
-        for row in ResultStore(file).rows():
-            if row.get("status") not in DONE_STATUSES:
-                continue
-            key = retrieval_key(row) if row.get("kind") == KIND else point_key(row)
-            # The sweep's identity is per results file; across files the experiment tells runs apart.
-            rows.setdefault(json.dumps(row.get("experiment")) + key, row)
-    return list(rows.values())
+    """Finished rows of every result file under ``paths`` (files in ``find_result_files`` order), ``unique_rows``."""
+    return unique_rows(row for file in find_result_files(paths) for row in ResultStore(file).rows())
 
 
 def select(rows: list[dict], experiments: list[str] | None = None, runs: list[str] | None = None) -> list[dict]:
@@ -109,7 +114,7 @@ def ppl_table(rows: list[dict], label: Labeller) -> tuple[list[str], list[int], 
         ConfigError: if two different points share a series and a length.
     """
     table: dict[str, dict[int, dict]] = {}
-    for row in rows:
+    for row in unique_rows(rows):
         if row.get("kind") == KIND:
             continue
         name, length = label(row), int(row["length"])
@@ -131,7 +136,7 @@ def retrieval_cells(rows: list[dict], label: Labeller) -> dict[tuple[str, str], 
     Raises:
         ConfigError: if one series and task mixes trials of different task parameters.
     """
-    retrieval = [r for r in rows if r.get("kind") == KIND]
+    retrieval = [r for r in unique_rows(rows) if r.get("kind") == KIND]
     protocols: dict[tuple[str, str], set[str]] = {}
     for row in retrieval:
         protocols.setdefault((label(row), row["task"]), set()).add(json.dumps(row["protocol"], sort_keys=True))
@@ -153,8 +158,8 @@ def _markdown_table(header: list[str], body: list[list[str]], align: list[str]) 
 def _ppl_cell(row: dict | None, best: float | None) -> str:
     if row is None:
         return "-"
-    if row["status"] == "oom":
-        return "OOM"
+    if row["status"] != OK:
+        return STATUS_TEXT.get(row["status"], row["status"])
     text = format_ppl(row["ppl"])
     if best is not None and row["ppl"] == best:
         text = f"**{text}**"
@@ -178,12 +183,14 @@ def markdown(rows: list[dict], title: str | None = None) -> str:
         align = [":--", *["--:"] * len(lengths)]
         best = {}
         for length in lengths:
-            values = [s[length]["ppl"] for s in table.values() if length in s and s[length]["status"] == "ok"]
+            values = [s[length]["ppl"] for s in table.values() if length in s and s[length]["status"] == OK]
             best[length] = min(values) if len(values) > 1 else None
         body = [[name, *(_ppl_cell(table[name].get(n), best[n]) for n in lengths)] for name in names]
         out += ["## Perplexity", "", *_markdown_table(header, body, align), ""]
         notes = ["Best per length in bold", "(low–high): bootstrap confidence interval over documents",
-                 "OOM: out of memory", "-: not evaluated"]
+                 STATUS_NOTES[OOM], "-: not evaluated"]
+        if any(row["status"] == NONFINITE for series in table.values() for row in series.values()):
+            notes.insert(3, STATUS_NOTES[NONFINITE])
         if any("†" in name for name in names):
             notes.append("†: mean of per-window (or per-batch) mean losses, as the protocol's reference reports it, "
                          "not token-weighted")
@@ -270,7 +277,7 @@ def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_leng
     paths["md"].write_text(markdown(rows, title) + "\n", encoding="utf-8")
     paths["ppl_csv"].write_text(ppl_csv(rows), encoding="utf-8")
     label = Labeller(rows)
-    ppl_rows = [{**r, "run": label(r)} for r in rows if r.get("kind") != KIND]
+    ppl_rows = [{**r, "run": label(r)} for r in unique_rows(rows) if r.get("kind") != KIND]
     if ppl_rows:
         paths["ppl_png"] = plot(ppl_rows, out_dir / "ppl_vs_length.png", train_length=train_length,
                                 title=f"{title}: perplexity vs length" if title else None)

@@ -1,8 +1,10 @@
 """Perplexity-vs-length results as a terminal table, a long-format CSV and a log-log plot.
 
-Rows are those written by ``lce.eval.sweep`` (see its schema); a row's series is its ``run`` field. The plot is drawn
-on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so it neither needs a display nor
-changes the backend or figures of a user's pyplot session.
+Rows are those written by ``lce.eval.sweep`` (see its schema); a row's series is its ``run`` field. A point written
+twice counts once, by the sweep's rule (``lce.eval.sweep.first_finished``). Points without a perplexity (``oom``,
+``nonfinite``) are named in the table and CSV and marked or named in the plots, never plotted as values. Plots are
+drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so they neither need a display nor
+change the backend or figures of a user's pyplot session.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 from lce.errors import ConfigError
+from lce.eval.sweep import NONFINITE, OK, OOM, first_finished, point_key
 
 CSV_COLUMNS = (
     "run", "method", "params", "model", "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb",
     "seed",
 )
-OOM = "oom"
+# How a point without a perplexity shows in tables (here and in ``lce report``) and what the note under them says.
+STATUS_TEXT = {OOM: "OOM", NONFINITE: "non-finite"}
+STATUS_NOTES = {OOM: "OOM: out of memory", NONFINITE: "non-finite: NaN or infinite loss, no perplexity"}
 
 
 def label(row: dict) -> str:
@@ -33,23 +38,32 @@ def label(row: dict) -> str:
     return str(row["run"])
 
 
+def points(rows: list[dict]) -> list[dict]:
+    """Each point's row once, in order of first appearance (``lce.eval.sweep.first_finished``: of a point written
+    twice the first finished row; unfinished rows left out)."""
+    return list(first_finished(rows, point_key).values())
+
+
 def pivot(rows: list[dict]) -> tuple[list[str], list[int], dict[str, dict[int, float | str]]]:
-    """Rows as a series x length table.
+    """Rows as a series x length table, each point once (``points``).
 
     Returns:
         ``(labels, lengths, table)``: labels in order of first appearance, lengths ascending, and
-        ``table[label][length]`` the perplexity or ``"oom"`` (absent where a series has no row at that length).
+        ``table[label][length]`` the perplexity, or the status (``"oom"``, ``"nonfinite"``) of a point without one
+        (absent where a series has no row at that length).
 
     Raises:
-        ConfigError: if two rows share a series and a length (give each series its own ``run`` name).
+        ConfigError: if two different points (``point_key``: e.g. two seeds under one run name) share a series and a
+            length.
     """
     table: dict[str, dict[int, float | str]] = {}
-    for row in rows:
+    for row in points(rows):
         name, length = label(row), int(row["length"])
         series = table.setdefault(name, {})
         if length in series:
-            raise ConfigError(f"two rows for run '{name}' at length {length}; give each series its own run name")
-        series[length] = OOM if row["status"] == OOM else float(row["ppl"])
+            raise ConfigError(f"two different points for run '{name}' at length {length} (they differ in method, "
+                              "params, model, seed or protocol); give each series its own run name")
+        series[length] = float(row["ppl"]) if row["status"] == OK else row["status"]
     lengths = sorted({length for series in table.values() for length in series})
     return list(table), lengths, table
 
@@ -88,8 +102,8 @@ def print_table(rows: list[dict], console: Console | None = None, train_length: 
     notes = []
     if train_length is not None:
         notes.append(f"* training length ({train_length})")
-    if any(v == OOM for series in table.values() for v in series.values()):
-        notes.append("OOM: out of memory")
+    found = {v for series in table.values() for v in series.values() if isinstance(v, str)}
+    notes += [note for status, note in STATUS_NOTES.items() if status in found]
     out = Table(title="Perplexity vs evaluation length", caption="; ".join(notes) or None)
     out.add_column("run", overflow="fold")
     for length in lengths:
@@ -104,8 +118,8 @@ def print_table(rows: list[dict], console: Console | None = None, train_length: 
             value = table[name].get(length)
             if value is None:
                 cells.append("-")
-            elif value == OOM:
-                cells.append("[red]OOM[/red]")
+            elif isinstance(value, str):
+                cells.append(f"[red]{STATUS_TEXT.get(value, value)}[/red]")
             else:
                 cells.append(f"[bold]{format_ppl(value)}[/bold]" if value == best[length] else format_ppl(value))
         out.add_row(name, *cells)
@@ -123,13 +137,14 @@ def _csv_cell(value) -> str | int | float:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write rows in long format (one line per series and length, in the given order) with ``CSV_COLUMNS``."""
+    """Write rows in long format (one line per point, in the given order, ``points``) with ``CSV_COLUMNS``; a point
+    without a perplexity has its status and an empty ``ppl``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
-        for row in rows:
+        for row in points(rows):
             writer.writerow(_csv_cell(row.get(k)) for k in CSV_COLUMNS)
     return path
 
@@ -146,7 +161,8 @@ def plot(rows: list[dict], path: str | Path, train_length: int | None = None, ti
     """Plot perplexity (log) against length (log2), one line per series, and save a PNG.
 
     OOM points are drawn as crosses in the series' colour along the top edge of the axes, since they have no
-    perplexity to place them by. The legend sits outside the axes so it never hides a line.
+    perplexity to place them by; points with a non-finite loss are left out and named in the series' legend entry.
+    The legend sits outside the axes so it never hides a line.
     """
     labels, lengths, table = pivot(rows)
     fig = Figure(figsize=(8, 4.8), layout="constrained")
@@ -156,9 +172,10 @@ def plot(rows: list[dict], path: str | Path, train_length: int | None = None, ti
     for i, name in enumerate(labels):
         color, marker = series_style(i)
         series = sorted(table[name].items())
-        points = [(length, v) for length, v in series if v != OOM and math.isfinite(v)]
-        xs, ys = zip(*points) if points else ((), ())
-        ax.plot(xs, ys, marker=marker, markersize=4, color=color, label=name)
+        finite = [(length, v) for length, v in series if isinstance(v, float) and math.isfinite(v)]
+        xs, ys = zip(*finite) if finite else ((), ())
+        nonfinite = [length for length, v in series if v == NONFINITE]
+        ax.plot(xs, ys, marker=marker, markersize=4, color=color, label=name + _nonfinite_note(nonfinite))
         ooms = [length for length, v in series if v == OOM]
         if ooms:
             # Stagger the crosses of different series so that OOMs at the same length stay distinguishable.
@@ -197,27 +214,40 @@ def plot(rows: list[dict], path: str | Path, train_length: int | None = None, ti
     return path
 
 
+def _nonfinite_note(lengths: list[int]) -> str:
+    """The legend suffix of a series with non-finite points at ``lengths``, which are not plotted."""
+    if not lengths:
+        return ""
+    return f" (non-finite loss at {', '.join(format_length(n) for n in sorted(lengths))}: not plotted)"
+
+
 def plot_position_nll(rows: list[dict], path: str | Path, train_length: int | None = None,
                       title: str | None = None) -> Path:
     """Plot mean NLL per position bucket at each series' longest scored length, and save a PNG.
 
     The first ``train_length`` positions show in-distribution quality; the rest show where extrapolation breaks,
-    which a single perplexity per length averages away.
+    which a single perplexity per length averages away. Points with a non-finite loss have no buckets to draw: they
+    are named in the series' legend entry (an entry without a line when the series has no finite point).
     """
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    rows = points(rows)
     for i, name in enumerate(dict.fromkeys(label(r) for r in rows)):
-        scored = [r for r in rows if label(r) == name and r["status"] != OOM and r.get("bucket_nll")]
+        series = [r for r in rows if label(r) == name]
+        scored = [r for r in series if r["status"] == OK and r.get("bucket_nll")]
+        note = _nonfinite_note([int(r["length"]) for r in series if r["status"] == NONFINITE])
+        color, marker = series_style(i)
         if not scored:
+            if note:
+                ax.plot([], [], marker=marker, markersize=3, color=color, label=name + note)
             continue
         row = max(scored, key=lambda r: int(r["length"]))
         size = int(row["bucket_size"])
         # Bucket b holds predictions made at positions [b*size, (b+1)*size); plot it at its midpoint.
         xs = [b * size + min(size, int(row["length"]) - 1 - b * size) / 2 for b in range(len(row["bucket_nll"]))]
-        color, marker = series_style(i)
         ax.plot(xs, row["bucket_nll"], marker=marker, markersize=3, color=color,
-                label=f"{name} (L={format_length(int(row['length']))})")
+                label=f"{name} (L={format_length(int(row['length']))}){note}")
     if train_length is not None:
         ax.axvline(train_length, linestyle="--", color="0.4", linewidth=1,
                    label=f"train length ({format_length(train_length)})")
@@ -243,10 +273,13 @@ def write_report(
 ) -> dict[str, Path]:
     """Print the table and write ``ppl_vs_length.csv``, ``ppl_vs_length.png`` and ``nll_vs_position.png``.
 
+    Rows may come straight from ``ResultStore.rows()``: a point written twice is shown once (``points``).
+
     Returns:
         ``{"csv": path, "png": path, "position_png": path}``.
     """
     out_dir = Path(out_dir)
+    rows = points(rows)
     print_table(rows, console=console, train_length=train_length)
     return {
         "csv": write_csv(rows, out_dir / "ppl_vs_length.csv"),

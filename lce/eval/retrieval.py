@@ -34,7 +34,10 @@ Decoding is greedy (``max_new_tokens``, stop at eos) with the KV cache; the pref
 position only, so a long prompt never builds ``T x V`` logits. The answer is the first integer in the generated text
 (see ``parse_integer``). Every trial is one row appended to a ``lce.eval.sweep.ResultStore``; its identity is the
 sweep's ``point_key`` plus ``depth`` and ``trial``, and prompts are a pure function of (seed, task, length, depth,
-trial), so a killed evaluation resumes where it stopped, with the same prompts, no row lost or duplicated.
+trial), so a killed evaluation resumes where it stopped, with the same prompts, no row lost or duplicated. As in the
+sweep, two runs of one evaluation at once write each trial once (``ResultStore.append_unless_done``), and of a trial
+a file already holds twice the first finished row counts (``lce.eval.sweep.first_finished``). No row holds a
+non-finite number: a model whose logits are NaN still decodes some tokens, and its trials are ``ok`` and wrong.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ from lce.config import check, check_at_least
 from lce.errors import ConfigError, LceError
 from lce.eval.memory import measure_peak_memory
 from lce.eval.shard import Shard, current_shard
-from lce.eval.sweep import DONE_STATUSES, META_FIELDS, ResultStore, is_out_of_memory, point_key
+from lce.eval.sweep import META_FIELDS, OOM, ResultStore, is_out_of_memory, point_key
+from lce.hf.cache import cache_keyword, returned_cache
 from lce.registry import Registry
 
 RETRIEVALS: Registry = Registry("retrieval")
@@ -372,6 +376,7 @@ def greedy_generate(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generated: list[int] = []
+    keyword = cache_keyword(model)
     with torch.inference_mode():
         out = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
@@ -381,7 +386,7 @@ def greedy_generate(
             generated.append(token)
             if step + 1 < max_new_tokens:
                 step_ids = torch.tensor([[token]], device=device)
-                out = model(input_ids=step_ids, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=step_ids, use_cache=True, **{keyword: returned_cache(out)})
     return generated
 
 
@@ -398,6 +403,11 @@ def retrieval_key(row: dict) -> str:
     if missing:
         raise ConfigError(f"retrieval row lacks field(s) {', '.join(missing)}")
     return point_key(row) + json.dumps({k: row[k] for k in TRIAL_FIELDS}, sort_keys=True, separators=(",", ":"))
+
+
+def _trial_key(row: dict) -> str | None:
+    """``retrieval_key`` of a retrieval row; None for the rows of other evaluations a store may hold."""
+    return retrieval_key(row) if row.get("kind") == KIND else None
 
 
 def is_correct(config, output: str, answer: int) -> bool:
@@ -443,8 +453,11 @@ def run_retrieval(
         shard: this process's place among several; None: ``lce.eval.shard.current_shard()``.
 
     Returns:
-        Every row of this identity in the store (earlier runs' and new), ordered by length, depth, trial; the same on
-        every process.
+        Every finished row of this identity in the store (earlier runs' and new; of a trial written twice, the
+        first), ordered by length, depth, trial; the same on every process and in every run that wrote concurrently.
+
+    Raises:
+        LceError: ``store`` cannot be written (``ResultStore.check_writable``, before running any trial).
 
     Row schema: the ``meta`` fields, ``protocol`` ({name and task parameters} + meta's protocol), ``kind``
     ("retrieval"), ``task``, ``length``, ``depth``, ``trial``, ``status`` ("ok" | "oom"), ``prompt_tokens``,
@@ -472,14 +485,12 @@ def run_retrieval(
 def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: ResultStore | str | Path, meta: dict,
                         haystack_text: str | None, bos_id: int | None, device, progress: bool) -> list[dict]:
     store = store if isinstance(store, ResultStore) else ResultStore(store)
+    store.check_writable()
     builder = PromptBuilder(config, tokenizer, haystack_text, bos_id)
     base = {**meta, "protocol": {**config.identity(), **meta.get("protocol", {})}, "kind": KIND, "task": config.name}
     identity = point_key({**base, "length": None})
 
-    done: dict[str, dict] = {}
-    for row in store.rows():
-        if row.get("kind") == KIND and row.get("status") in DONE_STATUSES:
-            done.setdefault(retrieval_key(row), row)
+    done = store.finished(_trial_key)
 
     cells = list(iter_cells(config))
     oom_at: int | None = None
@@ -495,17 +506,17 @@ def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: Resul
         else:
             prompt = builder.prompt(length, depth, trial)
             row = {**trial_id, **_run_trial(generate_fn, tokenizer, config, prompt, device)}
-            if row["status"] == "oom":
-                oom_at = length
-        store.append(row)
-        done[key] = row
+        # Another run of this evaluation may have written the trial meanwhile: then its row is the result.
+        row = done[key] = store.append_unless_done(row, _trial_key)
+        if row["status"] == OOM and oom_at is None:
+            oom_at = length
     mine = [row for row in done.values() if point_key({**row, "length": None}) == identity]
     return sorted(mine, key=lambda r: (r["length"], r["depth"], r["trial"]))
 
 
 def _oom_fields(error: str) -> dict:
     return {
-        "status": "oom", "prompt_tokens": None, "key_offset": None, "depth_actual": None, "answer": None,
+        "status": OOM, "prompt_tokens": None, "key_offset": None, "depth_actual": None, "answer": None,
         "output": None, "parsed": None, "correct": None, "seconds": None, "peak_mem_mb": None, "mem_kind": None,
         "time": _stamp(), "error": error,
     }

@@ -190,3 +190,20 @@ def test_markdown_of_retrieval_only_rows():
     text = markdown(RETRIEVAL_ROWS)
     assert "## Perplexity" not in text and "## Retrieval accuracy: passkey, rope" in text
     assert compare.retrieval_csv(RETRIEVAL_ROWS).splitlines()[1] == "rope,passkey,256,0.0,2,2,1.0,ok"
+
+
+def test_nonfinite_points_are_named_in_markdown_csv_and_plots(tmp_path, capsys):
+    rows = PPL_ROWS + [ppl_row("yarn", 512, None, status="nonfinite", error="non-finite result: nll=nan, ppl=nan"),
+                       ppl_row("rope", 512, None, status="nonfinite")]
+    path = write_jsonl(tmp_path / "results.jsonl", rows)
+    assert main([str(path), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "| rope | **3.142** | OOM | non-finite |" in out
+    assert "| yarn | 3.500 (3.250–3.750) | 41.00 | non-finite |" in out
+    assert "OOM: out of memory; non-finite: NaN or infinite loss, no perplexity; -: not evaluated." in out
+    assert main([str(path), "--format", "csv"]) == 0
+    assert "rope,quick,rope,rope,canonical,512,nonfinite,,,,,token_mean,100,,12.25,cpu_rss_delta,0.5" in (
+        capsys.readouterr().out.splitlines())
+    assert (tmp_path / "report" / "ppl_vs_length.png").read_bytes()[:4] == b"\x89PNG"
+    # Without non-finite points the note is not there (see EXPECTED_MD).
+    assert "non-finite" not in EXPECTED_MD

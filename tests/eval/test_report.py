@@ -1,4 +1,4 @@
-"""Table, CSV and plot of sweep rows."""
+"""Table, CSV and plots of sweep rows: OOM and non-finite points, points written twice."""
 
 import csv
 import json
@@ -6,17 +6,28 @@ import sys
 
 import matplotlib
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 from rich.console import Console
 
 from lce.errors import ConfigError
-from lce.eval.report import format_length, format_ppl, pivot, plot, print_table, write_csv, write_report
+from lce.eval.report import (
+    format_length,
+    format_ppl,
+    pivot,
+    plot,
+    plot_position_nll,
+    print_table,
+    write_csv,
+    write_report,
+)
 
 
 def make_row(run, length, ppl, status="ok", **extra):
     return {
         "run": run, "method": run.split("_")[0], "params": {"factor": 4, "beta_fast": 32}, "model": "tiny",
-        "length": length, "seed": 0, "status": status, "ppl": ppl, "nll": None if ppl is None else 1.5,
+        "length": length, "seed": 0, "protocol": {"name": "canonical"}, "status": status, "ppl": ppl,
+        "nll": None if ppl is None else 1.5,
         "tokens": None if ppl is None else 254, "tokens_per_s": None if ppl is None else 1000.5,
         "peak_mem_mb": 12.25, **extra,
     }
@@ -38,9 +49,16 @@ def test_pivot():
     assert 512 not in table["yarn_s4"]
 
 
-def test_pivot_rejects_two_rows_for_one_series_and_length():
-    with pytest.raises(ConfigError, match="'rope' at length 128"):
-        pivot(ROWS + [make_row("rope", 128, 1.0)])
+def test_pivot_rejects_two_points_for_one_series_and_length():
+    with pytest.raises(ConfigError, match="two different points for run 'rope' at length 128"):
+        pivot(ROWS + [make_row("rope", 128, 1.0, seed=1)])
+
+
+def test_a_point_written_twice_counts_once_first_row_first():
+    """The sweep's rule (``lce.eval.sweep.first_finished``): an older lce could write a point twice."""
+    rows = ROWS + [make_row("rope", 128, 1.0)]
+    assert pivot(rows)[2]["rope"][128] == 9.87654
+    assert pivot([make_row("rope", 128, 1.0, status="running"), *ROWS])[2]["rope"][128] == 9.87654
 
 
 def test_print_table():
@@ -49,6 +67,7 @@ def test_print_table():
     text = console.export_text()
     for expected in ("rope", "yarn_s4", "128*", "256", "512", "9.877", "123.46", "9.250", "OOM", "training length"):
         assert expected in text
+    assert "non-finite" not in text
     yarn_line = next(line for line in text.splitlines() if "yarn_s4" in line)
     assert yarn_line.split()[-2] == "-"  # yarn_s4 has no row at 512
 
@@ -108,3 +127,65 @@ def test_structured_cells_are_json(tmp_path):
     row = {**ROWS[0], "model": {"name": "tiny_llama", "hidden_size": 64}}
     with open(write_csv([row], tmp_path / "x.csv"), newline="") as f:
         assert json.loads(next(csv.DictReader(f))["model"]) == {"name": "tiny_llama", "hidden_size": 64}
+
+
+NONFINITE_ROWS = [
+    make_row("rope", 128, 9.5, bucket_size=64, bucket_nll=[2.0, 2.5]),
+    make_row("rope", 256, None, status="nonfinite", bucket_size=64, bucket_nll=[None] * 4,
+             error="non-finite result: nll=nan, ppl=nan"),
+    make_row("rope", 512, None, status="oom"),
+    make_row("broken", 128, None, status="nonfinite", bucket_size=64, bucket_nll=[None, None]),
+    make_row("broken", 256, None, status="nonfinite", bucket_size=64, bucket_nll=[None] * 4),
+]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plots save (drawn, not only written), for their legends and lines."""
+    saved, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return saved
+
+
+def legend_and_lines(fig):
+    ax = fig.axes[0]
+    return [t.get_text() for t in ax.get_legend().get_texts()], {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_nonfinite_points_in_table_and_csv(tmp_path):
+    assert pivot(NONFINITE_ROWS)[2] == {"rope": {128: 9.5, 256: "nonfinite", 512: "oom"},
+                                        "broken": {128: "nonfinite", 256: "nonfinite"}}
+    console = Console(record=True, width=120)
+    print_table(NONFINITE_ROWS, console=console)
+    text = " ".join(console.export_text().split())  # the caption wraps
+    assert "│ rope │ 9.500 │ non-finite │ OOM │" in text and "│ broken │ non-finite │ non-finite │ - │" in text
+    assert "OOM: out of memory; non-finite: NaN or infinite loss, no perplexity" in text
+    with open(write_csv(NONFINITE_ROWS, tmp_path / "x.csv"), newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["length"], r["status"], r["ppl"]) for r in lines[:2]] == [("128", "ok", "9.5"), ("256", "nonfinite", "")]
+
+
+def test_plots_leave_nonfinite_points_out_and_say_so(tmp_path, figures):
+    plot(NONFINITE_ROWS, tmp_path / "ppl.png")
+    names, lines = legend_and_lines(figures[-1])
+    assert "rope (non-finite loss at 256: not plotted)" in names and "out of memory" in names
+    assert "broken (non-finite loss at 128, 256: not plotted)" in names
+    assert list(lines["rope (non-finite loss at 256: not plotted)"].get_xdata()) == [128]
+    assert list(lines["broken (non-finite loss at 128, 256: not plotted)"].get_xdata()) == []
+
+    plot_position_nll(NONFINITE_ROWS, tmp_path / "position.png", train_length=128)
+    names, lines = legend_and_lines(figures[-1])
+    assert names[:2] == ["rope (L=128) (non-finite loss at 256: not plotted)",
+                         "broken (non-finite loss at 128, 256: not plotted)"]
+    assert list(lines[names[0]].get_ydata()) == [2.0, 2.5] and list(lines[names[1]].get_ydata()) == []
+
+
+def test_write_report_with_nonfinite_points(tmp_path):
+    paths = write_report(NONFINITE_ROWS, tmp_path / "out", console=Console(record=True))
+    for key in ("png", "position_png"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"

@@ -1,12 +1,15 @@
-"""Retrieval: prompt construction (length, depth, keys), the answer parser, resume after a kill, OOM, heatmaps."""
+"""Retrieval: prompt construction (length, depth, keys), the answer parser, resume after a kill, OOM, heatmaps,
+concurrent runs into one file, duplicated trials, unwritable stores."""
 
+import json
 import re
 
 import pytest
 import torch
 
 from lce.data import ByteTokenizer, LocalData
-from lce.errors import ConfigError
+from lce.errors import ConfigError, LceError
+from lce.eval import compare
 from lce.eval.heatmap import accuracy_grid, plot_heatmap
 from lce.eval.retrieval import (
     FILLER,
@@ -30,6 +33,7 @@ from lce.eval.retrieval import (
 )
 from lce.eval.sweep import ResultStore
 from tests.conftest import make_tiny_llama
+from tests.eval.concurrent_run import launch_pair
 
 TOKENIZER = ByteTokenizer()
 META = {"run": "rope", "method": "rope", "params": {}, "model": "tiny", "seed": 0}
@@ -260,3 +264,52 @@ def test_tiny_model_end_to_end(tmp_path):
     rows = run(tmp_path / "m.jsonl", generate=model_generate_fn(model, eos_id=TOKENIZER.eos_id), config=config)
     assert len(rows) == 4 and all(r["status"] == "ok" and r["prompt_tokens"] <= r["length"] for r in rows)
     assert all(isinstance(r["correct"], bool) and r["mem_kind"] == "cpu_rss_delta" for r in rows)
+
+
+def never_generate(ids, max_new_tokens):
+    pytest.fail("ran a trial that was already finished")
+
+
+def test_two_concurrent_runs_write_each_trial_once(tmp_path):
+    """Both processes compute every trial before either appends it (``concurrent_run.py``): each trial is written
+    once, and both return the rows written."""
+    path = tmp_path / "r.jsonl"
+    a, b = launch_pair("retrieval", path)
+    stored = ResultStore(path).rows()
+    assert len(stored) == 8 and len({retrieval_key(r) for r in stored}) == 8
+    assert a == b == sorted(stored, key=lambda r: (r["length"], r["depth"], r["trial"]))
+    assert all(r["correct"] for r in a)
+
+
+def test_a_trial_written_twice_is_used_once_by_the_run_and_the_report(tmp_path):
+    """A file from an older lce holds a trial twice, a wrong answer first: the run resumes without generating, and
+    the run and ``lce report`` both count the first row, once."""
+    path = tmp_path / "retrieval.jsonl"
+    rows = run(tmp_path / "reference.jsonl")
+    wrong = {**rows[0], "output": " 7", "parsed": 7, "correct": False}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [wrong, *rows]))
+    resumed = run(path, generate=never_generate)
+    assert len(resumed) == 8 and resumed[0] == wrong and resumed[1:] == rows[1:]
+    assert len(ResultStore(path).rows()) == 9  # nothing appended
+    loaded = compare.load_rows([path])
+    assert len(loaded) == 8 and wrong in loaded and rows[0] not in loaded
+    assert "| 0% | 50% | 100% |" in compare.markdown(ResultStore(path).rows())
+
+
+def test_a_model_with_nan_logits_gives_wrong_answers_not_nan(tmp_path):
+    """Nothing non-finite reaches a retrieval row: greedy decoding of NaN logits still picks tokens."""
+    model = make_tiny_llama(rope_theta=-1.0)
+    config = PasskeyConfig(lengths=[260], depths=[0.5], trials=2, max_new_tokens=3)
+    path = tmp_path / "nan.jsonl"
+    rows = run(path, generate=model_generate_fn(model, eos_id=TOKENIZER.eos_id), config=config)
+    assert [(r["status"], r["correct"]) for r in rows] == [("ok", False), ("ok", False)]
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant} in a retrieval row"))
+
+
+def test_an_unwritable_store_fails_before_any_trial(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(LceError, match=rf"^cannot write results to {re.escape(str(a_file))}/r\.jsonl: "
+                                       rf"{re.escape(str(a_file))} is a file, not a directory$"):
+        run(a_file / "r.jsonl", generate=never_generate)
