@@ -1,5 +1,6 @@
 """Train a causal LM at a short context or fine-tune it at a longer one: config, schedule, resumable data order
-(plain, packed or PoSE), LoRA, FSDP2 sharding, safetensors checkpoints, loop."""
+(plain, packed or PoSE), LoRA, FSDP2 sharding, safetensors checkpoints, the training device, non-finite steps,
+loop."""
 
 from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import (
@@ -12,18 +13,22 @@ from lce.train.checkpoint import (
 )
 from lce.train.config import TrainConfig
 from lce.train.data import TrainBlocks, blocks_from_stream
+from lce.train.device import check_device
 from lce.train.loop import TrainResult, train
 from lce.train.lora import apply_lora, merge_lora
+from lce.train.nonfinite import NonFiniteLossError
 from lce.train.schedule import lr_at
 
 __all__ = [
     "Batch",
+    "NonFiniteLossError",
     "TrainBlocks",
     "TrainConfig",
     "TrainResult",
     "apply_lora",
     "block_length",
     "blocks_from_stream",
+    "check_device",
     "full_optimizer_state",
     "latest_checkpoint",
     "load_checkpoint",

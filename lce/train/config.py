@@ -19,7 +19,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 # effective run seed and ``grad_accum`` as the global batch, grad_accum x processes, see ``lce.train.loop``).
 RESUMABLE_CHANGES = frozenset(
     {"name", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every", "val_batches", "resume_from",
-     "grad_accum"}
+     "grad_accum", "max_nonfinite_steps"}
 )
 
 
@@ -42,6 +42,9 @@ class TrainConfig:
         betas: AdamW ``(beta1, beta2)``.
         eps: AdamW epsilon.
         grad_clip: maximum global gradient norm; ``<= 0`` disables clipping (the norm is still logged).
+        max_nonfinite_steps: stop training (``lce.train.nonfinite.NonFiniteLossError``) when the loss or gradient
+            norm is NaN or infinite for this many optimizer steps in a row; each such step is skipped (no update,
+            no checkpoint), so 1 stops at the first and a larger value rides out isolated spikes.
         mixed_precision: ``auto`` is bf16 on a CUDA device that supports it and ``no`` elsewhere.
         gradient_checkpointing: recompute decoder layers in the backward pass to save activation memory.
         checkpoint_every: save a checkpoint every this many steps (and always at the end).
@@ -79,6 +82,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 3
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
@@ -101,7 +105,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         w = "train"
         check_at_least(self, w, 1, "steps", "seq_len", "micro_batch_size", "grad_accum", "checkpoint_every",
-                       "keep_checkpoints", "log_every", "val_batches", "loss_chunk_size")
+                       "keep_checkpoints", "log_every", "val_batches", "loss_chunk_size", "max_nonfinite_steps")
         check_at_least(self, w, 0, "warmup_steps", "val_every", "weight_decay")
         check(self.lr > 0, f"{w}.lr", f"must be > 0, got {self.lr}")
         check(0 <= self.min_lr_ratio <= 1, f"{w}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")

@@ -11,6 +11,9 @@ Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parall
 any of them; DeepSpeed ZeRO-3 launches train a DeepSpeed engine lce builds itself (``lce.train.zero3``). With
 ``train.lora_rank > 0`` the model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when
 training ends.
+
+A step whose loss or gradient norm is not finite leaves the weights alone, is logged with ``nonfinite: true`` and is
+never checkpointed; ``train.max_nonfinite_steps`` of them in a row stop training (``lce.train.nonfinite``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from lce.hf.lm import hidden_states, loss_head
 from lce.train import zero3
 from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import (
+    checkpoint_dir,
     full_optimizer_state,
     load_optimizer_state,
     load_weights,
@@ -56,9 +60,11 @@ from lce.train.checkpoint import (
 )
 from lce.train.config import RESUMABLE_CHANGES, TrainConfig
 from lce.train.data import TrainBlocks
+from lce.train.device import accelerator_cpu, check_device, claimed_device
 from lce.train.fsdp import fsdp_settings, gather_parameters, shard
 from lce.train.limits import check_positions, resolve_resume
 from lce.train.lora import apply_lora, merge_lora
+from lce.train.nonfinite import NonFiniteGuard, is_healthy, json_record
 from lce.train.schedule import lr_at
 
 LOG_NAME = "train_log.jsonl"
@@ -75,6 +81,7 @@ class TrainResult:
         tokens_per_s: training throughput of this call (all processes; validation and saving excluded).
         resumed_from: the global step this call resumed from, or None for a fresh start.
         log_path: the JSONL step log.
+        device: the device this process trained on (a CUDA device with its index).
     """
 
     steps: int
@@ -83,6 +90,7 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: int | None
     log_path: Path
+    device: torch.device
 
 
 class NextTokenLoss(nn.Module):
@@ -108,21 +116,32 @@ class NextTokenLoss(nn.Module):
         )
 
 
-def fresh_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An ``Accelerator`` configured by ``cfg``, independent of any created earlier in this process.
+def fresh_accelerator(cfg: TrainConfig, device: torch.device | str | None = None) -> Accelerator:
+    """An ``Accelerator`` configured by ``cfg`` on ``device``, independent of any created earlier in this process.
 
     Hydra's basic launcher runs multirun jobs one after another in one process; accelerate keeps its state in
     process-wide singletons, which would otherwise keep the first job's mixed precision (and raise when a later job
     asks for another) and could carry a half-finished gradient accumulation over from an interrupted run.
+
+    Args:
+        cfg: training config.
+        device: see ``lce.train.device.check_device``; None is accelerate's choice.
+
+    Raises:
+        ConfigError: ``device`` does not exist here, or the DeepSpeed launch config is not one lce runs.
     """
+    target = check_device(device)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, target)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    zero3.zero3_settings(resolve_mixed_precision(cfg.mixed_precision))  # a bad DeepSpeed launch fails before any setup
+    zero3.zero3_settings(mixed_precision)  # a bad DeepSpeed launch fails before any setup
+    zero3.quiet_cpu_detection()  # before anything imports deepspeed
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=not torch.cuda.is_available(),
+        cpu=accelerator_cpu(target),
     )
+    claimed_device(target, accelerator.device)
     return accelerator
 
 
@@ -183,11 +202,16 @@ def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> Pre
     return PreparedRun(loss_module, trained, build_optimizer(trained, cfg), sharded=True)
 
 
-def resolve_mixed_precision(mode: str) -> str:
-    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``no``; other modes pass through."""
+def resolve_mixed_precision(mode: str, device: torch.device | None = None) -> str:
+    """``auto`` -> ``bf16`` when training on a CUDA device that supports it, else ``no``; other modes pass through.
+
+    ``device`` is the training device from ``lce.train.device.check_device``; None (accelerate's choice) is CUDA
+    whenever it is available.
+    """
     if mode != "auto":
         return mode
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -222,6 +246,7 @@ def train(
     seed: int = 0,
     eos_id: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place up to ``cfg.steps`` optimizer steps, resuming from ``out_dir`` when possible.
 
@@ -238,13 +263,19 @@ def train(
         seed: run seed, used when ``cfg.seed`` is None.
         eos_id: the token that ends each document in the stream (needed by ``cfg.pack_documents``).
         progress: show a progress bar.
+        device: the device to train on: ``cpu``, ``cuda`` or ``cuda:N`` (under a multi-process launch each process
+            trains on its ``LOCAL_RANK`` GPU); None is accelerate's choice (see ``lce.train.device.check_device``).
 
     Raises:
-        ConfigError: if the blocks do not match ``cfg``, ``cfg.seq_len`` (or PoSE's target) is longer than the
-            model's position encoding supports, ``cfg.resume_from`` does not exist, or the checkpoint to resume was
-            trained with settings that change the loss trajectory.
+        ConfigError: if ``device`` does not exist here, the blocks do not match ``cfg``, ``cfg.seq_len`` (or PoSE's
+            target) is longer than the model's position encoding supports, ``cfg.resume_from`` does not exist, or the
+            checkpoint to resume was trained with settings that change the loss trajectory.
+        NonFiniteLossError: the loss or gradient norm was not finite for ``cfg.max_nonfinite_steps`` steps in a row,
+            or on the last steps of the run; the model then holds the weights of the last finite step (see
+            ``lce.train.nonfinite``), and the newest checkpoint is the last good one.
     """
     out_dir = Path(out_dir)
+    check_device(device)  # before any work
     run_seed = cfg.seed if cfg.seed is not None else seed
     data = blocks if isinstance(blocks, TrainBlocks) else TrainBlocks(blocks, cfg.micro_batch_size, run_seed)
     check(data.seq_len + 1 == block_length(cfg), "train.seq_len",
@@ -254,7 +285,7 @@ def train(
           f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
     check_positions(model, cfg)
     resume = resolve_resume(out_dir, cfg.resume_from)
-    accelerator = fresh_accelerator(cfg)
+    accelerator = fresh_accelerator(cfg, device)
     run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data),
                 "micro_batches_per_step": cfg.grad_accum * accelerator.num_processes}
     if resume is not None:
@@ -279,6 +310,8 @@ def train(
         start_step, data_position, final_loss = state["global_step"], state["data_position"], state["extra"].get("loss")
         if accelerator.scaler is not None and "grad_scaler" in state["extra"]:
             accelerator.scaler.load_state_dict(state["extra"]["grad_scaler"])
+        if accelerator.is_main_process:
+            tqdm.write(f"resumed from step {start_step} ({resume})", file=sys.stderr)  # keeps a progress bar intact
     loss_module, optimizer = run.loss_module, run.optimizer
 
     log_path = out_dir / LOG_NAME
@@ -294,17 +327,20 @@ def train(
                                                 num_processes=accelerator.num_processes)
     )
     train_seconds, train_tokens = 0.0, 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, resume, loss_scaling=accelerator.scaler is not None)
+    checkpoint_due = False  # a checkpoint falls due at a non-finite step: taken at the next finite one instead
 
     loss_module.train()
     bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="train", dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
+    stop = None
     with bar:
         for step in range(start_step + 1, cfg.steps + 1):
             if accelerator.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(accelerator.device)
             started = time.perf_counter()
             lr = lr_at(step, cfg)
-            final_loss, grad_norm = optimizer_step(accelerator, loss_module, optimizer, batches, lr, cfg)
+            final_loss, grad_norm, applied = optimizer_step(accelerator, loss_module, optimizer, batches, lr, cfg)
             seconds = time.perf_counter() - started
             data_position += per_step
             train_seconds += seconds
@@ -318,37 +354,72 @@ def train(
             if val_blocks is not None and cfg.val_every and step % cfg.val_every == 0:
                 record["val_loss"] = validation_loss(loss_module, val_blocks, cfg, accelerator.device, model,
                                                      eos_id=eos_id)
-            report = step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record
+            healthy = is_healthy(final_loss, grad_norm, guard.loss_scaling)
+            report = step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record or not healthy
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(json_record(record)) + "\n")
                 if report and logger is not None:
                     logger.log_metrics(_metric_names(record), step=step)
             if report:
                 bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
 
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                # Gathering the state of a sharded model is a collective: every process takes part.
-                keeper = model if accelerator.is_main_process else None
-                if run.zero3:
-                    optimizer_state = zero3.full_optimizer_state(run.loss_module, run.trained, run.group_names)
-                    zero3.gather_parameters(run.loss_module, run.trained, keeper)
-                else:
-                    optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
-                    if run.sharded:
-                        gather_parameters(run.trained, keeper)
-                if accelerator.is_main_process:
-                    extra = {"run": run_info, "loss": final_loss}
-                    if accelerator.scaler is not None:
-                        extra["grad_scaler"] = accelerator.scaler.state_dict()
-                    save_checkpoint(
-                        out_dir, step, model, optimizer_state, data_position=data_position,
-                        epoch=data_position // data.batches_per_epoch, config=cfg, extra=extra,
-                    )
-                    prune(out_dir, cfg.keep_checkpoints)
-                accelerator.wait_for_everyone()
+            stop = guard.update(step, final_loss, grad_norm, applied)
+            if stop is not None:
+                break
+            checkpoint_due = checkpoint_due or step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if checkpoint_due and healthy:
+                guard.saved(_save_checkpoint(accelerator, run, model, out_dir, step, data_position, data, cfg,
+                                             {"run": run_info, "loss": final_loss}))
+                checkpoint_due = False
+    if stop is None and cfg.steps > start_step:
+        stop = guard.finish(cfg.steps, final_loss, grad_norm)
+    _finish(accelerator, run, model, lora)  # also before a NonFiniteLossError: the weights of the last finite step
+    if stop is not None:
+        raise stop
+    return TrainResult(
+        steps=max(start_step, cfg.steps),
+        final_loss=final_loss,
+        tokens_seen=data_position * cfg.micro_batch_size * cfg.seq_len,
+        tokens_per_s=train_tokens / train_seconds if train_seconds else 0.0,
+        resumed_from=start_step if resume is not None else None,
+        log_path=log_path,
+        device=claimed_device(None, accelerator.device),
+    )
 
+
+def _save_checkpoint(accelerator: Accelerator, run: PreparedRun, model: nn.Module, out_dir: Path, step: int,
+                     data_position: int, data: TrainBlocks, cfg: TrainConfig, extra: dict[str, Any]) -> Path:
+    """Checkpoint step ``step`` from the main process and prune older checkpoints; returns its directory.
+
+    Gathering the state of a sharded model is a collective: every process calls this.
+    """
+    keeper = model if accelerator.is_main_process else None
+    if run.zero3:
+        optimizer_state = zero3.full_optimizer_state(run.loss_module, run.trained, run.group_names)
+        zero3.gather_parameters(run.loss_module, run.trained, keeper)
+    else:
+        optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
+        if run.sharded:
+            gather_parameters(run.trained, keeper)
+    if accelerator.is_main_process:
+        if accelerator.scaler is not None:
+            extra = {**extra, "grad_scaler": accelerator.scaler.state_dict()}
+        save_checkpoint(
+            out_dir, step, model, optimizer_state, data_position=data_position,
+            epoch=data_position // data.batches_per_epoch, config=cfg, extra=extra,
+        )
+        # Steps only grow within a run directory (its own newest checkpoint is always the one resumed), so the
+        # checkpoint just written is the newest and survives any keep_checkpoints >= 1.
+        prune(out_dir, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return checkpoint_dir(out_dir, step)
+
+
+def _finish(accelerator: Accelerator, run: PreparedRun, model: nn.Module, lora: Any) -> None:
+    """Hand the trained weights back to the caller's ``model`` (a collective when sharded), in eval mode on the
+    accelerator's device, LoRA adapters merged."""
     if run.zero3:
         zero3.gather_parameters(run.loss_module, run.trained, model)
         run.loss_module.destroy()  # removes DeepSpeed's hooks from the trained copy, so that it can be freed
@@ -359,14 +430,6 @@ def train(
     model.eval()
     if lora is not None:
         merge_lora(lora)
-    return TrainResult(
-        steps=max(start_step, cfg.steps),
-        final_loss=final_loss,
-        tokens_seen=data_position * cfg.micro_batch_size * cfg.seq_len,
-        tokens_per_s=train_tokens / train_seconds if train_seconds else 0.0,
-        resumed_from=start_step if resume is not None else None,
-        log_path=log_path,
-    )
 
 
 def optimizer_step(
@@ -376,12 +439,16 @@ def optimizer_step(
     batches: Iterator[Batch],
     lr: float,
     cfg: TrainConfig,
-) -> tuple[float, float]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches per process.
+) -> tuple[float, float, bool]:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches per process, skipped when it is not finite.
+
+    A step whose loss or gradient norm is not finite (``lce.train.nonfinite.is_healthy``) does not update the weights:
+    its gradients are cleared instead (every process decides alike: both values are global). Under ZeRO-3 the engine
+    has stepped inside the last micro-batch, skipping a non-finite gradient norm itself (``zero3.step_skipped``).
 
     Returns:
-        ``(loss, grad_norm)``: mean NLL per scored token over every token of the step on all processes, and the
-        global gradient norm before clipping.
+        ``(loss, grad_norm, applied)``: mean NLL per scored token over every token of the step on all processes, the
+        global gradient norm before clipping, and whether the update reached the weights.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -409,18 +476,28 @@ def optimizer_step(
             accelerator.backward(nll.sum() / max(scored, 1))
         nll_sum += nll.detach().double().sum()
         count += scored
-    if zero3.is_engine(loss_module):
-        grad_norm = loss_module.get_global_grad_norm()  # before clipping, over all partitions
-    else:
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
-        grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     # Summed over every token of the step and divided once, not a mean of per-micro-batch means.
     total = accelerator.reduce(torch.stack([nll_sum, nll_sum.new_tensor(count)]), "sum")
-    return (total[0] / total[1]).item(), float(grad_norm)
+    loss = (total[0] / total[1]).item()
+    if zero3.is_engine(loss_module):
+        # Before clipping, over all partitions; inf when DeepSpeed skipped the step.
+        return loss, float(loss_module.get_global_grad_norm()), not zero3.step_skipped(loss_module)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
+    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    applied = is_healthy(loss, grad_norm, loss_scaling=accelerator.scaler is not None)
+    if applied:
+        optimizer.step()
+        # fp16: the GradScaler skips a step whose gradients overflowed (and lowers its scale).
+        applied = not getattr(optimizer, "step_was_skipped", False)
+    elif accelerator.scaler is not None:
+        # clip_grad_norm_ unscaled the gradients for this step; the scaler must close it (lowering its scale when
+        # they overflowed) before it unscales the next.
+        accelerator.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, applied
 
 
 def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: TrainConfig, device: torch.device,

@@ -63,7 +63,7 @@ def zero3_settings(mixed_precision: str) -> Zero3Settings | None:
         return None
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("accelerate: the launch config asks for DeepSpeed, but the deepspeed package is not "
-                          "installed (pip install 'deepspeed>=0.19'); or launch with conf/accelerate/fsdp2.yaml")
+                          "installed (pip install 'deepspeed>=0.19.8'); or launch with conf/accelerate/fsdp2.yaml")
     problems = []
     if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3") != "3":
         problems.append(f"zero_stage is {env['ACCELERATE_DEEPSPEED_ZERO_STAGE']}; lce runs ZeRO stage 3 only "
@@ -95,6 +95,34 @@ def is_engine(module: nn.Module) -> bool:
     """Whether ``module`` is a DeepSpeed engine (without importing deepspeed when nothing has)."""
     deepspeed = sys.modules.get("deepspeed")
     return deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine)
+
+
+def step_skipped(engine: nn.Module) -> bool:
+    """Whether the last optimizer step of ``engine`` left the weights alone.
+
+    The engine steps inside the last micro-batch's ``step()``, before lce sees the step's loss. DeepSpeed 0.19's
+    ZeRO-3 skips a step whose global gradient norm is not finite (clearing the gradients, and reporting the norm as
+    inf) with any precision, so lce's non-finite steps are skipped under ZeRO-3 too (``lce.train.nonfinite``).
+    """
+    return bool(engine.optimizer.overflow)
+
+
+def quiet_cpu_detection() -> None:
+    """Tell DeepSpeed it runs on the CPU on a machine without any accelerator, before anything imports it.
+
+    accelerate imports deepspeed whenever it is installed, DeepSpeed requested or not: transformers'
+    ``save_pretrained`` unwraps the model with accelerate's ``extract_model_from_parallel``, which imports
+    ``DeepSpeedEngine``. On a machine without an accelerator deepspeed's import then warns "Setting accelerator to
+    CPU. If you have GPU or other accelerator, we were unable to detect it." ``DS_ACCELERATOR=cpu`` states what its
+    detection finds there, and it says nothing; where torch sees an accelerator nothing is set (deepspeed detects
+    CUDA without a word), nor where ``DS_ACCELERATOR`` is set already.
+    """
+    try:
+        accelerator = torch.accelerator.current_accelerator()
+    except RuntimeError:  # torch 2.6 raises on a CPU-only build
+        accelerator = None
+    if accelerator is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def initialize(root: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, settings: Zero3Settings,

@@ -1,7 +1,7 @@
 """FSDP2 (lce.train.fsdp) in 2 CPU processes over gloo (conf/accelerate/cpu_fsdp2.yaml): the losses of one process
 with the same global batch, with gradient accumulation, clipping and validation under sharding, in bf16 and with LoRA;
-a killed run resumes exactly; checkpoints move between FSDP2 and one process; launch settings lce does not honour
-are clear errors."""
+a killed run resumes exactly; checkpoints move between FSDP2 and one process; non-finite steps are skipped as in one
+process; launch settings lce does not honour are clear errors."""
 
 import shutil
 from types import SimpleNamespace
@@ -21,6 +21,7 @@ from tests.train.launched import (
     BLOCKS,
     SHARDED_RUN,
     VAL_BLOCKS,
+    assert_nonfinite_run_matches_one_process,
     final_weights,
     launch,
     read_log,
@@ -149,6 +150,10 @@ def cpu_launch(monkeypatch, **env):
     for name, value in {"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", **env}.items():
         monkeypatch.setenv(name, value)
     return SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+
+
+def test_nonfinite_steps_are_skipped_under_fsdp2_as_in_one_process(tmp_path):
+    assert_nonfinite_run_matches_one_process("cpu_fsdp2", tmp_path, grad_norm="nan")
 
 
 def test_settings_follow_the_launch_config(monkeypatch):

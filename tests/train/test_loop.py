@@ -8,6 +8,7 @@ import torch
 
 from lce.errors import ConfigError
 from lce.train import TrainConfig, latest_checkpoint, train
+from lce.train.checkpoint import checkpoint_dir
 from tests.conftest import make_tiny_llama
 
 SEQ = 16
@@ -22,7 +23,9 @@ def random_blocks(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The JSONL step log at ``path`` as strict JSON (``json.dumps`` writes NaN, which is not JSON)."""
+    return [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+            for line in path.read_text().splitlines()]
 
 
 class Recorder:
@@ -137,6 +140,16 @@ def test_extending_a_finished_run_continues_it(tmp_path):
     assert again.resumed_from == 2 and again.steps == 2 and again.final_loss is not None
     longer = train(make_tiny_llama(), blocks, dataclasses.replace(cfg, steps=3), tmp_path, progress=False)
     assert longer.resumed_from == 2 and [r["step"] for r in read_log(longer.log_path)] == [1, 2, 3]
+
+
+def test_a_resumed_run_says_so(tmp_path, capsys):
+    blocks = random_blocks(8)
+    cfg = dataclasses.replace(BASE, steps=2)
+    train(make_tiny_llama(), blocks, cfg, tmp_path, progress=False)
+    assert "resumed" not in capsys.readouterr().err
+    train(make_tiny_llama(), blocks, dataclasses.replace(cfg, steps=3), tmp_path, progress=False)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"resumed from step 2 ({checkpoint_dir(tmp_path, 2)})"] and out == ""
 
 
 def test_mixed_precision_can_change_between_runs_in_one_process(tmp_path):

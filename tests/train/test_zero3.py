@@ -1,10 +1,16 @@
 """DeepSpeed ZeRO-3 (lce.train.zero3) in 2 CPU processes over gloo (conf/accelerate/cpu_deepspeed_zero3.yaml): the
 losses of one process with the same global batch, with gradient accumulation, clipping and validation, in bf16 and
 with LoRA; a killed run resumes exactly (fp32 and bf16); checkpoints are lce's full state by name and move between
-ZeRO-3 and one process; launch settings lce does not honour are clear errors."""
+ZeRO-3 and one process; non-finite steps are skipped as in one process; launch settings lce does not honour are
+clear errors; a run without DeepSpeed prints nothing of it."""
 
 import importlib.util
+import os
+import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,8 +23,10 @@ from lce.train.zero3 import Zero3Settings, zero3_settings
 from tests.conftest import make_tiny_llama
 from tests.train.launched import (
     BLOCKS,
+    ROOT,
     SHARDED_RUN,
     VAL_BLOCKS,
+    assert_nonfinite_run_matches_one_process,
     final_weights,
     launch,
     read_log,
@@ -26,7 +34,7 @@ from tests.train.launched import (
 )
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install 'deepspeed>=0.19')")
+                                     reason="deepspeed is not installed (pip install 'deepspeed>=0.19.8')")
 
 RUN = SHARDED_RUN
 
@@ -199,3 +207,38 @@ def test_unsupported_launch_settings_are_clear_errors(monkeypatch, env, mixed_pr
     deepspeed_launch(monkeypatch, **env)
     with pytest.raises(ConfigError, match=message):
         zero3_settings(mixed_precision)
+
+
+@needs_deepspeed
+def test_nonfinite_steps_are_skipped_under_zero3_as_in_one_process(tmp_path):
+    # DeepSpeed skips the NaN steps itself (their gradient norm is not finite, reported as inf); lce stops after 2.
+    assert_nonfinite_run_matches_one_process("cpu_deepspeed_zero3", tmp_path, grad_norm="inf")
+
+
+# What DeepSpeed prints when it is imported: "Setting accelerator to CPU..." (real_accelerator.py) on a machine
+# without one, "Setting ds_accelerator to ..." in older versions, its ops' "async_io ..." warnings.
+DEEPSPEED_NOISE = re.compile(r"deepspeed|ds_accelerator|real_accelerator|setting accelerator|async_io", re.IGNORECASE)
+
+
+@needs_deepspeed
+def test_a_run_without_deepspeed_prints_nothing_of_it(tmp_path):
+    # A tiny one-process run, then the save lce.experiment does next: transformers' save_pretrained unwraps the
+    # model with accelerate, which imports deepspeed whenever it is installed.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from lce.hf.models import save_model
+        from lce.train import train
+        from tests.conftest import make_tiny_llama
+        from tests.train.launched import BLOCKS, run_config
+
+        model = make_tiny_llama()
+        train(model, BLOCKS, run_config(1, steps=1), {str(tmp_path / "run")!r}, progress=False)
+        save_model(model, None, {str(tmp_path / "model")!r})
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}  # set by in-process runs
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr  # deepspeed's logger writes to stdout
+    assert not [line for line in printed.splitlines() if DEEPSPEED_NOISE.search(line)], printed

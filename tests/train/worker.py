@@ -2,7 +2,8 @@
 
     accelerate launch --config_file conf/accelerate/cpu_ddp.yaml tests/train/worker.py OUT_DIR '{"run": {}}'
 
-Writes the trained weights to ``OUT_DIR/final.safetensors`` from the main process.
+Writes the trained weights to ``OUT_DIR/final.safetensors`` from the main process, also when training stops on
+non-finite steps (``"nan_from"``), which it reports on stderr before exiting with ``NONFINITE_EXIT``.
 """
 
 import json
@@ -15,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from safetensors.torch import save_file
 
 from lce.train import train
+from lce.train.nonfinite import NonFiniteLossError
 from tests.conftest import make_tiny_llama
-from tests.train.launched import BLOCKS, run_config
+from tests.train.launched import BLOCKS, NONFINITE_EXIT, poison, run_config
 
 
 class KillAt:
@@ -35,7 +37,15 @@ if __name__ == "__main__":
     model = make_tiny_llama()
     cfg = run_config(int(os.environ["WORLD_SIZE"]), **job["run"])
     val_blocks = BLOCKS[: job["val_blocks"]] if job.get("val_blocks") else None
-    train(model, BLOCKS, cfg, out_dir, val_blocks=val_blocks, logger=KillAt(job["kill_at"]), progress=False)
+    if job.get("nan_from"):
+        poison(model, (job["nan_from"] - 1) * cfg.grad_accum + 1)  # one forward per micro-batch, no validation
+    status = 0
+    try:
+        train(model, BLOCKS, cfg, out_dir, val_blocks=val_blocks, logger=KillAt(job["kill_at"]), progress=False)
+    except NonFiniteLossError as e:
+        print(f"NonFiniteLossError: {e}", file=sys.stderr)
+        status = NONFINITE_EXIT
     if int(os.environ["RANK"]) == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
                   str(out_dir / "final.safetensors"))
+    sys.exit(status)
