@@ -11,7 +11,7 @@ linear_relu add ``eps`` to ``den``, performer divides exactly) or a norm of ``nu
 decay is retention's ``γ^(i-j)`` and also carries performer's numerical stabiliser (see ``lce.attention.performer``).
 
 Decoding also needs transformers internals (the KV cache object and its layers); they are confined to
-``DecodeStates``, ``_capture_cache`` and ``_refuse_windowed_layers``.
+``DecodeStates``, ``_capture_cache`` (through ``lce.hf.cache``) and ``_refuse_windowed_layers``.
 
 Three forms of one op; the first two are ``lce.kernels.linear_attention`` (reference, Triton kernels, dispatch):
 
@@ -41,7 +41,9 @@ Integration (``LinearKernel``, the per-layer kernel registered through ``PatchTa
 - Decoding (``Tq == 1``) runs the recurrent form from the state of the cached prefix. The state is kept per layer and
   per KV cache object (``DecodeStates``): ``O(1)`` per token in the context length while the cache holds exactly the
   tensors the state was computed from; otherwise (crop, beam reorder, reset, a cache that copies, gradients enabled)
-  the state is recomputed from the cached keys and values with the chunked form, ``O(T)``. Both are exact.
+  the state is recomputed from the cached keys and values with the chunked form, ``O(T)``. Both are exact. A call
+  with cached keys but no cache lce can find among the attention module's arguments is an error, never a silent
+  ``O(T)`` recomputation at every token.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ from torch import nn
 
 from lce.attention.base import AttentionVariant, select_layers
 from lce.config import check
-from lce.errors import UnsupportedModelError
+from lce.errors import LceError, UnsupportedModelError
+from lce.hf.cache import CACHE_ARGUMENTS, cache_from_call
 from lce.kernels.linear_attention import linear_attention, linear_attention_parallel
 
 Form = Literal["chunked", "parallel", "recurrent"]
@@ -186,6 +189,10 @@ class _Armed:
     saved: _SavedState | None
 
 
+#: ``DecodeStates.take`` when the attention module was called without a KV cache.
+NO_CACHE = object()
+
+
 class DecodeStates:
     """One layer's recurrent states, one per KV cache object it decodes with (two generations never share one).
 
@@ -201,20 +208,30 @@ class DecodeStates:
         self._armed: _Armed | None = None
 
     def arm(self, cache: Any, layer_index: int) -> None:
-        self._armed = None
+        """Prepare the next call for ``cache`` (None: the module was called without one).
+
+        Raises:
+            UnsupportedModelError: ``cache`` has no per-layer keys and values lce can follow.
+        """
+        self._armed = NO_CACHE
+        if cache is None:
+            return
         layers = getattr(cache, "layers", None)
-        if layers is None or not 0 <= layer_index < len(layers):
-            return
+        if layers is None or not 0 <= layer_index < len(layers) or getattr(cache, "__hash__", None) is None:
+            raise UnsupportedModelError(
+                f"linear attention keeps a recurrent state per KV cache, but the {type(cache).__name__} passed to "
+                f"layer {layer_index} has no per-layer keys and values lce can follow; decode with transformers' "
+                "DynamicCache (the default)"
+            )
         layer = layers[layer_index]
-        try:
-            saved = self._saved.get(cache)
-        except TypeError:  # an unhashable cache: no state
-            return
+        saved = self._saved.get(cache)
         usable = saved if saved is not None and saved.holds(getattr(layer, "keys", None),
                                                             getattr(layer, "values", None)) else None
         self._armed = _Armed(weakref.ref(cache), weakref.ref(layer), usable)
 
     def take(self) -> _Armed | None:
+        """What the pre-hook found for this call: an ``_Armed`` cache, ``NO_CACHE``, or None when the kernel is
+        called directly, not through its attention module (queries after a prefix then recompute its state)."""
         armed, self._armed = self._armed, None
         return armed
 
@@ -233,15 +250,11 @@ class DecodeStates:
         self.__init__()
 
 
-_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
-
-
 def _capture_cache(module: nn.Module, args, kwargs) -> None:
     """Forward pre-hook on an attention module: hand its KV cache to its linear kernel (inert for any other plan)."""
     kernel = getattr(getattr(module, "lce_plan", None), "kernel", None)
     if isinstance(kernel, LinearKernel):
-        cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
-        kernel.states.arm(cache, getattr(module, "layer_idx", kernel.layer_index))
+        kernel.states.arm(cache_from_call(kwargs), getattr(module, "layer_idx", kernel.layer_index))
 
 
 class LinearKernel:
@@ -261,6 +274,14 @@ class LinearKernel:
         _, heads, tq, dim = query.shape
         tk = key.shape[2]
         start = tk - tq
+        if armed is NO_CACHE:
+            armed = None
+            if start > 0:
+                raise LceError(
+                    f"linear attention layer {self.layer_index} received {start} cached keys but found no KV cache "
+                    f"among the attention module's arguments ({', '.join(CACHE_ARGUMENTS)}): this transformers passes "
+                    "it differently, and the state of the whole prefix would be recomputed at every token"
+                )
         dtype = torch.promote_types(query.dtype, torch.float32)
         groups = heads // key.shape[1]
         valid = key_validity(attention_mask, tk)
@@ -319,7 +340,7 @@ def _refuse_windowed_layers(target, method: str, layers: list[int]) -> None:
         _, kind, kw = windowed[0]
         window = ", ".join(f"{key}={value}" for key, value in kw.items())
         raise UnsupportedModelError(
-            f"attention {method} attends to every past token, but {target.adapter.family} layers "
+            f"attention={method} attends to every past token, but {target.adapter.family} layers "
             f"{[i for i, _, _ in windowed]} are {kind} layers ({window}): transformers' KV cache keeps only their "
             "window, so decoding could not see older tokens. Load the model with sliding_window=None, or leave those "
             "layers out with attention.layers"

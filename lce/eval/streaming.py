@@ -34,6 +34,7 @@ from lce.config import check
 from lce.errors import UnsupportedModelError
 from lce.eval.perplexity import NllFn
 from lce.hf.adapters import adapter_for
+from lce.hf.cache import cache_keyword
 from lce.hf.lm import logits_from_hidden
 
 
@@ -96,6 +97,7 @@ def streaming_nll_fn(model: nn.Module, start_size: int = 4, recent_size: int | N
           f"must be >= 1 (the current token) or null for no eviction, got {recent_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     base = adapter_for(model).base_model(model)
+    keyword = cache_keyword(base)
 
     def nll_fn(input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -108,8 +110,8 @@ def streaming_nll_fn(model: nn.Module, start_size: int = 4, recent_size: int | N
         with torch.inference_mode():
             for t in range(length - 1):
                 position = torch.full((batch, 1), cache.get_seq_length(), dtype=torch.long, device=device)
-                hidden = base(input_ids=ids[:, t : t + 1], position_ids=position, past_key_values=cache,
-                              use_cache=True).last_hidden_state  # [B, 1, C]
+                hidden = base(input_ids=ids[:, t : t + 1], position_ids=position, use_cache=True,
+                              **{keyword: cache}).last_hidden_state  # [B, 1, C]
                 logits = logits_from_hidden(model, hidden[:, 0]).float()  # [B, V]
                 nll[:, t] = F.cross_entropy(logits, ids[:, t + 1], reduction="none")
         return nll

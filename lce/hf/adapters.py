@@ -336,7 +336,23 @@ ADAPTERS: dict[str, Adapter] = _adapters(
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of ``model``'s family (its ``config.model_type``)."""
+    """The adapter of ``model``'s family (its ``config.model_type``).
+
+    Raises:
+        UnsupportedModelError: ``model`` is not a transformers ``PreTrainedModel`` (an adapter reads transformers'
+            module layout, which a look-alike with a ``config`` need not have), or its family has no adapter.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        kind = type(model)
+        config = getattr(model, "config", None)
+        has = f" (it has a .config of model_type {getattr(config, 'model_type', None)!r})" if config is not None else ""
+        raise UnsupportedModelError(
+            f"got a {kind.__module__}.{kind.__qualname__}{has}, not a Hugging Face transformers model: lce patches "
+            "PreTrainedModel instances (from lce.load_model or AutoModelForCausalLM.from_pretrained) of the "
+            f"families {', '.join(ADAPTERS)}"
+        )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(

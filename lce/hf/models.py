@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -13,7 +15,8 @@ from torch import nn
 from lce.config import check, check_at_least
 from lce.data.tokenizer import ByteTokenizer, HFTokenizer
 from lce.errors import LceError
-from lce.hf.patch import check_rotary_precision, reapply_saved_patch
+from lce.hf.patch import check_rope_theta, check_rotary_precision, reapply_saved_patch
+from lce.paths import unwritable_reason
 from lce.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -22,13 +25,54 @@ MODELS: Registry = Registry("model")
 TOKENIZER_KEY = "lce_tokenizer"
 
 
+# Files a tokenizer is saved as (transformers' fast and slow tokenizers); a directory with none of them has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
 class Loaded(NamedTuple):
     model: nn.Module
-    tokenizer: Any
+    tokenizer: Any  # None when a model directory holds no tokenizer (with a warning)
 
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` has the form of a Hugging Face hub repo id (``name`` or ``namespace/name``), by the rule the
+    hub client itself applies (``huggingface_hub.utils.validate_repo_id``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id``'s ``config.json`` (what loading it offline needs first)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except ValueError:  # a malformed id or revision
+        return False
+
+
+def check_safetensors(directory: Path, where: str) -> None:
+    """Every ``*.safetensors`` file in ``directory`` must have a valid header that covers the whole file (a truncated
+    or overwritten file fails here, named, instead of deep inside ``from_pretrained``)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LceError(f"{where}: {file} is not a valid safetensors file (truncated or corrupted: "
+                           f"{str(e).splitlines()[0]}); save or download it again") from None
 
 
 @MODELS.register("tiny_llama")
@@ -60,6 +104,8 @@ class TinyLlama:
               f"num_attention_heads={self.num_attention_heads} is not a multiple of {self.num_key_value_heads}")
         head_dim = self.hidden_size // self.num_attention_heads
         check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
+        check(math.isfinite(self.rope_theta) and self.rope_theta > 0, "model.rope_theta",
+              f"must be a finite number > 0 (RoPE's base, e.g. 10000.0), got {self.rope_theta}")
 
     def load(self, seed: int = 0) -> Loaded:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,10 +143,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class HFModel:
     """Any Hugging Face causal LM by hub id or local path, with its own tokenizer.
 
-    ``dtype`` is passed to ``from_pretrained`` (never ``.to()`` after loading: that would cast the fp32 rotary
-    frequencies). ``trust_remote_code`` stays off unless set. With ``HF_HUB_OFFLINE=1`` only local files are tried,
-    and a missing model is an immediate error rather than a retry loop. A checkpoint saved by lce re-applies its
-    recorded patch (``config.lce``).
+    ``dtype`` is passed to ``from_pretrained`` (never ``.to()`` an unpatched model after loading: that would cast
+    the fp32 rotary frequencies). ``trust_remote_code`` stays off unless set. With ``HF_HUB_OFFLINE=1`` only local
+    files are tried, and a missing model is an immediate error rather than a retry loop. A checkpoint saved by lce
+    re-applies its recorded patch (``config.lce``).
+
+    ``path`` is a local directory when it exists; otherwise it must have the form of a hub id (``name`` or
+    ``namespace/name``), else it is reported as a missing directory. ``tokenizer``: a local directory or hub id to
+    load the tokenizer from instead of ``path``; a model directory without tokenizer files (a plain
+    ``save_pretrained``) loads with tokenizer None and a warning.
     """
 
     name: str = "hf"
@@ -116,20 +167,30 @@ class HFModel:
               "set a hub id or a local directory, e.g. model.path=meta-llama/Llama-2-7b-hf")
 
     def load(self, seed: int = 0) -> Loaded:
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         common = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
                   "local_files_only": hub_offline()}
         where = f"model.path={self.path!r}"
         local = Path(os.path.expanduser(self.path))
-        if (local.exists() or self.path.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
-            raise LceError(f"{where}: {local} has no config.json (not a Hugging Face model directory)")
+        if local.exists():
+            if not local.is_dir():
+                raise LceError(f"{where}: {local.absolute()} is a file; set a Hugging Face model directory")
+            if not (local / "config.json").is_file():
+                raise LceError(f"{where}: {local.absolute()} has no config.json (not a Hugging Face model directory)")
+            check_safetensors(local, where)
+        elif not is_hub_id(self.path):
+            raise LceError(f"{where}: no such directory: {local.absolute()} (nor a hub id, which is 'name' or "
+                           "'namespace/name')")
         path = str(local) if local.exists() else self.path
         try:
             config = AutoConfig.from_pretrained(path, **common)
         except (OSError, ValueError) as e:
-            hint = (" and HF_HUB_OFFLINE=1: it must be a local directory or already in the HF cache"
-                    if hub_offline() else "")
+            if hub_offline() and not local.exists() and not in_hub_cache(path, self.revision):
+                raise LceError(f"{where} is neither a local directory ({local.absolute()} does not exist) nor in the "
+                               "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it") from None
+            hint = " with HF_HUB_OFFLINE=1" if hub_offline() else ""
             raise LceError(f"{where} could not be loaded{hint} ({str(e).splitlines()[0]})") from None
         dtype = "auto" if self.dtype == "auto" else DTYPES[self.dtype]
         kwargs = dict(config=config, dtype=dtype, **common)
@@ -137,15 +198,27 @@ class HFModel:
             kwargs["attn_implementation"] = self.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except SafetensorError as e:  # a cached hub file (local files were checked above)
+            raise LceError(f"{where}: a weights file is not a valid safetensors file ({str(e).splitlines()[0]})"
+                           ) from None
         except ValueError as e:
             raise LceError(f"{where}: {str(e).splitlines()[0]}") from None
         if getattr(config, TOKENIZER_KEY, None) == ByteTokenizer.kind:
             tokenizer = ByteTokenizer()
+        elif self.tokenizer is None and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            warnings.warn(f"{where}: there is no tokenizer in {local.absolute()} (none of {', '.join(TOKENIZER_FILES)}"
+                          "); the model is loaded with tokenizer None. Give one with model.tokenizer=<local "
+                          "directory or hub id> (lce.load_model(path, tokenizer=...))", stacklevel=3)
+            tokenizer = None
         else:
+            source = self.tokenizer or path
             try:
-                tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(self.tokenizer or path, **common))
+                tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source, **common))
             except (OSError, ValueError) as e:
-                raise LceError(f"{where}: its tokenizer could not be loaded ({str(e).splitlines()[0]})") from None
+                named = f" model.tokenizer={self.tokenizer!r}:" if self.tokenizer else ""
+                raise LceError(f"{where}:{named} the tokenizer could not be loaded ({str(e).splitlines()[0]})"
+                               ) from None
+        check_rope_theta(model)
         check_rotary_precision(model)
         return Loaded(reapply_saved_patch(model).eval(), tokenizer)
 
@@ -166,10 +239,19 @@ def load_model(spec: Any = "tiny_llama", *, seed: int = 0, **params: Any) -> Loa
 
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Save weights (safetensors), config (with the lce patch spec) and tokenizer so ``load_model(path)`` restores
-    all."""
+    all. ``path`` is a directory, created with its parents; ``tokenizer`` None saves the model only.
+
+    Raises:
+        LceError: ``path`` or one of its parents is an existing file, or the directory cannot be created.
+    """
     path = Path(path)
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise LceError(f"lce.save_model: {reason}; save to a directory path")
+    path.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, ByteTokenizer):
         setattr(model.config, TOKENIZER_KEY, tokenizer.kind)
     model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save(path)
+    if tokenizer is not None:
+        tokenizer.save(path)
     return path

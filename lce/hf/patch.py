@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,9 +22,9 @@ from lce.attention import ATTENTIONS
 from lce.attention.blockwise import blockwise_kernel
 from lce.attention.plan import AttentionPlan, FusedAttention, Kernel, Restriction, accepts_visible
 from lce.attention.plan import register as register_attention
-from lce.errors import LceError, UnsupportedModelError
+from lce.errors import ConfigError, LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
-from lce.hf.rotary import NeutralRotary, rotary_inv_freqs
+from lce.hf.rotary import NeutralRotary, keep_fp32, release_fp32, rotary_inv_freqs
 from lce.posenc import POSENCS
 from lce.posenc.logn import logn_scale, original_length
 from lce.posenc.rotation import Rotation
@@ -40,17 +41,42 @@ class PatchRecord:
     attn_implementation: str | None
 
 
-class PatchTarget:
-    """The operations a position encoding or attention variant may perform on one model instance."""
+@dataclass(frozen=True)
+class Claim:
+    """A method's claim on one part of the attention computation (its kernel, query scaling or restriction).
 
-    def __init__(self, model: nn.Module, adapter: Adapter):
+    Attributes:
+        method: the method's name (it joins the registered attention function's name, ``lce_<method>_...``).
+        owner: the method as its config names it, ``posenc=<name>`` or ``attention=<name>``, for error messages.
+        value: what it installs (a per-layer kernel builder, a log-n length, a per-layer restriction builder).
+    """
+
+    method: str
+    owner: str
+    value: Any
+
+
+class PatchTarget:
+    """The operations a position encoding or attention variant may perform on one model instance.
+
+    Args:
+        group: the config group of the method applying now (``posenc`` or ``attention``): error messages name a method
+            as ``posenc=<name>`` or ``attention=<name>``. ``patch`` sets it before each group applies.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, group: Literal["posenc", "attention"] = "posenc"):
         self.model = model
         self.adapter = adapter
-        self._kernel: tuple[str, Callable[[int, nn.Module], Kernel]] | None = None
+        self.group = group
+        self._kernel: Claim | None = None  # value: (layer_index, attention_module) -> Kernel
         self._fused: Callable[[int, nn.Module], FusedAttention | None] | None = None
-        self._q_scale: tuple[str, int] | None = None  # (method, log-n training length)
-        self._restriction: tuple[str, Callable[[int, nn.Module], Restriction | None]] | None = None
+        self._q_scale: Claim | None = None  # value: the log-n training length
+        self._restriction: Claim | None = None  # value: (layer_index, attention_module) -> Restriction | None
         self._rotations: list[Rotation] | None = None
+
+    def owner(self, method: str) -> str:
+        """``method`` as its config names it: ``posenc=<method>`` or ``attention=<method>``."""
+        return f"{self.group}={method}"
 
     @property
     def config(self):
@@ -63,7 +89,7 @@ class PatchTarget:
         """The model's rotary module; a clear error for a model without RoPE."""
         if not self.has_rotary():
             raise UnsupportedModelError(
-                f"posenc={method} changes rotary position embeddings, but {type(self.model).__name__} has none"
+                f"{self.owner(method)} changes rotary position embeddings, but {type(self.model).__name__} has none"
             )
         return self.adapter.rotary(self.model)
 
@@ -83,7 +109,7 @@ class PatchTarget:
         try:
             merged = self.adapter.merge_rope_parameters(self.model, original, override)
         except UnsupportedModelError as e:
-            raise UnsupportedModelError(f"posenc={method}: {e}") from None
+            raise UnsupportedModelError(f"{self.owner(method)}: {e}") from None
         self.model.config.rope_parameters = merged
         self.adapter.set_rotary(self.model, self.adapter.build_rotary(self.model))
 
@@ -116,13 +142,13 @@ class PatchTarget:
             try:
                 rotations = self.adapter.layer_rotations(self.model)
             except UnsupportedModelError as e:
-                raise UnsupportedModelError(f"posenc={method}: {e}") from None
+                raise UnsupportedModelError(f"{self.owner(method)}: {e}") from None
             if layer is None:
-                _same_rotation(rotations, self.adapter, method)
+                _same_rotation(rotations, self.adapter, self.owner(method))
             self._rotations = rotations
             self.neutralize_rotary(method)
         if layer is None:
-            return _same_rotation(self._rotations, self.adapter, method)
+            return _same_rotation(self._rotations, self.adapter, self.owner(method))
         return self._rotations[layer]
 
     def layer_rotations_in_attention(self, method: str) -> list[Rotation]:
@@ -148,21 +174,22 @@ class PatchTarget:
         missing = sorted(self.adapter.attention_features(self.model) - set(handles))
         if missing:
             raise UnsupportedModelError(
-                f"posenc {method} replaces the attention computation, but {self.adapter.family} attention needs "
+                f"{self.owner(method)} replaces the attention computation, but {self.adapter.family} attention needs "
                 f"{', '.join(missing)}, which its kernel does not handle"
             )
         if self._kernel is not None:
-            raise LceError(f"posenc {method} and {self._kernel[0]} both replace the attention computation; "
+            raise LceError(f"{self.owner(method)} and {self._kernel.owner} both replace the attention computation; "
                            "they cannot be combined")
-        self._kernel = (method, kernel_for_layer)
+        self._kernel = Claim(method, self.owner(method), kernel_for_layer)
         self._fused = fused_for_layer
 
     def scale_queries(self, method: str, logn_length: int) -> None:
         """Multiply each query at position ``p`` by ``max(1, ln(p + 1) / ln(logn_length))`` before attention (log-n
         scaling, ``lce.posenc.logn``)."""
         if self._q_scale is not None:
-            raise LceError(f"posenc {method} and {self._q_scale[0]} both scale queries; they cannot be combined")
-        self._q_scale = (method, logn_length)
+            raise LceError(f"{self.owner(method)} and {self._q_scale.owner} both scale queries; they cannot be "
+                           "combined")
+        self._q_scale = Claim(method, self.owner(method), logn_length)
 
     def restrict(self, method: str, restriction_for_layer: Callable[[int, nn.Module], Restriction | None]) -> None:
         """Let each query of layer ``i`` attend only the pairs ``restriction_for_layer(i, attention_module)`` makes
@@ -178,12 +205,13 @@ class PatchTarget:
         """
         if "bidirectional" in self.adapter.attention_features(self.model):
             raise UnsupportedModelError(
-                f"attention={method} restricts causal attention, but {self.adapter.family} attention is bidirectional"
+                f"{self.owner(method)} restricts causal attention, but {self.adapter.family} attention is "
+                "bidirectional"
             )
         if self._restriction is not None:
-            raise LceError(f"attention {method} and {self._restriction[0]} both restrict attention; they cannot be "
-                           "combined")
-        self._restriction = (method, restriction_for_layer)
+            raise LceError(f"{self.owner(method)} and {self._restriction.owner} both restrict attention; they cannot "
+                           "be combined")
+        self._restriction = Claim(method, self.owner(method), restriction_for_layer)
 
     def finalize(self) -> None:
         """Route attention through lce's function if any method asked for a kernel, query scaling or a restriction.
@@ -193,24 +221,24 @@ class PatchTarget:
         """
         if self._kernel is None and self._q_scale is None and self._restriction is None:
             return
-        names = [part[0] for part in (self._kernel, self._q_scale, self._restriction) if part is not None]
-        logn_length = self._q_scale[1] if self._q_scale else None
+        names = [claim.method for claim in (self._kernel, self._q_scale, self._restriction) if claim is not None]
+        logn_length = self._q_scale.value if self._q_scale else None
         q_scale = logn_scale(logn_length) if logn_length else None
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
-            kernel = self._kernel[1](index, module) if self._kernel else self.adapter.native_kernel(self.model)
+            kernel = self._kernel.value(index, module) if self._kernel else self.adapter.native_kernel(self.model)
             if self._kernel:
                 fused = self._fused(index, module) if self._fused else None
             else:  # the model's own attention: fusable unless the family needs its eager kernel (soft-capping)
                 fused = FusedAttention() if kernel is None else None
-            restriction = self._restriction[1](index, module) if self._restriction else None
+            restriction = self._restriction.value(index, module) if self._restriction else None
             if restriction is not None:
                 if self._kernel is None:
                     kernel = blockwise_kernel(kernel)
                 elif not accepts_visible(kernel):
                     raise LceError(
-                        f"attention={self._restriction[0]} restricts which keys each query sees, but the attention "
-                        f"kernel of posenc {self._kernel[0]} takes no `visible` argument, so it would attend to every "
-                        "key; the two cannot be combined (kernels that honour restrictions: lce's block-wise kernel "
+                        f"{self._restriction.owner} restricts which keys each query sees, but the attention kernel of "
+                        f"{self._kernel.owner} takes no `visible` argument, so it would attend to every key; the two "
+                        "cannot be combined (kernels that honour restrictions: lce's block-wise kernel "
                         "for rotary encodings such as rope/pi/yarn, alibi, and segmented_attention-based ones that "
                         "pass `visible` on)"
                     )
@@ -223,14 +251,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _same_rotation(rotations: list[Rotation], adapter: Adapter, method: str) -> Rotation:
-    """The one rotation every layer applies; a clear error when layers rotate differently."""
+def _same_rotation(rotations: list[Rotation], adapter: Adapter, owner: str) -> Rotation:
+    """The one rotation every layer applies; a clear error (naming ``owner``, e.g. ``posenc=dca``) when layers
+    rotate differently."""
     first = rotations[0]
     for index, rotation in enumerate(rotations):
         if (rotation.style, rotation.attention_scaling) != (first.style, first.attention_scaling) or not torch.equal(
                 rotation.inv_freq, first.inv_freq):
             raise UnsupportedModelError(
-                f"posenc={method} rotates every layer alike, but {adapter.family} layers 0 and {index} rotate "
+                f"{owner} rotates every layer alike, but {adapter.family} layers 0 and {index} rotate "
                 "differently (per-layer-type frequencies or NoPE layers); take each layer's rotation with "
                 "rotate_in_attention(method, layer=index)"
             )
@@ -254,14 +283,23 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
         attention: the same for an attention variant; ``None`` keeps the model's attention (``"full"``).
         **params: parameters of the position encoding, overriding those in ``posenc``.
 
-    A model that is already patched is unpatched first: patches replace each other, they never stack.
+    A model that is already patched is unpatched first: patches replace each other, they never stack. The patched
+    model's rotary frequencies stay float32 through any later cast (``model.half()``, ``.to(torch.bfloat16)``;
+    ``lce.hf.rotary.keep_fp32``), as ``from_pretrained(dtype=...)`` keeps them; ``unpatch`` removes that guard.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not a Hugging Face model of a supported family.
+        ConfigError: a bad method config, or the model's ``rope_parameters`` hold an unusable ``rope_theta``.
+        LceError: the model's rotary frequencies were already cast below float32, or the methods do not combine.
     """
     adapter = adapter_for(model)
     pe = POSENCS.build(posenc, **params)
     att = ATTENTIONS.build(attention if attention is not None else "full")
     if getattr(model, "_lce_patch", None) is not None:
         unpatch(model)
-    target = PatchTarget(model, adapter)
+    check_rope_theta(model)
+    check_rotary_precision(model)  # before any method takes its frequencies (rotate-in-attention copies them)
+    target = PatchTarget(model, adapter, group="posenc")
     model._lce_original_rope_parameters = copy.deepcopy(getattr(model.config, "rope_parameters", None))
     record = PatchRecord(
         rotary=adapter.rotary(model) if target.has_rotary() else None,
@@ -272,6 +310,7 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
         pe.apply(target)
         if pe.logn:
             target.scale_queries("logn", pe.logn_length or original_length(model.config))
+        target.group = "attention"
         att.apply(target)
         target.finalize()
     except Exception:
@@ -280,7 +319,8 @@ def patch(model: nn.Module, posenc: Any = "rope", attention: Any = None, **param
         raise
     model._lce_patch = record
     model.config.lce = {**_spec(pe, att), "rope_parameters": copy.deepcopy(record.rope_parameters)}
-    check_rotary_precision(model)
+    if target.has_rotary():
+        keep_fp32(adapter.rotary(model))
     return model
 
 
@@ -292,8 +332,10 @@ def _restore(model: nn.Module, adapter: Adapter, record: PatchRecord) -> None:
             handle.remove()
         if hasattr(module, "lce_hooks"):
             del module.lce_hooks
+    if PatchTarget(model, adapter).has_rotary():
+        release_fp32(adapter.rotary(model))
     if record.rotary is not None:
-        adapter.set_rotary(model, record.rotary.to(_device(model)))
+        adapter.set_rotary(model, release_fp32(record.rotary).to(_device(model)))
     if record.rope_parameters is not None:
         model.config.rope_parameters = copy.deepcopy(record.rope_parameters)
     if model.config._attn_implementation != record.attn_implementation:
@@ -335,14 +377,43 @@ def reapply_saved_patch(model: nn.Module) -> nn.Module:
     return patch(model, spec["posenc"], attention=spec["attention"])
 
 
+def check_rope_theta(model: nn.Module) -> None:
+    """Every ``rope_theta`` in ``model.config.rope_parameters`` (one per layer type where they nest) must be a finite
+    number > 0: RoPE's frequencies are ``rope_theta ** (-2i / d)``, NaN for a negative base, and a model with them
+    trains and evaluates on NaN without complaint.
+
+    Raises:
+        ConfigError: naming ``config.rope_parameters`` (and the layer type) and the bad value.
+    """
+    params = getattr(model.config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return
+    nested = {f"[{key!r}]": value for key, value in params.items() if isinstance(value, dict)}
+    for where, values in {"": params, **nested}.items():
+        theta = values.get("rope_theta")
+        if theta is None:
+            continue
+        try:
+            value = math.nan if isinstance(theta, bool) else float(theta)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"config.rope_parameters{where}: rope_theta={theta!r} must be a finite number > 0 (RoPE's base, "
+                f"e.g. 10000.0); fix rope_theta in the model's config.json ({type(model).__name__})"
+            )
+
+
 def check_rotary_precision(model: nn.Module) -> None:
-    """Rotary frequencies must stay fp32: a bf16 ``inv_freq`` destroys position information at long lengths."""
+    """Rotary frequencies must be fp32 when lce patches or loads a model: a bf16 ``inv_freq`` destroys position
+    information at long lengths (and methods that rotate inside attention would copy the damaged frequencies)."""
     adapter = adapter_for(model)
     if not PatchTarget(model, adapter).has_rotary():
         return
     for name, inv_freq in rotary_inv_freqs(adapter.rotary(model)).items():
         if inv_freq.dtype != torch.float32:
             raise LceError(
-                f"rotary {name} is {inv_freq.dtype}, not float32: the model was cast with .to()/.half(); "
-                "load it with lce.load_model(..., dtype=...) or from_pretrained(dtype=...) instead"
+                f"rotary {name} is {inv_freq.dtype}, not float32: the model was cast with .to()/.half() before lce "
+                "patched it; load it with lce.load_model(..., dtype=...) or from_pretrained(dtype=...), or cast it "
+                "after lce.patch (a patched model's rotary frequencies stay float32)"
             )

@@ -4,6 +4,10 @@ Most families hold one rotary module with one ``inv_freq`` (``forward(x, positio
 one module with a set of frequencies per layer type (``{layer_type}_inv_freq``, ``forward(x, position_ids,
 layer_type)``); ``LayerTypeView`` shows one layer type of it as a plain rotary module, and ``LayerTypeRotary``
 assembles per-layer-type modules back into the shape Gemma3's model calls.
+
+``keep_fp32`` guards the rotary module of a patched model against casts: ``model.half()`` or
+``model.to(torch.bfloat16)`` would turn its fp32 frequencies into bf16 (an angle error of ~234 rad at position 1e5,
+i.e. no position information), whereas ``from_pretrained(dtype=...)`` keeps them fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +28,50 @@ def rotary_inv_freqs(module: nn.Module) -> dict[str, torch.Tensor]:
     if not found and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
         found["inv_freq"] = module.inv_freq
     return found
+
+
+class Fp32Apply:
+    """Installed as one rotary module's ``_apply`` (by ``keep_fp32``): runs the module's own ``_apply`` (what
+    ``.to()``, ``.half()``, ``.bfloat16()``, ``.cuda()`` call), then undoes any change of a float32 buffer of the
+    module or its submodules to another floating dtype, putting the fp32 tensor from before the cast back on the new
+    device. Device moves go through; dtype casts do not reach the frequencies.
+
+    An instance attribute, not a subclass or a patched class method: it guards this module only, survives
+    ``copy.deepcopy`` and pickling (it is a plain module-level class), and ``release_fp32`` removes it.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, fn, recurse: bool = True) -> nn.Module:
+        module = self.module
+        before = [(owner, name, buffer) for owner in module.modules() for name, buffer in owner._buffers.items()
+                  if buffer is not None and buffer.dtype == torch.float32]
+        type(module)._apply(module, fn, recurse)
+        moved: dict[tuple[int, torch.device], torch.Tensor] = {}  # buffers shared before stay shared
+        for owner, name, old in before:
+            new = owner._buffers.get(name)
+            if new is not None and new.is_floating_point() and new.dtype != torch.float32:
+                key = (id(old), new.device)
+                if key not in moved:
+                    moved[key] = old.to(new.device)
+                owner._buffers[name] = moved[key]
+        return module
+
+
+def keep_fp32(rotary: nn.Module) -> nn.Module:
+    """Keep the float32 buffers of ``rotary`` (its frequencies) float32 through any cast of the model it belongs to
+    (``Fp32Apply``); device moves still apply. Returns ``rotary``."""
+    if not isinstance(rotary.__dict__.get("_apply"), Fp32Apply):
+        rotary._apply = Fp32Apply(rotary)
+    return rotary
+
+
+def release_fp32(rotary: nn.Module) -> nn.Module:
+    """Undo ``keep_fp32``: ``rotary`` casts like any module again. Returns ``rotary``."""
+    if isinstance(rotary.__dict__.get("_apply"), Fp32Apply):
+        del rotary.__dict__["_apply"]
+    return rotary
 
 
 class NeutralRotary(nn.Module):

@@ -17,8 +17,10 @@ from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
 from lce.posenc.alibi import alibi_attention, alibi_attention_eager, alibi_slopes
 from lce.posenc.dca import Dca, dca_mscale
+from lce.train.loop import enable_activation_checkpointing
 from tests.attention.test_blockwise import PATTERNS, block_sparse_definition, definition_mask, random_qkv
 from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
+from tests.hf.test_adapters import family_model
 
 IDS = torch.randint(3, 259, (2, 29), generator=torch.Generator().manual_seed(5))
 POS = torch.arange(29)[None].expand(2, -1)
@@ -100,8 +102,7 @@ def test_alibi_with_block_sparse_equals_alibi_given_the_block_map_as_a_mask():
 
 def test_alibi_with_block_sparse_training_matches_the_masked_reference():
     model = lce.patch(make_tiny_llama(), "alibi", block_size=8, attention=BLOCKS).train()
-    model.activation_checkpointing_enable()
-    model.config.use_cache = False
+    enable_activation_checkpointing(model)
     model(IDS, labels=IDS).loss.backward()
     reference = lce.patch(make_tiny_llama(), "alibi", kernel="eager").train()
     reference(IDS, labels=IDS, attention_mask=block_mask()).loss.backward()
@@ -182,20 +183,37 @@ def test_segment_methods_compose_with_sliding_window(posenc, params):
 def test_kernels_without_visible_are_refused_at_patch_time():
     model = make_tiny_llama()
     with pytest.raises(LceError, match=r"attention=sliding_window restricts which keys each query sees, but the "
-                                       r"attention kernel of posenc sinks takes no `visible` argument"):
+                                       r"attention kernel of posenc=sinks takes no `visible` argument"):
         lce.patch(model, "sinks", start_size=2, recent_size=8, attention=WINDOW)
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.model.layers[0].self_attn, "lce_plan")
     assert torch.equal(logits(model, IDS), logits(make_tiny_llama(), IDS))
 
 
 def test_two_restrictions_and_bidirectional_models_are_refused():
-    target = PatchTarget(make_tiny_llama(), adapter_for(make_tiny_llama()))
+    target = PatchTarget(make_tiny_llama(), adapter_for(make_tiny_llama()), group="attention")
     SlidingWindow(window=4).apply(target)
-    with pytest.raises(LceError, match="both restrict attention"):
+    with pytest.raises(LceError, match="attention=sliding_window and attention=sliding_window both restrict attention"):
         SlidingWindow(window=8).apply(target)
     bidirectional = make_tiny_llama(use_bidirectional_attention=True)
-    with pytest.raises(UnsupportedModelError, match="bidirectional"):
-        SlidingWindow(window=4).apply(PatchTarget(bidirectional, adapter_for(bidirectional)))
+    with pytest.raises(UnsupportedModelError, match="attention=sliding_window restricts causal attention, but llama "
+                                                    "attention is bidirectional"):
+        SlidingWindow(window=4).apply(PatchTarget(bidirectional, adapter_for(bidirectional), group="attention"))
+
+
+def test_errors_name_each_method_by_its_config_group():
+    """An attention variant and a position encoding that both own the attention computation are named as the configs
+    name them (``posenc=dca``, ``attention=linear_elu``), whichever applies first; the model is left unpatched."""
+    model = make_tiny_llama()
+    with pytest.raises(LceError, match=r"^attention=linear_elu and posenc=dca both replace the attention computation; "
+                                       r"they cannot be combined$"):
+        lce.patch(model, "dca", attention="linear_elu")
+    assert not hasattr(model, "_lce_patch") and model.config._attn_implementation == "sdpa"
+    with pytest.raises(UnsupportedModelError, match=r"^attention=linear_elu replaces the attention computation, but "
+                                                    r"gemma2 attention needs softcap"):
+        lce.patch(family_model("gemma2"), "rope", attention="linear_elu")
+    with pytest.raises(UnsupportedModelError, match=r"^posenc=alibi replaces the attention computation, but gemma2 "
+                                                    r"attention needs softcap"):
+        lce.patch(family_model("gemma2"), "alibi")
 
 
 def test_a_restriction_can_switch_off_per_call():

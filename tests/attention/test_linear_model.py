@@ -4,9 +4,9 @@ other layers untouched, a training step with activation checkpointing whose grad
 composition with position encodings, and clear refusals.
 
 Tolerances: model logits in fp32 differ between forms and between decoding and a full forward only by summation order
-(assert_decode_matches_full's 2e-5). Gradients of the chunked form under activation checkpointing vs the
-materialised reference without it: rtol 1e-4 / atol 1e-6, fp32 summation order through two layers, a loss and its
-backward (observed differences ~1e-6 relative).
+(assert_decode_matches_full: at most 3x the full forward's own fp32 error against an fp64 copy). Gradients of the
+chunked form under activation checkpointing vs the materialised reference without it: rtol 1e-4 / atol 1e-6, fp32
+summation order through two layers, a loss and its backward (observed differences ~1e-6 relative).
 """
 
 import pytest
@@ -16,9 +16,10 @@ import transformers
 import lce
 from lce.attention import linear
 from lce.errors import ConfigError, LceError, UnsupportedModelError
+from lce.train.loop import enable_activation_checkpointing
 from tests.conftest import (
     assert_decode_matches_full,
-    decode_logits,
+    forward_cached,
     logits,
     make_tiny_llama,
 )
@@ -57,16 +58,38 @@ def test_decode_matches_full_forward_with_a_constant_size_state(name, prefix_rec
     assert prefix_recomputes == []  # every decoding step continued from the saved state
 
 
+def test_a_cache_lce_cannot_find_is_an_error_not_a_recomputation(monkeypatch):
+    """If transformers hands the attention module its cache under a name lce does not know (as 5.24 did when it
+    renamed ``past_key_values`` to ``cache``), decoding fails loudly instead of recomputing the prefix every token."""
+    model = linearized("linear_elu")
+    monkeypatch.setattr(linear, "cache_from_call", lambda kwargs: None)
+    with torch.no_grad():
+        _, cache = forward_cached(model, IDS[:, :8])  # a prefill has no cached keys: fine
+        with pytest.raises(LceError, match="found no KV cache among the attention module's arguments"):
+            forward_cached(model, IDS[:, 8:9], cache)
+
+
+def test_a_cache_without_layers_is_refused():
+    model = linearized("linear_elu")
+
+    class Opaque:
+        def get_seq_length(self, layer_idx=0):
+            return 0
+
+    with torch.no_grad(), pytest.raises(UnsupportedModelError, match="Opaque passed to layer 0 has no per-layer"):
+        linear._capture_cache(model.model.layers[0].self_attn, (), {"cache": Opaque()})
+
+
 def decode_padded(model, ids, mask, prefill):
     """Prefill + decoding of a left-padded batch (``mask`` 0 on padding), positions counted from the first token."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
-                    use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        out, cache = forward_cached(model, ids[:, :prefill], attention_mask=mask[:, :prefill],
+                                    position_ids=positions[:, :prefill])
+        steps = [out.logits]
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
-                        past_key_values=cache, use_cache=True)
+            out, cache = forward_cached(model, ids[:, t:t + 1], cache, attention_mask=mask[:, :t + 1],
+                                        position_ids=positions[:, t:t + 1])
             steps.append(out.logits)
     return torch.cat(steps, 1)
 
@@ -94,23 +117,23 @@ def test_state_is_recomputed_when_the_cache_changes(prefix_recomputes):
     model = linearized("performer")  # the variant whose state also carries a running maximum
     other = torch.randint(3, 259, (2, 23), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        cache = model(IDS[:, :12], use_cache=True).past_key_values
-        second = model(other[:, :9], use_cache=True).past_key_values
+        cache = forward_cached(model, IDS[:, :12])[1]
+        second = forward_cached(model, other[:, :9])[1]
         for t in range(12, 16):  # two generations, interleaved
-            step = model(IDS[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            step = forward_cached(model, IDS[:, t:t + 1], cache)[0].logits
             torch.testing.assert_close(step[:, -1], logits(model, IDS[:, :t + 1])[:, -1], atol=2e-5, rtol=2e-5)
-            step = model(other[:, t - 3:t - 2], past_key_values=second, use_cache=True).logits
+            step = forward_cached(model, other[:, t - 3:t - 2], second)[0].logits
             torch.testing.assert_close(step[:, -1], logits(model, other[:, :t - 2])[:, -1], atol=2e-5, rtol=2e-5)
         assert prefix_recomputes == []
         cache.crop(-3)  # back to 13 tokens; continue with different ones
         new = torch.cat([IDS[:, :13], other[:, :4]], 1)
         for t in range(13, 17):
-            step = model(new[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            step = forward_cached(model, new[:, t:t + 1], cache)[0].logits
             torch.testing.assert_close(step[:, -1], logits(model, new[:, :t + 1])[:, -1], atol=2e-5, rtol=2e-5)
         assert len(prefix_recomputes) == 2  # once per layer, right after the crop
         cache.reorder_cache(torch.tensor([1, 0]))
         swapped = new[[1, 0]]
-        step = model(IDS[:, 20:21], past_key_values=cache, use_cache=True).logits
+        step = forward_cached(model, IDS[:, 20:21], cache)[0].logits
         expected = logits(model, torch.cat([swapped, IDS[:, 20:21]], 1))[:, -1]
         torch.testing.assert_close(step[:, -1], expected, atol=2e-5, rtol=2e-5)
         assert len(prefix_recomputes) == 4
@@ -152,7 +175,7 @@ def test_hybrid_leaves_earlier_layers_identical():
 def training_gradients(model, checkpointing):
     model.train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     batch = torch.randint(3, 259, (2, 37), generator=torch.Generator().manual_seed(3))
     loss = model(batch, labels=batch).loss
     loss.backward()
@@ -196,8 +219,8 @@ def test_frequency_position_encodings_compose(posenc):
                                     {"name": "self_extend", "group_size": 4, "neighbor_window": 8}])
 def test_position_encodings_with_their_own_kernel_are_refused(posenc):
     model = make_tiny_llama()
-    with pytest.raises(LceError, match=rf"linear_elu and {posenc['name']} both replace the attention computation; "
-                                       "they cannot be combined"):
+    with pytest.raises(LceError, match=rf"attention=linear_elu and posenc={posenc['name']} both replace the attention "
+                                       "computation; they cannot be combined"):
         linearized("linear_elu", model, posenc=posenc)
     assert not hasattr(model, "_lce_patch")  # the failed patch left the model as it was
     assert torch.equal(logits(model, IDS), logits(make_tiny_llama(), IDS))
@@ -227,7 +250,7 @@ def test_other_families_decode_with_a_constant_size_state(family, prefix_recompu
     partial rotary: the state is found and decoding equals the full forward."""
     model = linearized("linear_elu", family_model(family))
     ids = IDS[:, :21] % 64
-    torch.testing.assert_close(decode_logits(model, ids, 13), logits(model, ids), atol=2e-5, rtol=2e-5)
+    assert_decode_matches_full(model, ids, 13)
     assert prefix_recomputes == []
 
 

@@ -8,12 +8,7 @@ from lce.attention.plan import AttentionPlan, key_positions
 from lce.attention.segments import Segment, identity, segmented_attention
 from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
-from tests.conftest import make_tiny_llama
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
+from tests.conftest import assert_close_to_reference, assert_decode_matches_full, fp64_logits, logits, make_tiny_llama
 
 
 def everything(i, j):
@@ -51,21 +46,13 @@ def test_rope_inside_attention_equals_stock_rope():
     model, reference = make_tiny_llama(), make_tiny_llama()
     rope_in_attention(model)
     # Block-wise eager softmax vs SDPA: same math, different summation order in fp32.
-    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=2e-5, rtol=2e-5)
+    assert_close_to_reference(logits(model, IDS), logits(reference, IDS), fp64_logits(reference, IDS))
 
 
 def test_rope_inside_attention_decodes_like_a_full_forward():
     model = make_tiny_llama()
     rope_in_attention(model)
-    full = logits(model, IDS)
-    with torch.no_grad():
-        out = model(IDS[:, :15], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(15, IDS.shape[1]):
-            out = model(IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=2e-5)  # fp32 reduction order
+    assert_decode_matches_full(model, IDS, prefill=15)
 
 
 def test_padding_mask_reaches_the_kernel():
@@ -133,5 +120,6 @@ def test_kernels_see_skipped_positions_like_transformers_does():
     lce.patch(model, "self_extend", group_size=2, neighbor_window=63)
     positions = torch.cat([torch.arange(10), torch.arange(40, 53)])[None].expand(2, -1)
     # Block-wise eager softmax over segments vs SDPA: same math, different summation order in fp32.
-    torch.testing.assert_close(logits(model, IDS, position_ids=positions),
-                               logits(reference, IDS, position_ids=positions), atol=2e-5, rtol=2e-5)
+    expected = logits(reference, IDS, position_ids=positions)
+    assert_close_to_reference(logits(model, IDS, position_ids=positions), expected,
+                              fp64_logits(reference, IDS, position_ids=positions))

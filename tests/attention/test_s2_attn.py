@@ -10,6 +10,7 @@ import lce
 from lce.attention.blockwise import blockwise_attention
 from lce.attention.s2_attn import ShiftedGroups
 from lce.errors import ConfigError, LceError
+from lce.train.loop import enable_activation_checkpointing
 from tests.attention.test_blockwise import random_qkv
 from tests.conftest import logits, make_tiny_llama
 
@@ -79,8 +80,7 @@ def per_head_mask(length, group, heads=4):
 
 def test_training_equals_the_unpatched_model_with_per_head_groups_as_a_mask():
     model = lce.patch(make_tiny_llama(), "rope", attention={"name": "s2_attn", "query_block": 8}).train()
-    model.activation_checkpointing_enable()
-    model.config.use_cache = False
+    enable_activation_checkpointing(model)
     loss = model(IDS, labels=IDS).loss
     loss.backward()
     reference = make_tiny_llama().train()

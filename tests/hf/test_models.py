@@ -1,6 +1,8 @@
 """Model loading: the tiny Llama from a config, HF models from local files, clear errors offline."""
 
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,16 +47,101 @@ def test_hf_model_from_local_directory(tmp_path):
 
 
 def test_missing_model_offline_fails_fast():
+    """A path of the form of a hub id that is no local directory is looked up in the Hugging Face cache only."""
     start = time.monotonic()
-    with pytest.raises(LceError,
-                       match=r"model\.path='no-such-org/no-such-model' could not be loaded and HF_HUB_OFFLINE=1"):
+    with pytest.raises(LceError, match=r"^model\.path='no-such-org/no-such-model' is neither a local directory "
+                                       r"\(/\S+/no-such-org/no-such-model does not exist\) nor in the Hugging Face "
+                                       r"cache, and HF_HUB_OFFLINE=1 forbids downloading it$"):
         lce.load_model("no-such-org/no-such-model")
     assert time.monotonic() - start < 5, "offline loading must not retry"
+
+
+@pytest.mark.parametrize("path", ["outputs/quickstart/rope/model", "./foo", "../no/such", "~/no-such-lce-dir/x/y"])
+def test_missing_local_directory_is_named(path, tmp_path, monkeypatch):
+    """A path that does not exist and cannot be a hub id (which is 'name' or 'namespace/name') is a missing
+    directory, named absolutely, not transformers' "Repo id must be in the form..."."""
+    monkeypatch.chdir(tmp_path)
+    expected = (Path(path).expanduser() if path.startswith("~") else tmp_path / path).absolute()
+    with pytest.raises(LceError, match=rf"^model\.path='{re.escape(path)}': no such directory: "
+                                       rf"{re.escape(str(expected))} \(nor a hub id"):
+        lce.load_model(path)
+
+
+def test_existing_relative_directory_is_local(tmp_path, monkeypatch):
+    """A path that exists is a local directory, even when it also has the form of a hub id."""
+    model, tokenizer = lce.load_model("tiny_llama", hidden_size=32, num_hidden_layers=1)
+    lce.save_model(model, tokenizer, tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = lce.load_model("org/name")
+    assert loaded.config.hidden_size == 32
 
 
 def test_local_directory_without_config_is_named(tmp_path):
     with pytest.raises(LceError, match="has no config.json"):
         lce.load_model(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(LceError, match=r"weights\.bin is a file; set a Hugging Face model directory"):
+        lce.load_model(str(tmp_path / "weights.bin"))
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    model, tokenizer = lce.load_model("tiny_llama", hidden_size=32, num_hidden_layers=1)
+    return lce.save_model(model, tokenizer, tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupted_safetensors_is_named(saved_tiny, damage):
+    weights = saved_tiny / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage])
+    with pytest.raises(LceError, match=rf"^model\.path='.*': {re.escape(str(weights))} is not a valid safetensors "
+                                       r"file \(truncated or corrupted: .*\); save or download it again$"):
+        lce.load_model(str(saved_tiny))
+
+
+def test_model_directory_without_tokenizer_loads_with_a_warning(tmp_path):
+    """A plain ``save_pretrained`` has no tokenizer: the model loads, the tokenizer is None, and the warning says how
+    to give one; ``tokenizer=`` then loads it from elsewhere."""
+    from tests.conftest import make_tiny_llama
+
+    make_tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"there is no tokenizer in .*/m \(none of tokenizer\.json, .*\); the model "
+                                         r"is loaded with tokenizer None\. Give one with model\.tokenizer="):
+        model, tokenizer = lce.load_model(str(tmp_path / "m"))
+    assert tokenizer is None and model.config.num_hidden_layers == 1
+    lce.data.ByteTokenizer().save(tmp_path / "tok")
+    _, tokenizer = lce.load_model(str(tmp_path / "m"), tokenizer=str(tmp_path / "tok"))
+    assert tokenizer.encode("ab").tolist() == lce.data.ByteTokenizer().encode("ab").tolist()
+    with pytest.raises(LceError, match=r"model\.tokenizer='.*/nowhere': the tokenizer could not be loaded"):
+        lce.load_model(str(tmp_path / "m"), tokenizer=str(tmp_path / "nowhere"))
+
+
+def test_save_model_refuses_a_file_path(tmp_path):
+    model, tokenizer = lce.load_model("tiny_llama", hidden_size=32, num_hidden_layers=1)
+    existing = tmp_path / "model.safetensors"
+    existing.write_bytes(b"x")
+    with pytest.raises(LceError, match=rf"^lce\.save_model: {re.escape(str(existing))} is a file, not a "
+                                       r"directory; save to a directory path$"):
+        lce.save_model(model, tokenizer, existing)
+    with pytest.raises(LceError, match=rf"^lce\.save_model: {re.escape(str(existing))} is a file, not a "
+                                       rf"directory, so {re.escape(str(existing / 'm'))} cannot be created in it"):
+        lce.save_model(model, tokenizer, existing / "m")
+    assert existing.read_bytes() == b"x"
+    assert (lce.save_model(model, None, tmp_path / "a" / "b") / "model.safetensors").is_file()  # parents created
+
+
+@pytest.mark.parametrize("theta", [-1.0, 0.0, float("nan"), float("inf")])
+def test_rope_theta_must_be_positive_and_finite(theta, tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.rope_theta: must be a finite number > 0"):
+        lce.load_model("tiny_llama", rope_theta=theta)
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(num_hidden_layers=1, rope_theta=theta)  # an HF config on disk is not validated
+    lce.save_model(model, lce.data.ByteTokenizer(), tmp_path / "m")
+    with pytest.raises(ConfigError, match=rf"^config\.rope_parameters: rope_theta={re.escape(repr(theta))} must be a "
+                                          "finite number > 0"):
+        lce.load_model(str(tmp_path / "m"))
 
 
 def test_bad_model_parameters():

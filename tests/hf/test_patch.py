@@ -1,18 +1,18 @@
 """Per-instance patching: rope is the identity, nope removes position information exactly, unpatch restores, two
 models in one process never affect each other, and a saved patch reloads."""
 
+from copy import deepcopy
+
 import pytest
 import torch
+from torch import nn
+from transformers import LlamaForCausalLM
 
 import lce
 from lce.errors import ConfigError, LceError
 from lce.hf.adapters import ADAPTERS
-from tests.conftest import make_tiny_llama
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
+from lce.train.loop import enable_activation_checkpointing
+from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
 
 
 @pytest.fixture
@@ -92,17 +92,8 @@ def test_spec_forms_are_equivalent(tiny_model):
 def test_prefill_then_decode_equals_full_forward(tiny_model):
     ids = torch.randint(3, 259, (1, 20), generator=torch.Generator().manual_seed(3))
     lce.patch(tiny_model, "nope")
-    full = logits(tiny_model, ids)
-    with torch.no_grad():
-        out = tiny_model(ids[:, :12], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(12, 20):
-            out = tiny_model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    # Decoding attends over a cache one query at a time: same math, different reduction order (fp32, 1e-5).
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # Decoding attends over a cache one query at a time: same math, different reduction order.
+    assert_decode_matches_full(tiny_model, ids, prefill=12)
 
 
 def test_padding_mask_still_applies(tiny_model):
@@ -118,7 +109,7 @@ def test_padding_mask_still_applies(tiny_model):
 def test_training_step_with_gradient_checkpointing_is_finite(tiny_model):
     lce.patch(tiny_model, "nope")
     tiny_model.train()
-    tiny_model.activation_checkpointing_enable()
+    enable_activation_checkpointing(tiny_model)
     ids = torch.randint(3, 259, (2, 16))
     loss = tiny_model(ids, labels=ids).loss
     loss.backward()
@@ -166,10 +157,133 @@ def test_unsupported_family_lists_supported():
         lce.patch(model, "nope")
 
 
-def test_bf16_cast_rotary_is_refused(tiny_model):
+@pytest.mark.parametrize("posenc", ["rope", "dca"])
+def test_bf16_cast_rotary_is_refused(tiny_model, posenc):
+    """Cast before patching: refused before any method copies the damaged frequencies (DCA's rotation would)."""
     tiny_model.to(torch.bfloat16)
-    with pytest.raises(LceError, match="inv_freq is torch.bfloat16"):
-        lce.patch(tiny_model, "rope")
+    with pytest.raises(LceError, match="inv_freq is torch.bfloat16, not float32: the model was cast with "
+                                       r".to\(\)/.half\(\) before lce patched it"):
+        lce.patch(tiny_model, posenc)
+    assert not hasattr(tiny_model, "_lce_patch")
+
+
+class LookAlike(nn.Module):
+    """Has a ``config`` of a supported family but is no transformers model."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = make_tiny_llama().config
+        self.linear = nn.Linear(2, 2)
+
+
+NOT_TRANSFORMERS = {  # what is passed -> how the error names it
+    "module-with-config": (LookAlike, r"tests\.hf\.test_patch\.LookAlike \(it has a \.config of model_type 'llama'\)"),
+    "object": (object, r"builtins\.object"),
+    "module": (lambda: nn.Linear(2, 2), r"torch\.nn\.modules\.linear\.Linear"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_TRANSFORMERS)
+def test_non_transformers_models_are_refused(kind):
+    build, named = NOT_TRANSFORMERS[kind]
+    with pytest.raises(lce.UnsupportedModelError, match=rf"^got a {named}, not a Hugging Face transformers model: "
+                                                        r"lce patches PreTrainedModel instances .* of the families "
+                                                        r"llama, mistral"):
+        lce.patch(build(), "rope")
+
+
+def test_rope_theta_must_be_positive_and_finite_at_patch_time():
+    """A config built or loaded with a bad base gives NaN frequencies; patching names it instead of running on NaN."""
+    model = make_tiny_llama(rope_theta=-1.0)
+    with pytest.raises(ConfigError, match=r"^config\.rope_parameters: rope_theta=-1\.0 must be a finite number > 0"):
+        lce.patch(model, "yarn", factor=2.0)
+    assert not hasattr(model, "_lce_patch")
+    gemma3 = _family_model("gemma3_text")
+    gemma3.config.rope_parameters["full_attention"]["rope_theta"] = float("nan")
+    with pytest.raises(ConfigError, match=r"^config\.rope_parameters\['full_attention'\]: rope_theta=nan must be"):
+        lce.patch(gemma3, "rope")
+
+
+CASTS = {
+    "half": (lambda model: model.half(), torch.float16),
+    "to_bf16": (lambda model: model.to(torch.bfloat16), torch.bfloat16),
+    "bfloat16": (lambda model: model.bfloat16(), torch.bfloat16),
+    "to_device_dtype": (lambda model: model.to("cpu", torch.bfloat16), torch.bfloat16),
+}
+FP32_PATCHES = {  # a plain patch, a frequency method (rebuilt rotary module), rotate-in-attention and no rotation
+    "rope": {"name": "rope"},
+    "yarn": {"name": "yarn", "factor": 4.0},
+    "dca": {"name": "dca", "chunk_size": 48, "local_window": 8},
+    "alibi": {"name": "alibi"},
+}
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "m"
+    make_tiny_llama().save_pretrained(path)
+    return path
+
+
+def rotary_frequency_tensors(model) -> dict:
+    """Every frequency table lce's patch rotates with: the rotary module's floating buffers and the ``Rotation``s
+    kept in each layer's attention plan for the fused kernel."""
+    tensors = {name: buf for name, buf in model.model.rotary_emb.named_buffers() if buf.is_floating_point()}
+    for index, layer in enumerate(model.model.layers):
+        fused = getattr(getattr(layer.self_attn, "lce_plan", None), "fused", None)
+        if fused is not None and fused.rotary is not None:
+            tensors[f"layer {index} rotation"] = fused.rotary.inv_freq
+    return tensors
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("posenc", FP32_PATCHES)
+def test_casting_a_patched_model_keeps_rotary_frequencies_fp32(posenc, cast, saved_tiny_llama):
+    """``model.half()`` / ``.to(torch.bfloat16)`` after patching == ``from_pretrained(dtype=...)`` then patching: the
+    same bf16/fp16 weights with fp32 frequencies, so the logits are identical, far past the training length too."""
+    to_dtype, dtype = CASTS[cast]
+    model = to_dtype(lce.patch(make_tiny_llama(), FP32_PATCHES[posenc]))
+    loaded = LlamaForCausalLM.from_pretrained(saved_tiny_llama, dtype=dtype).eval()
+    reference = lce.patch(loaded, FP32_PATCHES[posenc])
+    assert next(model.parameters()).dtype == dtype
+    frequencies = rotary_frequency_tensors(model)
+    assert frequencies and all(f.dtype == torch.float32 for f in frequencies.values()), frequencies
+    ids = torch.randint(3, 259, (1, 96), generator=torch.Generator().manual_seed(6))
+    far = {} if posenc == "dca" else {"position_ids": torch.arange(100_000 - 96, 100_000)[None]}
+    assert torch.equal(logits(model, ids, **far), logits(reference, ids, **far))
+
+
+def test_cast_without_the_guard_would_destroy_positions(saved_tiny_llama):
+    """Why the guard exists: a stock model cast after loading rotates with bf16 frequencies (HF_V5.md item 5)."""
+    cast = make_tiny_llama().to(torch.bfloat16)
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    loaded = LlamaForCausalLM.from_pretrained(saved_tiny_llama, dtype=torch.bfloat16).eval()
+    x, far = torch.zeros(1, 96, 64, dtype=torch.bfloat16), torch.arange(100_000 - 96, 100_000)[None]
+    cos_cast, cos_loaded = cast.model.rotary_emb(x, far)[0], loaded.model.rotary_emb(x, far)[0]
+    assert (cos_cast.float() - cos_loaded.float()).abs().max() > 1  # the angles are wrong by radians
+
+
+def test_device_moves_and_copies_keep_the_guard(tiny_model):
+    lce.patch(tiny_model, "yarn", factor=2.0)
+    tiny_model.to("meta", torch.bfloat16)  # a device move goes through, the dtype cast does not
+    inv_freq = tiny_model.model.rotary_emb.inv_freq
+    assert (inv_freq.device.type, inv_freq.dtype) == ("meta", torch.float32)
+    assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    copy = deepcopy(lce.patch(make_tiny_llama(), "yarn", factor=2.0)).half()
+    assert copy.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("posenc", ["rope", "yarn", "nope"])
+def test_unpatch_restores_the_unguarded_original(tiny_model, posenc):
+    """The original rotary module comes back as it was: a later cast casts it, as for any stock model."""
+    rotary = tiny_model.model.rotary_emb
+    lce.patch(tiny_model, FP32_PATCHES.get(posenc, posenc))
+    tiny_model.half()
+    lce.unpatch(tiny_model)
+    assert tiny_model.model.rotary_emb is rotary and "_apply" not in vars(rotary)
+    assert rotary.inv_freq.dtype == torch.float32  # guarded (rope) or detached (yarn, nope) while patched
+    tiny_model.bfloat16()
+    assert rotary.inv_freq.dtype == torch.bfloat16
 
 
 from tests.hf.test_adapters import family_model as _family_model

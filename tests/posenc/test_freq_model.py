@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from transformers import logging as hf_logging
 
 import lce
+from lce.train.loop import enable_activation_checkpointing
 from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama
 
 L = 32
@@ -91,7 +92,7 @@ def test_longrope_decode_matches_full_forward_beyond_the_training_length():
 def test_training_step_with_gradient_checkpointing(method):
     model = patched(method)
     model.train()
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     batch = ids(2 * L)
     loss = model(batch, labels=batch).loss
     loss.backward()

@@ -8,12 +8,7 @@ import torch
 import lce
 from lce.errors import ConfigError
 from lce.posenc.logn import logn_scale
-from tests.conftest import make_tiny_llama, scale_queries
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
+from tests.conftest import assert_decode_matches_full, logits, make_tiny_llama, scale_queries
 
 
 def test_golden_values():
@@ -50,15 +45,7 @@ def test_composes_with_nope_and_decodes_like_full_forward():
     lce.patch(model, "nope", logn=True)
     assert model.config._attn_implementation == "lce_logn"
     ids = torch.randint(3, 259, (1, 30), generator=torch.Generator().manual_seed(2))
-    full = logits(model, ids)
-    with torch.no_grad():
-        out = model(ids[:, :20], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(20, 30):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)  # fp32 reduction order
+    assert_decode_matches_full(model, ids, prefill=20)
     lce.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
     assert not hasattr(model.model.layers[0].self_attn, "lce_plan")

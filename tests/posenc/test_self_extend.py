@@ -18,7 +18,9 @@ from lce.posenc.self_extend import (
 )
 from tests.conftest import (
     assert_checkpointed_training_step,
+    assert_close_to_reference,
     assert_decode_matches_full,
+    fp64_logits,
     logits,
     make_tiny_llama,
     scale_queries,
@@ -159,7 +161,7 @@ def test_window_as_long_as_the_input_is_plain_rope():
     model, reference = make_tiny_llama(), make_tiny_llama()  # L = 64
     lce.patch(model, "self_extend", group_size=4, neighbor_window=40)
     ids = IDS[:, :40]
-    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=2e-5, rtol=2e-5)  # eager vs SDPA
+    assert_close_to_reference(logits(model, ids), logits(reference, ids), fp64_logits(reference, ids))  # eager vs SDPA
     assert (logits(model, IDS) - logits(reference, IDS)).abs().max() > 1e-3  # T = 50 > W: grouped pairs
 
 
@@ -167,7 +169,7 @@ def test_group_size_one_is_plain_rope():
     """G = 1: grouped positions are the true ones (shift W - W = 0)."""
     model, reference = make_tiny_llama(), make_tiny_llama()
     lce.patch(model, "self_extend", group_size=1, neighbor_window=5)
-    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), atol=2e-5, rtol=2e-5)  # eager vs SDPA
+    assert_close_to_reference(logits(model, IDS), logits(reference, IDS), fp64_logits(reference, IDS))  # eager vs SDPA
 
 
 def test_decode_matches_full_forward_far_past_the_window():

@@ -15,7 +15,10 @@ from lce.posenc.logn import logn_scale
 from lce.posenc.sinks import sinks_attention
 from tests.conftest import (
     assert_checkpointed_training_step,
+    assert_close_to_reference,
     assert_decode_matches_full,
+    forward_cached,
+    fp64_logits,
     logits,
     make_tiny_llama,
     scale_queries,
@@ -94,26 +97,26 @@ def test_full_forward_equals_streaming_with_an_evicting_cache():
     ids = IDS[:1, :24]
     prefill = start + recent - 1  # nothing to evict yet
     with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        out, cache = forward_cached(model, ids[:, :prefill])
+        steps = [out.logits]
         for t in range(prefill, ids.shape[1]):
             for layer in cache.layers:
                 if layer.keys.shape[2] > start + recent - 1:
                     layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, -(recent - 1):]], 2)
                     layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, -(recent - 1):]], 2)
             position = torch.tensor([[min(t, start + recent - 1)]])
-            out = model(ids[:, t : t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+            out, cache = forward_cached(model, ids[:, t : t + 1], cache, position_ids=position)
             steps.append(out.logits)
-            cache = out.past_key_values
     assert cache.get_seq_length() == start + recent
-    torch.testing.assert_close(torch.cat(steps, 1), logits(model, ids), atol=2e-5, rtol=2e-5)  # fp32 order
+    assert_close_to_reference(torch.cat(steps, 1), logits(model, ids), fp64_logits(model, ids))  # fp32 order
 
 
 @pytest.mark.parametrize("start,recent", [(4, 26), (0, 30), (2, 100)], ids=["S4-R26", "S0-R30", "S2-R100"])
 def test_cache_covering_the_sequence_is_plain_rope(start, recent):
     model = make_tiny_llama()
     lce.patch(model, "sinks", start_size=start, recent_size=recent, block_size=7)
-    torch.testing.assert_close(logits(model, IDS), logits(make_tiny_llama(), IDS), atol=2e-5, rtol=2e-5)  # fp32 order
+    stock = make_tiny_llama()  # fp32 order
+    assert_close_to_reference(logits(model, IDS), logits(stock, IDS), fp64_logits(stock, IDS))
 
 
 def test_decode_matches_full_forward_beyond_the_cache():
