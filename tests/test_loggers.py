@@ -1,6 +1,8 @@
 """Loggers: wandb never prompts or blocks without a key, and receives metrics and the sweep."""
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -39,8 +41,32 @@ def test_online_without_key_falls_back_to_offline(no_wandb_key, tmp_path):
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "the offline run file holds the metrics"
 
 
-def test_none_logger_accepts_everything(tmp_path):
-    run = LOGGERS.build("none").start({}, "x", tmp_path)
-    run.log_metrics({"a": 1.0}, step=0)
-    run.log_sweep(ROWS, None)
-    run.finish()
+def test_none_logger_writes_nothing_and_accepts_every_row(tmp_path, monkeypatch):
+    """``logger=none`` never raises, returns nothing, writes no file (not into its out_dir, not into the working
+    directory) and never reaches wandb, whatever the rows hold: OOM rows, non-finite numbers, missing fields."""
+    monkeypatch.chdir(tmp_path)
+    touched = []
+
+    class Untouchable(types.ModuleType):
+        def __getattr__(self, name):
+            touched.append(name)
+            raise AssertionError(f"the none logger used wandb.{name}")
+
+    monkeypatch.setitem(sys.modules, "wandb", Untouchable("wandb"))
+    modules_before = set(sys.modules)
+    rows = [*ROWS,
+            {"run": "rope", "method": "rope", "length": 512, "status": "ok", "ppl": float("inf"), "nll": float("nan"),
+             "tokens": 0, "tokens_per_s": float("nan"), "peak_mem_mb": None},
+            {"run": "nope", "length": 1024, "status": "error"},
+            {}]
+    plot = tmp_path / "missing.png"
+
+    run = LOGGERS.build("none").start({"seed": 0, "nested": {"a": [1, 2]}}, "x", tmp_path / "out")
+    results = [run.log_metrics({"a": 1.0, "b": float("nan"), "c": float("-inf")}, step=0),
+               run.log_metrics({}, step=None),
+               run.log_sweep(rows, None), run.log_sweep(rows, plot), run.log_sweep([], None),
+               run.finish(), run.finish()]
+
+    assert results == [None] * len(results)
+    assert list(tmp_path.rglob("*")) == [], "the none logger wrote files"
+    assert touched == [] and not {m for m in set(sys.modules) - modules_before if m.split(".")[0] == "wandb"}

@@ -201,6 +201,7 @@ class Alibi(PosEnc):
         block_size: query rows scored at once by the block-wise kernel.
     """
 
+    signal = "alibi"
     name: str = "alibi"
     kernel: Literal["blockwise", "eager"] = "blockwise"
     block_size: int = 256

@@ -9,7 +9,7 @@ under the name of its ``conf/posenc/<name>.yaml`` option file. ``apply`` patches
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from lce.config import check
 from lce.registry import Registry
@@ -26,8 +26,14 @@ class PosEnc:
 
     Every method composes with log-n query scaling (``logn: true``, see ``lce.posenc.logn``): it multiplies queries
     by ``max(1, ln(p + 1) / ln(logn_length))`` at position ``p``, after whatever else the method does.
+
+    ``signal`` is the kind of position information a model's weights learn under the method: ``rotary`` for every
+    RoPE-based method (their frequencies and positions differ, but a RoPE-trained model can be evaluated under any of
+    them without training), ``alibi`` and ``none`` (NoPE). Evaluating a model under a method of another kind is
+    refused unless asked for (``eval.allow_other_signals``).
     """
 
+    signal: ClassVar[str] = "rotary"
     name: str
     logn: bool = False
     logn_length: int | None = None

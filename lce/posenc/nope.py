@@ -15,6 +15,7 @@ from lce.posenc.base import POSENCS, PosEnc
 class Nope(PosEnc):
     """Removes rotary position embedding from every layer."""
 
+    signal = "none"
     name: str = "nope"
 
     def apply(self, target) -> None:

@@ -5,7 +5,14 @@ import torch
 
 from lce.errors import ConfigError, LceError
 from lce.kernels.attention import AttentionSpec, flash_attention
-from lce.kernels.backend import on_device_of, requested_backend, resolve_backend, use_backend
+from lce.kernels.backend import (
+    interpreting,
+    on_device_of,
+    requested_backend,
+    resolve_backend,
+    triton_available,
+    use_backend,
+)
 from lce.kernels.cross_entropy import LogitHead, linear_cross_entropy
 from lce.kernels.linear_attention import linear_attention
 from lce.kernels.rope import rope
@@ -32,6 +39,10 @@ def test_unknown_names_are_config_errors(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    # Import Triton (when present) under the session's flag first: Triton reads TRITON_INTERPRET when it defines its
+    # own library functions (tl.min, ...), and a first import with the flag off would break the interpreter for every
+    # later test in this process.
+    triton_available()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(LceError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.zeros(1))
@@ -51,10 +62,34 @@ def test_use_backend_sits_between_an_explicit_choice_and_the_environment(monkeyp
         pass
 
 
-def test_cpu_tensors_launch_without_a_device_guard():
-    """The interpreter runs CPU tensors; entering the guard must not touch CUDA (there may be none)."""
-    with on_device_of(torch.zeros(1)):
-        pass
+def test_cpu_tensors_launch_without_a_device_guard(monkeypatch):
+    """The interpreter runs CPU tensors; entering the guard must not touch CUDA (there may be none), and a Triton op
+    (forward and backward, each launched inside its own guard) still runs inside it."""
+    if not interpreting():
+        pytest.skip("runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    calls = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"torch.cuda.{name} called for CPU tensors")
+        return call
+
+    for name in ("device", "set_device", "current_device", "device_count", "is_available", "init", "_lazy_init",
+                 "synchronize", "current_stream", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, refuse(name))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 19, 16, generator=g).requires_grad_() for h in (2, 1, 1))  # [B, H, T, D], GQA
+    pos = torch.arange(19)[None]
+    spec = AttentionSpec(16 ** -0.5)
+    with on_device_of(q):
+        out = flash_attention(q, k, v, spec, pos, pos, backend="triton")
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert calls == []  # also the calls a library might have caught
+    ref = flash_attention(q, k, v, spec, pos, pos, backend="ref")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _every_op(device: str) -> list[torch.Tensor]:
