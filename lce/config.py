@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from lce.errors import ConfigError, did_you_mean
@@ -39,9 +39,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(
-                f"{where}.{key}: unknown key{did_you_mean(key, fields)}; allowed keys: {', '.join(sorted(fields))}"
-            )
+            raise unknown_key(f"{where}.{key}", fields)
     kwargs = {}
     for name, field in fields.items():
         if name in data:
@@ -54,6 +52,12 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def unknown_key(where: str, allowed: Iterable[str]) -> ConfigError:
+    """The error for the unknown key at dotted path ``where`` (its last part is the key), listing the allowed ones."""
+    key, allowed = where.rsplit(".", 1)[-1], sorted(allowed)
+    return ConfigError(f"{where}: unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:

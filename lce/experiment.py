@@ -21,20 +21,23 @@ from typing import Any, Literal
 import torch
 
 from lce.attention import ATTENTIONS
-from lce.config import from_mapping, non_default_fields, to_plain
+from lce.config import check, from_mapping, non_default_fields, to_plain, unknown_key
 from lce.data import DATASETS, eval_documents, token_stream
-from lce.errors import ConfigError, did_you_mean
+from lce.errors import ConfigError
 from lce.eval.config import EvalConfig, posenc_label
 from lce.eval.protocols import protocol_meta
 from lce.eval.shard import current_shard
+from lce.eval.sweep import ResultStore, run_sweep
 from lce.hf.models import MODELS, save_model
 from lce.hf.patch import patch, patch_spec
 from lce.kernels.backend import check_backend, use_backend
 from lce.loggers import LOGGERS, Run
 from lce.posenc import POSENCS
+from lce.preflight import DIRECTORY_KEYS, check_directory_name, check_writable_root
 from lce.provenance import git_revision, versions
-from lce.train import TrainConfig, block_length, train
+from lce.train import TrainConfig, block_length, check_device, train
 from lce.train.data import blocks_from_stream
+from lce.train.loop import LOG_NAME
 
 GROUPS = {"model": MODELS, "posenc": POSENCS, "attention": ATTENTIONS, "data": DATASETS, "logger": LOGGERS}
 
@@ -60,9 +63,13 @@ class RunConfig:
     out_root: str = "outputs"
     device: str = "auto"
     backend: str = "auto"
+    threads: int | Literal["auto"] = "auto"
 
     def __post_init__(self):
         check_backend(self.backend)
+        check(self.threads == "auto" or self.threads >= 1, "threads", f"must be auto or >= 1, got {self.threads!r}")
+        for key in DIRECTORY_KEYS:
+            check_directory_name(key, getattr(self, key))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,27 +83,18 @@ def parse_run_config(cfg: Any) -> RunConfig:
     allowed = {f.name for f in dataclasses.fields(RunConfig)}
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"{key}: unknown key{did_you_mean(key, allowed)}; "
-                              f"allowed keys: {', '.join(sorted(allowed))}")
-    built: dict[str, Any] = {}
+            raise unknown_key(key, allowed)
+    # train first: the model's fields may be interpolated from it (tiny_llama's max_position_embeddings is
+    # ${train.seq_len}), and a bad value must be blamed on the key the user set.
+    built: dict[str, Any] = {"train": from_mapping(TrainConfig, data.get("train"), "train")}
     for name, registry in GROUPS.items():
         spec = data.get(name, {"name": "none"} if name == "logger" else None)
         if spec is None:
             raise ConfigError(f"{name}: required; available: {', '.join(registry.names())}")
         built[name] = registry.build(spec, name)
-    built["train"] = from_mapping(TrainConfig, data.get("train"), "train")
     built["eval"] = from_mapping(EvalConfig, data.get("eval"), "eval")
     scalars = {k: v for k, v in data.items() if k not in built}
     return from_mapping(RunConfig, {**scalars, **built}, "config")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device: {device!r} is not a torch device ({e})") from None
 
 
 def _guard_run_dir(out_dir: Path, run_cfg: RunConfig) -> None:
@@ -116,12 +114,14 @@ def _guard_run_dir(out_dir: Path, run_cfg: RunConfig) -> None:
 
 
 def process_device(device: str) -> torch.device:
-    """This process's device: under ``accelerate launch``/``torchrun`` with ``device=auto`` on CUDA, the GPU of its
-    local rank (``LOCAL_RANK``), else ``resolve_device(device)``."""
-    resolved = resolve_device(device)
-    if device == "auto" and resolved.type == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return resolved
+    """This process's device, checked to exist on this machine (``lce.train.check_device``): ``auto`` is the GPU of
+    its local rank under ``accelerate launch``/``torchrun`` (``LOCAL_RANK``), else the current GPU, else the CPU."""
+    checked = check_device(device)
+    if checked is not None:
+        return checked
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def is_main_process() -> bool:
@@ -146,45 +146,112 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
     out_dir = Path(out_dir)
     results_dir = Path(results_dir) if results_dir is not None else out_dir
     main = is_main_process()
-    if main:
+    device = process_device(run_cfg.device)
+    if main:  # where the work will go, before any work
+        check_writable_root(str(out_dir))
+        if run_cfg.task != "train":
+            result_files = ["results.jsonl", *(["retrieval.jsonl"] if run_cfg.eval.retrieval else [])]
+            for name in result_files:
+                ResultStore(results_dir / name).check_writable()
         _guard_run_dir(out_dir, run_cfg)
     torch.manual_seed(run_cfg.seed)
     logger = run_cfg.logger.start(run_cfg.to_dict(), run_cfg.run_name, out_dir) if main else Run()
     try:
         model, tokenizer = run_cfg.model.load(seed=run_cfg.seed)
-        saved = patch_spec(model)
-        if saved is not None and saved["posenc"] != dataclasses.asdict(run_cfg.posenc):
-            warnings.warn(f"the checkpoint was saved with posenc {saved['posenc']}; the config's "
-                          f"{dataclasses.asdict(run_cfg.posenc)} replaces it")
+        if tokenizer is None:
+            raise ConfigError(f"model.tokenizer: model.path={run_cfg.model.path!r} holds no tokenizer, and lce needs "
+                              f"one to read data={run_cfg.data.name}; set model.tokenizer=<local directory or hub id>")
+        set_threads(run_cfg.threads, model, device)
+        trained = trained_posenc(run_cfg, patch_spec(model))
+        for i, spec in enumerate(run_cfg.eval.posencs):  # before training: a refusal must not cost a run
+            _check_signal(trained, posenc_label(spec)[0], f"eval.posencs[{i}]", run_cfg.eval.allow_other_signals)
         patch(model, run_cfg.posenc, attention=run_cfg.attention)
+        outputs: dict[str, list[Path]] = {}
         # The whole run, backward passes included, on one backend (activation checkpointing recomputes forwards).
         with use_backend(run_cfg.backend):
             if run_cfg.task in ("train", "train_eval"):
-                model = _train(run_cfg, model, tokenizer, out_dir, logger, progress)
+                model = _train(run_cfg, model, tokenizer, out_dir, logger, device, progress)
+                outputs["model"] = [out_dir / "model"]
+                outputs["training log"] = [out_dir / LOG_NAME]
             # Every process evaluates: the sweep shards its forward passes and only the main process writes.
-            rows = _sweep(run_cfg, model, tokenizer, results_dir, logger, progress) if run_cfg.task != "train" else []
+            rows = (_sweep(run_cfg, model, tokenizer, results_dir, logger, device, trained, outputs, progress)
+                    if run_cfg.task != "train" else [])
     finally:
         logger.finish()
+    if main and progress:
+        print_outputs(outputs)
     return rows if main else []
 
 
-def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, progress: bool):
+def print_outputs(outputs: dict[str, list[Path]]) -> None:
+    """Say where a run left what it made: results, CSV, plots, model."""
+    width = max(map(len, outputs), default=0)
+    for kind, paths in outputs.items():
+        print(f"{kind:>{width}}: {', '.join(str(p) for p in paths)}")
+
+
+#: Below this many parameters ``threads=auto`` trains and evaluates on one CPU thread: the operations are too small to
+#: split across cores (measured on 2 cores, the quickstart's 0.8M-parameter Llama trained faster on one thread than on
+#: two, idle or beside a busy process: experiments/results/threads/).
+ONE_THREAD_PARAMS = 2_000_000
+
+
+def set_threads(threads: int | str, model, device: torch.device) -> None:
+    """torch's intra-op CPU threads for this run: ``threads`` when set; for ``auto``, one thread for a CPU model of
+    fewer than ``ONE_THREAD_PARAMS`` parameters (unless ``OMP_NUM_THREADS`` says otherwise), else torch's default."""
+    if threads != "auto":
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and (
+            sum(p.numel() for p in model.parameters()) < ONE_THREAD_PARAMS):
+        torch.set_num_threads(1)
+
+
+def trained_posenc(run_cfg: RunConfig, saved: dict | None):
+    """The position encoding the evaluated model's weights were trained with: the run's own when it trains, else the
+    one its checkpoint records (``config.lce``), else the run's.
+
+    Raises:
+        ConfigError: an evaluation-only run gives a checkpoint another kind of position signal than it was trained
+            with (``PosEnc.signal``), and ``eval.allow_other_signals`` is off.
+    """
+    if run_cfg.task != "eval" or saved is None:
+        return run_cfg.posenc
+    trained = POSENCS.build(saved["posenc"], "config.lce.posenc")
+    if dataclasses.asdict(trained) != dataclasses.asdict(run_cfg.posenc):
+        _check_signal(trained, run_cfg.posenc, "posenc", run_cfg.eval.allow_other_signals)
+        warnings.warn(f"the checkpoint was trained with posenc {_label(trained)}; it is evaluated with "
+                      f"{_label(run_cfg.posenc)}")
+    return trained
+
+
+def _check_signal(trained, evaluated, where: str, allowed: bool) -> None:
+    """Refuse to evaluate a model under another kind of position signal than it learned (ALiBi weights under RoPE)."""
+    if trained.signal != evaluated.signal and not allowed:
+        raise ConfigError(
+            f"{where}: {evaluated.name} gives the model {evaluated.signal} positions, but it was trained with "
+            f"{trained.name} ({trained.signal} positions), so the evaluation would measure a broken model; use "
+            f"methods of its kind, or set eval.allow_other_signals=true for such an ablation"
+        )
+
+
+def _train(run_cfg: RunConfig, model, tokenizer, out_dir: Path, logger, device: torch.device, progress: bool):
     """Train (LoRA adapters come back merged), then save the final model from the main process."""
     seq_len = run_cfg.train.seq_len
     blocks = blocks_from_stream(token_stream(run_cfg.data, tokenizer, "train"), block_length(run_cfg.train) - 1)
     val = token_stream(run_cfg.data, tokenizer, "validation") if run_cfg.train.val_every > 0 else None
     val_blocks = blocks_from_stream(val, seq_len) if val is not None else None
     train(model, blocks, run_cfg.train, out_dir, val_blocks=val_blocks, logger=logger, seed=run_cfg.seed,
-          eos_id=tokenizer.eos_id, progress=progress)
+          eos_id=tokenizer.eos_id, progress=progress, device=device)
     if is_main_process():
         save_model(model, tokenizer, out_dir / "model")
     return model
 
 
-def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, progress: bool) -> list[dict]:
-    """Perplexity vs length (and retrieval, when configured) of each evaluated series; then the report."""
+def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, device: torch.device, trained,
+           outputs: dict[str, list[Path]], progress: bool) -> list[dict]:
+    """Perplexity vs length (and retrieval, when configured) of each evaluated series; then the report. The files
+    written are added to ``outputs``."""
     from lce.eval.report import write_report
-    from lce.eval.sweep import ResultStore, run_sweep
 
     ev = run_cfg.eval
     lengths = list(ev.lengths)
@@ -197,18 +264,19 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
                               ev.documents)
     else:
         data = token_stream(run_cfg.data, tokenizer, ev.split)
-    device = process_device(run_cfg.device)
     model.to(device)
     meta = {
         "experiment": run_cfg.experiment_name,
         "run_name": run_cfg.run_name,
         "model": _label(run_cfg.model),
+        "trained_posenc": _label(trained),
         "seed": run_cfg.seed,
         "protocol": {**protocol_meta(protocol), "data": run_cfg.data.name, "split": ev.split,
                      "n_docs": ev.n_docs, "documents": ev.documents},
         "train_length": train_length,
         "git_revision": git_revision(),
         "versions": versions(),
+        "threads": torch.get_num_threads(),
         "config": run_cfg.to_dict(),
     }
     store = ResultStore(results_dir / "results.jsonl")
@@ -225,23 +293,30 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, prog
         rows += run_sweep(model, data, lengths, store, meta={**meta, **identity}, protocol=protocol,
                           bos_id=tokenizer.bos_id, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
                           device=device, progress=progress)
-        _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
+        heatmaps = _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
+        if heatmaps:
+            outputs.setdefault("retrieval heatmaps", []).extend(heatmaps)
     if not current_shard().is_main:
         return rows
     experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
     paths = write_report(experiment_rows, results_dir, train_length=train_length,
                          title=f"{run_cfg.experiment_name}: perplexity vs length")
     logger.log_sweep(rows, paths.get("png"))
+    outputs.update({"results": [store.path], "table": [paths["csv"]], "plots": [paths["png"], paths["position_png"]]})
+    if run_cfg.eval.retrieval:
+        outputs["retrieval results"] = [results_dir / "retrieval.jsonl"]
     return rows
 
 
-def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device, progress: bool) -> None:
-    """Run each configured retrieval task on the current series and redraw its heatmaps."""
+def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device,
+               progress: bool) -> list[Path]:
+    """Run each configured retrieval task on the current series and redraw its heatmaps (their paths)."""
     from lce.eval.compare import slug
     from lce.eval.heatmap import plot_heatmap
     from lce.eval.retrieval import build_retrieval, cell_accuracy, corpus_text, model_generate_fn, run_retrieval
 
     ev = run_cfg.eval
+    heatmaps = []
     for i, spec in enumerate(ev.retrieval):
         task = build_retrieval(spec, f"eval.retrieval[{i}]")
         haystack = corpus_text(run_cfg.data, tokenizer, max(task.lengths), ev.split) if task.needs_corpus else None
@@ -251,5 +326,7 @@ def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: di
                              device=device, progress=progress)
         if not current_shard().is_main:
             continue
-        plot_heatmap(cell_accuracy(rows), results_dir / f"retrieval_{slug(meta['run'])}_{task.name}.png",
-                     title=f"{task.name}: {meta['run']}", train_length=run_cfg.train.seq_len)
+        path = results_dir / f"retrieval_{slug(meta['run'])}_{task.name}.png"
+        heatmaps.append(plot_heatmap(cell_accuracy(rows), path, title=f"{task.name}: {meta['run']}",
+                                     train_length=run_cfg.train.seq_len))
+    return heatmaps

@@ -47,10 +47,14 @@ def git_revision(path: str | Path | None = None) -> str | None:
     return None
 
 
+#: The packages whose versions decide what lce computes, recorded in every result row and printed by ``lce --version``.
+TRACKED_PACKAGES = ("lce", "torch", "transformers", "accelerate", "triton", "peft", "deepspeed")
+
+
 def versions() -> dict[str, str | None]:
-    """Versions of python, torch, transformers and lce (None for a package that is not installed)."""
+    """Versions of python and ``TRACKED_PACKAGES`` (None for a package that is not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lce"):
+    for name in TRACKED_PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -68,4 +68,15 @@ class Registry(Generic[C]):
             raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {spec!r}")
         data.update(params)
         cls = self.get(data["name"], where)
-        return from_mapping(cls, data, where)
+        try:
+            return from_mapping(cls, data, where)
+        except ConfigError as e:
+            raise self._located(e, where) from None
+
+    def _located(self, error: ConfigError, where: str) -> ConfigError:
+        """``error`` with the group prefix that config classes write (``posenc.factor: ...``) replaced by ``where``,
+        the place the config came from (``eval.posencs[0].factor: ...``)."""
+        message = str(error)
+        if where != self.group and message.startswith((f"{self.group}.", f"{self.group}:")):
+            return ConfigError(where + message[len(self.group):])
+        return error

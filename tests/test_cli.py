@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 TINY = [
     "experiment_name=e2e", "train.steps=4", "train.micro_batch_size=2", "train.seq_len=32", "train.val_every=2",
@@ -14,9 +15,9 @@ TINY = [
 ]
 
 
-def lce(tmp_path, *args):
+def lce(out_root, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "lce.cli", *args, f"out_root={tmp_path}"]
+    cmd = [sys.executable, "-m", "lce.cli", *args, f"out_root={out_root}"]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -86,6 +87,10 @@ def test_changed_config_in_an_existing_run_dir_is_refused(multirun):
         ("eval.n_docs=0", "lce: error: eval.n_docs: must be >= 1, got 0"),
         ("backend=trition", ("lce: error: backend='trition' is not a backend; choose one of auto, ref, triton "
                              "(did you mean 'triton'?)")),
+        ("train.seq_len=0", "lce: error: train.seq_len: must be >= 1, got 0"),  # not max_position_embeddings
+        ("eval.posencs=[{name: yarn, factor: 0.5}]", "lce: error: eval.posencs[0].factor: must be a finite number"),
+        ("run_name=a/b", "lce: error: run_name: 'a/b' must be a single directory name"),
+        ("+sead=1", "lce: error: sead: unknown key (did you mean 'seed'?)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -93,6 +98,32 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_out_root_that_is_a_file_is_one_line_before_any_directory_is_made(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for multirun in ([], ["-m"]):
+        result = lce(blocker, *multirun, "posenc=rope,nope" if multirun else "posenc=rope")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"lce: error: out_root: {blocker} is a file, not a directory" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    """It trained the whole run on the CPU, then failed in the sweep with a traceback."""
+    result = lce(tmp_path, "device=cuda", "experiment_name=nodevice")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "lce: error: device: 'cuda' but CUDA is not available" in result.stderr
+    assert not list((tmp_path / "nodevice").rglob("train_log.jsonl"))
+
+
+def test_version_names_what_lce_runs_with():
+    result = subprocess.run([sys.executable, "-m", "lce.cli", "--version"], capture_output=True, text=True,
+                            timeout=60, check=True)
+    line = result.stdout.strip()
+    assert line.startswith("lce 0.1.0 (python ") and "torch " in line and "transformers " in line
+    assert "accelerate " in line and "triton " in line and "peft " in line
 
 
 def test_unknown_group_option_lists_choices(tmp_path):
@@ -138,3 +169,16 @@ def test_protocol_retrieval_and_report(multirun):
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "sliding" in text and "rope-full" in text
+
+
+@pytest.mark.parametrize("chosen,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_cpu_threads_sleep_unless_the_user_chose(chosen, expected):
+    """``lce`` sets OMP_WAIT_POLICY before torch (and OpenMP) is loaded (experiments/results/threads/)."""
+    script = ("import os, sys\nsys.argv = ['lce', '--version']\nimport lce.cli\nlce.cli.main()\n"
+              "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if chosen:
+        env["OMP_WAIT_POLICY"] = chosen
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert done.stdout.strip().splitlines()[-1] == f"{expected} False"

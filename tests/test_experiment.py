@@ -41,3 +41,82 @@ def test_documents_can_be_longer_than_the_longest_length(tmp_path, monkeypatch):
     assert seen == {"min_tokens": 500}
     with pytest.raises(ConfigError, match=r"eval\.min_doc_tokens: must be at least the longest length 64"):
         EvalConfig(lengths=[32, 64], min_doc_tokens=40)
+
+
+def _config(**overrides):
+    base = {"model": {"name": "tiny_llama", "hidden_size": 32, "num_hidden_layers": 1}, "posenc": {"name": "rope"},
+            "attention": {"name": "full"}, "data": {"name": "stdlib"}}
+    return OmegaConf.create({**base, **overrides})
+
+
+def test_eval_posencs_of_another_signal_are_refused_before_training(tmp_path, monkeypatch):
+    """An ALiBi-trained model re-patched with RoPE methods measures a broken model: refused, before any training,
+    unless asked for; rows name the encoding the model was trained with next to the one it is evaluated with."""
+    import pytest
+
+    from lce.errors import ConfigError
+
+    def no_training(*args):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(experiment, "_train", no_training)
+    cfg = _config(posenc={"name": "alibi"}, eval={"posencs": [{"name": "alibi"}, {"name": "yarn", "factor": 4}]})
+    with pytest.raises(ConfigError, match=r"^eval\.posencs\[1\]: yarn gives the model rotary positions, but it was "
+                                          r"trained with alibi \(alibi positions\)"):
+        experiment.run(cfg, tmp_path / "run", progress=False)
+
+    seen = {}
+    monkeypatch.setattr(experiment, "_train", lambda run_cfg, model, *args: model)
+
+    def sweep(run_cfg, model, tokenizer, results_dir, logger, device, trained, *rest):
+        seen["trained"] = trained
+        return []
+
+    monkeypatch.setattr(experiment, "_sweep", sweep)
+    cfg.eval.allow_other_signals = True
+    experiment.run(cfg, tmp_path / "run", progress=False)
+    assert seen["trained"].name == "alibi"
+
+
+def test_an_evaluation_names_the_encoding_the_checkpoint_was_trained_with(tmp_path):
+    import pytest
+
+    import lce
+    from lce.errors import ConfigError
+
+    model, tokenizer = lce.load_model("tiny_llama", hidden_size=32, num_hidden_layers=1)
+    lce.save_model(lce.patch(model, "nope"), tokenizer, tmp_path / "nope-model")
+    evaluation = {"lengths": [16, 32], "n_docs": 1, "batch_size": 1}
+    cfg = _config(model={"name": "hf", "path": str(tmp_path / "nope-model")}, task="eval", eval=evaluation)
+    with pytest.raises(ConfigError, match=r"^posenc: rope gives the model rotary positions, but it was trained with "
+                                          r"nope \(none positions\)"):
+        experiment.run(cfg, tmp_path / "rope", progress=False)
+    cfg.posenc = {"name": "nope"}
+    rows = experiment.run(cfg, tmp_path / "nope", progress=False)
+    assert [(r["method"], r["trained_posenc"]) for r in rows] == [("nope", {"name": "nope"})] * 2
+
+
+def test_threads_auto_runs_a_tiny_model_on_one_cpu_thread(monkeypatch):
+    import torch
+
+    from lce.experiment import ONE_THREAD_PARAMS, set_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        small, large = torch.nn.Linear(10, 10), torch.nn.Linear(ONE_THREAD_PARAMS, 1)
+        torch.set_num_threads(2)
+        set_threads("auto", large, torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # torch's default is kept for a model worth splitting
+        set_threads("auto", small, torch.device("cuda"))
+        assert torch.get_num_threads() == 2  # the CPU threads barely matter for a GPU run
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        set_threads("auto", small, torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # the user's choice stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        set_threads("auto", small, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        set_threads(2, small, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -38,5 +38,5 @@ def test_short_sha_and_dirty_flag(tmp_path):
 
 def test_versions():
     found = versions()
-    assert set(found) == {"python", "torch", "transformers", "lce"}
+    assert set(found) == {"python", "lce", "torch", "transformers", "accelerate", "triton", "peft", "deepspeed"}
     assert found["torch"] and found["python"].count(".") == 2

@@ -57,12 +57,19 @@ def eval_documents(
             candidates = (ids for _, ids in tokenized_documents(source, tokenizer, split))
         else:
             candidates = (tokenizer.encode(text) for _, text in source.documents(split))
-        docs = []
+        docs, longest = [], 0
         for ids in candidates:
+            longest = max(longest, ids.numel())
             if ids.numel() >= min_tokens:
                 docs.append(ids)
                 if len(docs) == n_docs:
                     return docs
+        if not docs:
+            raise ConfigError(
+                f"eval.lengths: no document of the {split!r} split of data={source.name} has {min_tokens} tokens (the "
+                f"longest evaluation length, or eval.min_doc_tokens); the longest has {longest}; lower the lengths or "
+                "set eval.documents=concat"
+            )
         raise ConfigError(
             f"eval.n_docs: only {len(docs)} documents of the {split!r} split of data={source.name} have at least "
             f"{min_tokens} tokens (the longest eval length), {n_docs} requested; lower eval.n_docs or the lengths, "
@@ -70,6 +77,11 @@ def eval_documents(
         )
     if policy == "concat":
         stream = token_stream(source, tokenizer, split)
+        if stream.numel() < min_tokens:
+            raise ConfigError(
+                f"eval.lengths: the {split!r} split of data={source.name} has {stream.numel()} tokens in all, fewer "
+                f"than the longest evaluation length {min_tokens}; lower the lengths"
+            )
         if stream.numel() < n_docs * min_tokens:
             raise ConfigError(
                 f"eval.n_docs: the {split!r} split of data={source.name} has {stream.numel()} tokens, fewer than "

@@ -28,7 +28,9 @@ class EvalConfig:
 
     ``posencs`` lists training-free position encodings to evaluate the same model with, one series each (e.g.
     ``[{name: pi, factor: 32}, {name: yarn, factor: 32}]``); each entry may carry a ``label`` for the plot and table
-    (default: the name and its non-default parameters). Empty: the model is evaluated as the run patched it.
+    (default: the name and its non-default parameters). Empty: the model is evaluated as the run patched it. Each must
+    give the model the kind of position signal it was trained with (``PosEnc.signal``: RoPE methods for a RoPE
+    model), unless ``allow_other_signals`` (an ablation such as NoPE on a RoPE-trained model).
     ``protocol`` selects the perplexity protocol (``lce.eval.protocols``: canonical, yarn, longlora_stream, sliding,
     fairseq, streaming) with its parameters (None: canonical; a mapping, so a Hydra override replaces it whole);
     the buckets of ``canonical`` and ``streaming`` default to the training length. ``retrieval`` lists
@@ -47,6 +49,7 @@ class EvalConfig:
     bucket_size: int | None = None
     loss_chunk_size: int = 4096
     posencs: list[dict] = field(default_factory=list)
+    allow_other_signals: bool = False
     protocol: dict | None = None
     retrieval: list[dict] = field(default_factory=list)
 

@@ -61,9 +61,16 @@ def test_eval_documents_long_and_concat(tmp_path):
     assert len(docs) == 3 and all(d.numel() >= 300 for d in docs)
     again = eval_documents(source, tokenizer, min_tokens=300, n_docs=3, policy="long")
     assert all(torch.equal(a, b) for a, b in zip(docs, again))  # deterministic
+    longest = max(d.numel() for d in eval_documents(source, tokenizer, min_tokens=1, n_docs=3, policy="long"))
     with pytest.raises(ConfigError,
-                       match=r"eval\.n_docs: only \d+ documents .* at least 5000 tokens.*documents=concat"):
-        eval_documents(source, tokenizer, min_tokens=5000, n_docs=3)
+                       match=r"eval\.n_docs: only [12] documents .* at least \d+ tokens.*documents=concat"):
+        eval_documents(source, tokenizer, min_tokens=longest, n_docs=3)
+    # A length no document reaches is the length's fault, not n_docs' (it named eval.n_docs with n_docs=1).
+    with pytest.raises(ConfigError,
+                       match=r"eval\.lengths: no document .* has 100000000 tokens .* the longest has \d+"):
+        eval_documents(source, tokenizer, min_tokens=100_000_000, n_docs=1)
+    with pytest.raises(ConfigError, match=r"eval\.lengths: .* tokens in all, fewer than the longest evaluation length"):
+        eval_documents(source, tokenizer, min_tokens=100_000_000, n_docs=1, policy="concat")
     cut = eval_documents(source, tokenizer, min_tokens=1000, n_docs=2, policy="concat")
     assert [d.numel() for d in cut] == [1000, 1000]
 
