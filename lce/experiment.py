@@ -159,8 +159,9 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
     try:
         model, tokenizer = run_cfg.model.load(seed=run_cfg.seed)
         if tokenizer is None:
-            raise ConfigError(f"model.tokenizer: model.path={run_cfg.model.path!r} holds no tokenizer, and lce needs "
-                              f"one to read data={run_cfg.data.name}; set model.tokenizer=<local directory or hub id>")
+            raise ConfigError(f"model.tokenizer: the model at {getattr(run_cfg.model, 'path', run_cfg.model.name)!r} "
+                              f"holds no tokenizer, and lce needs one to read data={run_cfg.data.name}; set "
+                              "model.tokenizer=<local directory or hub id>")
         set_threads(run_cfg.threads, model, device)
         trained = trained_posenc(run_cfg, patch_spec(model))
         for i, spec in enumerate(run_cfg.eval.posencs):  # before training: a refusal must not cost a run
@@ -192,7 +193,8 @@ def print_outputs(outputs: dict[str, list[Path]]) -> None:
 
 #: Below this many parameters ``threads=auto`` trains and evaluates on one CPU thread: the operations are too small to
 #: split across cores (measured on 2 cores, the quickstart's 0.8M-parameter Llama trained faster on one thread than on
-#: two, idle or beside a busy process: experiments/results/threads/).
+#: two sleeping ones, idle or beside a busy process, and two spinning ones lost to one as soon as another process ran:
+#: experiments/results/threads/).
 ONE_THREAD_PARAMS = 2_000_000
 
 

@@ -120,3 +120,17 @@ def test_threads_auto_runs_a_tiny_model_on_one_cpu_thread(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_model_without_tokenizer_is_named_before_any_work(tmp_path):
+    """A plain ``save_pretrained`` directory loads with tokenizer None (lce.load_model warns); a run needs one."""
+    import pytest
+
+    from lce.errors import ConfigError
+    from tests.conftest import make_tiny_llama
+
+    make_tiny_llama().save_pretrained(tmp_path / "bare")
+    cfg = _config(model={"name": "hf", "path": str(tmp_path / "bare")}, task="eval")
+    with pytest.warns(UserWarning, match="no tokenizer"), pytest.raises(
+            ConfigError, match=r"^model\.tokenizer: the model at .*bare' holds no tokenizer"):
+        experiment.run(cfg, tmp_path / "run", progress=False)
