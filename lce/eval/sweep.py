@@ -54,6 +54,7 @@ from lce.eval.memory import measure_peak_memory
 from lce.eval.perplexity import NllFn
 from lce.eval.protocols import CanonicalProtocol, protocol_nll_fn
 from lce.eval.shard import Shard, current_shard, score_sharded
+from lce.paths import unwritable_reason
 
 KEY_FIELDS = ("run", "method", "params", "model", "length", "seed", "protocol")
 META_FIELDS = tuple(k for k in KEY_FIELDS if k != "length")
@@ -201,9 +202,7 @@ class ResultStore:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
-            reason = (f"{blocker} is a file, not a directory" if blocker is not None and not blocker.is_dir()
-                      else f"the directory {directory} does not exist and cannot be created ({e.strerror})")
+            reason = unwritable_reason(directory) or f"{directory} cannot be created ({e.strerror})"
             raise LceError(f"cannot write results to {self.path}: {reason}") from None
         for target in (self.lock_path, self.path):
             existed = target.exists()

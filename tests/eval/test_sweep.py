@@ -400,7 +400,8 @@ def test_an_unwritable_store_fails_before_scoring(model, tmp_path, monkeypatch, 
     """Checked for root too: a path under a regular file cannot be created by anyone."""
     path, reason = {
         "in_file": (a_file / "rows.jsonl", f"{a_file} is a file, not a directory"),
-        "under_file": (a_file / "sub" / "rows.jsonl", f"{a_file} is a file, not a directory"),
+        "under_file": (a_file / "sub" / "rows.jsonl",
+                       f"{a_file} is a file, not a directory, so {a_file / 'sub'} cannot be created in it"),
         "is_directory": (tmp_path / "rows.jsonl", f"{tmp_path / 'rows.jsonl'} is a directory"),
     }[where]
     if where == "is_directory":
@@ -430,7 +431,7 @@ def test_a_read_only_directory_is_reported_in_one_line(read_only_dir):
     new = read_only_dir / "new" / "rows.jsonl"
     other = read_only_dir / "other.jsonl"
     cases = [
-        (ResultStore(new), f"the directory {new.parent} does not exist and cannot be created (Permission denied)"),
+        (ResultStore(new), f"{read_only_dir} is not writable, so {new.parent} cannot be created in it"),
         (ResultStore(other), f"the directory {read_only_dir} is not writable (Permission denied)"),
     ]
     for store, reason in cases:
