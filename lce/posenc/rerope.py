@@ -59,8 +59,9 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     Returns:
         ``[B, Tq, H, D]``.
     """
-    return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos, k_pos, scaling,
-                                        attention_mask, block_size=block_size, visible=visible, softcap=softcap)
+    return segments.segmented_attention(query, key, value, kernel_segments.rerope_segments(window), rotation, q_pos,
+                                        k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
+                                        softcap=softcap)
 
 
 @POSENCS.register("rerope")

@@ -98,7 +98,8 @@ def self_extend_attention(
     """
     from lce.attention.segments import segmented_attention
 
-    return segmented_attention(query, key, value, self_extend_segments(group_size, neighbor_window), rotation,
+    return segmented_attention(query, key, value, kernel_segments.self_extend_segments(group_size, neighbor_window),
+                               rotation,
                                q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
                                softcap=softcap)
 

