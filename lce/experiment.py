@@ -258,9 +258,7 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, devi
     ev = run_cfg.eval
     lengths = list(ev.lengths)
     train_length = run_cfg.train.seq_len
-    protocol = ev.protocol_config()
-    if getattr(protocol, "bucket_size", 0) is None:
-        protocol = dataclasses.replace(protocol, bucket_size=ev.bucket_size or train_length)
+    protocol = ev.protocol_config().with_bucket_size(ev.bucket_size or train_length)
     if protocol.input == "documents":
         data = eval_documents(run_cfg.data, tokenizer, ev.min_doc_tokens or max(lengths), ev.n_docs, ev.split,
                               ev.documents)
@@ -313,8 +311,7 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, devi
 def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device,
                progress: bool) -> list[Path]:
     """Run each configured retrieval task on the current series and redraw its heatmaps (their paths)."""
-    from lce.eval.compare import slug
-    from lce.eval.heatmap import plot_heatmap
+    from lce.eval.heatmap import write_heatmaps
     from lce.eval.retrieval import build_retrieval, cell_accuracy, corpus_text, model_generate_fn, run_retrieval
 
     ev = run_cfg.eval
@@ -328,7 +325,7 @@ def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: di
                              device=device, progress=progress)
         if not current_shard().is_main:
             continue
-        path = results_dir / f"retrieval_{slug(meta['run'])}_{task.name}.png"
-        heatmaps.append(plot_heatmap(cell_accuracy(rows), path, title=f"{task.name}: {meta['run']}",
-                                     train_length=run_cfg.train.seq_len))
+        # Drawn by the code lce report draws heatmaps with, so file names and pictures agree.
+        cells = {(meta["run"], task.name): cell_accuracy(rows)}
+        heatmaps.extend(write_heatmaps(cells, results_dir, run_cfg.train.seq_len).values())
     return heatmaps

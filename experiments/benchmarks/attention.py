@@ -36,10 +36,10 @@ from harness import Impl, Point, add_common_arguments, check, environment, measu
 
 from lce.attention.blockwise import blockwise_attention
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.kernels.rope import Rotation
 from lce.posenc.alibi import alibi_attention, alibi_slopes
 from lce.posenc.dca import DcaGeometry, dca_attention
 from lce.posenc.logn import logn_scale
-from lce.posenc.rotation import Rotation
 
 CASES = ("causal", "alibi", "logn", "window", "dca")
 
@@ -236,9 +236,7 @@ def chunkllama_dca(q, k, v, geometry: DcaGeometry, rotation: Rotation, scale: fl
 
 def triton_impls(case: str, x: Inputs, args) -> dict[str, Impl]:
     """lce's one-pass Triton kernel for ``case`` (the spec the dispatcher would build for that method)."""
-    from lce.attention.segments import fused_segments
     from lce.kernels.attention import AttentionSpec, flash_attention
-    from lce.kernels.attention.segments import dca_segments
 
     q, k, v, pos = x.q, x.k, x.v, x.pos
     fields: dict = {}
@@ -250,10 +248,9 @@ def triton_impls(case: str, x: Inputs, args) -> dict[str, Impl]:
     elif case == "window":
         fields["window"] = args.window
     elif case == "dca":
-        fused = fused_segments(dca_segments(dca_geometry(args)), x.rotation)
-        fields.update(segments=fused.segments, rotary=type(fused.rotary)(fused.rotary.inv_freq.to(q.device),
-                                                                        fused.rotary.attention_scaling,
-                                                                        fused.rotary.style))
+        rotation = x.rotation
+        fields.update(segments=dca_geometry(args).segments(),
+                      rotary=Rotation(rotation.inv_freq.to(q.device), rotation.attention_scaling, rotation.style))
     spec = AttentionSpec(scale=x.scale, **fields)
     return {"lce_triton": lambda: transposed(flash_attention(qr, kr, v, spec, pos, pos, backend="triton"))}
 

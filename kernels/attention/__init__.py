@@ -2,16 +2,28 @@
 
 ``flash_attention(q, k, v, spec, q_pos, k_pos)`` computes causal softmax attention whose logits follow an
 ``AttentionSpec``: RoPE segments at remapped positions (DCA, Self-Extend, ReRoPE, StreamingLLM sinks), ALiBi, log-n
-query scaling, a sliding window with sinks, a block-sparse mask. Files: ``spec.py`` (the data), ``segments.py`` (the
-methods' segments), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key tiles each query tile visits),
-``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``function.py`` (autograd and the public function).
+query scaling, a sliding window with sinks, a block-sparse mask. Files: ``spec.py`` (the data; each method writes its
+segments in its own ``lce.posenc`` module), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key tiles each
+query tile visits), ``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``function.py`` (autograd and the
+public function).
 
 Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
 """
 
 from lce.kernels.attention.function import flash_attention
 from lce.kernels.attention.reference import attention_reference
-from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Rotary, Segment
+from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Segment
+from lce.kernels.rope.rotation import Rotation
 
-__all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotary", "Segment", "attention_reference",
+__all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotation", "Segment", "attention_reference",
            "flash_attention"]
+
+
+def __getattr__(name: str):
+    if name == "Rotary":  # the spec's former name of the one rotation type
+        import warnings
+
+        warnings.warn("lce.kernels.attention.Rotary is deprecated: use lce.kernels.rope.Rotation (the same fields)",
+                      DeprecationWarning, stacklevel=2)
+        return Rotation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,25 +26,8 @@ import math
 
 import torch
 
-from lce.kernels.attention.spec import AttentionSpec, Rotary
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """RoPE (arXiv:2104.09864 eq. 34) of ``x [B, H, T, D]`` at ``positions [B, T]``; dims past ``R`` pass through.
-
-    Angles are computed in fp32 (``position * inv_freq``), cos and sin cast to ``x.dtype``.
-    """
-    angles = positions.to(torch.float32)[:, None, :, None] * rotary.inv_freq.to(x.device, torch.float32)
-    cos = (angles.cos() * rotary.attention_scaling).to(x.dtype)
-    sin = (angles.sin() * rotary.attention_scaling).to(x.dtype)
-    r = rotary.rotary_dim
-    rot, rest = x[..., :r], x[..., r:]
-    if rotary.style == "half":
-        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
-    x1, x2 = rot[..., 0::2], rot[..., 1::2]
-    turned = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((turned, rest), dim=-1)
+from lce.kernels.attention.spec import AttentionSpec
+from lce.kernels.rope.reference import rope_reference
 
 
 def logn_multiplier(q_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -91,9 +74,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     else:
         scores = torch.zeros(*q.shape[:3], k.shape[2], dtype=score_dtype, device=q.device)
         selected = torch.zeros_like(visible)
+        rot = spec.rotary
         for segment in spec.segments:
-            q_rot = rotate(q, segment.q_map(q_pos), spec.rotary)
-            k_rot = rotate(k, segment.k_map(k_pos), spec.rotary)
+            q_rot = rope_reference(q, segment.q_map(q_pos), rot.inv_freq, rot.attention_scaling, rot.style)
+            k_rot = rope_reference(k, segment.k_map(k_pos), rot.inv_freq, rot.attention_scaling, rot.style)
             chosen = segment.select(q_pos[:, :, None], k_pos[:, None, :])[:, None]
             logits = torch.matmul(q_rot, k_rot.transpose(-1, -2)).to(score_dtype) * spec.scale
             scores = torch.where(chosen, logits, scores)
@@ -107,3 +91,4 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     alive = visible.any(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~visible & alive, float("-inf")), dim=-1) * alive
     return torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
+

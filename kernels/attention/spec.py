@@ -6,8 +6,9 @@ A spec is plain integers, floats and tensors (no callables), so a kernel can eva
   otherwise)`` with ``r = (p // div) % mod`` (floor division and modulo, as Python and ``torch.remainder``);
 - ``PairSelect``: which causal pairs a segment owns, ``lo <= i // div - j // div < hi`` and ``j < key_below``;
 - ``Segment``: a pair it selects has logit ``R(q_map(i)) q_i . R(k_map(j)) k_j`` (``R`` the RoPE rotation of
-  ``Rotary``; Su et al., arXiv:2104.09864, eq. 34). This is ``lce.attention.segments.Segment`` with its callables
-  written as data; ``kernels/attention/segments.py`` builds the segments of DCA, Self-Extend, ReRoPE and sinks;
+  ``lce.kernels.rope.Rotation``; Su et al., arXiv:2104.09864, eq. 34). Each position-remapping method writes its
+  segments once, in its own module (``lce.posenc.dca``, ``self_extend``, ``rerope``, ``sinks``), and the reference,
+  the fused CPU path (``lce.attention.segments``) and the Triton kernel all read them;
 - ``AttentionSpec``: the softmax scale, the segments and their rotary embedding, and the modifiers every method
   combines with (ALiBi slopes, log-n query scaling, a sliding window with sink tokens, a block-sparse mask).
 
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
 from lce.errors import ConfigError
-
-RotaryStyle = Literal["half", "interleaved"]
+from lce.kernels.rope.rotation import Rotation
 
 #: Largest absolute position (and map parameter) the kernels accept: they compute positions in int32.
 MAX_POSITION = 2**30
@@ -131,42 +130,6 @@ class Segment:
 
 
 @dataclass(frozen=True, eq=False)
-class Rotary:
-    """The model's RoPE (the fields of ``lce.posenc.rotation.Rotation``).
-
-    Attributes:
-        inv_freq: ``[R/2]`` fp32 inverse frequencies; dims past ``R`` pass through unrotated (partial rotary).
-        attention_scaling: cos and sin are multiplied by it (YaRN / LongRoPE temperature), rotated dims only.
-        style: ``half`` pairs ``x[d]`` with ``x[d + R/2]`` (Llama); ``interleaved`` pairs ``x[2d]`` with ``x[2d+1]``.
-    """
-
-    inv_freq: torch.Tensor
-    attention_scaling: float = 1.0
-    style: RotaryStyle = "half"
-
-    def __post_init__(self):
-        if not isinstance(self.inv_freq, torch.Tensor) or self.inv_freq.dim() != 1 or self.inv_freq.numel() == 0:
-            raise ConfigError(f"Rotary.inv_freq must be a non-empty 1-D tensor [R/2], got "
-                              f"{getattr(self.inv_freq, 'shape', type(self.inv_freq).__name__)}")
-        if not self.inv_freq.is_floating_point():
-            raise ConfigError(f"Rotary.inv_freq must be a float tensor, got {self.inv_freq.dtype}")
-        if not math.isfinite(self.attention_scaling):
-            raise ConfigError(f"Rotary.attention_scaling must be finite, got {self.attention_scaling}")
-        if self.style not in get_args(RotaryStyle):
-            raise ConfigError(f"Rotary.style must be one of {', '.join(get_args(RotaryStyle))}, got {self.style!r}")
-
-    @property
-    def rotary_dim(self) -> int:
-        """``R``: the rotated leading dims of each head."""
-        return 2 * self.inv_freq.numel()
-
-    @classmethod
-    def from_rotation(cls, rotation) -> Rotary:
-        """The spec of an ``lce.posenc.rotation.Rotation`` (read by attribute: no import of ``lce.posenc``)."""
-        return cls(rotation.inv_freq, float(rotation.attention_scaling), rotation.style)
-
-
-@dataclass(frozen=True, eq=False)
 class AttentionSpec:
     """Everything besides q, k, v and positions that the attention computes.
 
@@ -186,7 +149,7 @@ class AttentionSpec:
 
     scale: float
     segments: tuple[Segment, ...] = ()
-    rotary: Rotary | None = None
+    rotary: Rotation | None = None
     alibi_slopes: torch.Tensor | None = None
     logn_length: int | None = None
     window: int | None = None
@@ -201,13 +164,16 @@ class AttentionSpec:
         if not isinstance(self.segments, tuple) or not all(isinstance(s, Segment) for s in self.segments):
             raise ConfigError(f"AttentionSpec.segments must be a tuple of Segment, got {self.segments!r}")
         if self.segments and self.rotary is None:
-            raise ConfigError("AttentionSpec.segments rotate queries and keys: pass rotary=Rotary(inv_freq, ...)")
+            raise ConfigError("AttentionSpec.segments rotate queries and keys: pass rotary=Rotation(inv_freq, ...)")
         if self.rotary is not None and not self.segments:
             raise ConfigError("AttentionSpec.rotary is only used by segments; without segments q and k arrive "
                               "rotated: pass segments=(Segment(IDENTITY, IDENTITY, PairSelect()),) to rotate at "
                               "the true positions, or drop rotary")
-        if self.rotary is not None and not isinstance(self.rotary, Rotary):
-            raise ConfigError(f"AttentionSpec.rotary must be a Rotary, got {type(self.rotary).__name__}")
+        if self.rotary is not None and not isinstance(self.rotary, Rotation):
+            raise ConfigError(f"AttentionSpec.rotary must be a Rotation, got {type(self.rotary).__name__}")
+        if self.rotary is not None and self.rotary.rotary_dim == 0:
+            raise ConfigError("AttentionSpec.rotary rotates nothing (empty inv_freq): without rotation every "
+                              "segment scores alike; pass no segments (and no rotary)")
         if self.alibi_slopes is not None and (not isinstance(self.alibi_slopes, torch.Tensor)
                                               or self.alibi_slopes.dim() != 1
                                               or not self.alibi_slopes.is_floating_point()):

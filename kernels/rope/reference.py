@@ -41,15 +41,23 @@ def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     Returns:
         ``[B, H, T, D]`` in ``x.dtype``.
     """
-    cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling, style, x.dtype)
+    return rotate(x, *rope_cos_sin(positions, inv_freq, attention_scaling, style, x.dtype), style)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "half") -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by ``cos, sin`` (``rope_cos_sin``'s, ``[B, T, R]`` or ``[T, R]``, in ``x.dtype``)."""
     if cos.dim() == 3:  # [B, T, R] -> [B, 1, T, R] to broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     if style == "half":
+        # out_1 = x_1 cos - x_2 sin, out_2 = x_2 cos + x_1 sin, each product rounded to x.dtype before the sum as in
+        # transformers' ``q * cos + rotate_half(q) * sin`` (a - b == a + (-b) exactly), without building rotate_half.
         half = r // 2
-        turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos
+        out[..., :half] -= rot[..., half:] * sin[..., :half]
+        out[..., half:] += rot[..., :half] * sin[..., half:]
     else:
         turned = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
-    out = rot * cos + turned * sin
+        out = rot * cos + turned * sin
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out

@@ -10,8 +10,8 @@ then turns ``(num, den)`` into the output: ``num / den`` (Katharopoulos et al.'s
 linear_relu add ``eps`` to ``den``, performer divides exactly) or a norm of ``num`` (transnormer, retention). The
 decay is retention's ``γ^(i-j)`` and also carries performer's numerical stabiliser (see ``lce.attention.performer``).
 
-Decoding also needs transformers internals (the KV cache object and its layers); they are confined to
-``DecodeStates``, ``_capture_cache`` (through ``lce.hf.cache``) and ``_refuse_windowed_layers``.
+Decoding keeps the recurrent state on the KV cache layer, which ``lce.hf.cache`` finds and provides (the only code
+here that touches the cache is ``_capture_cache``, a forward pre-hook that asks it for the layer of each call).
 
 Three forms of one op; the first two are ``lce.kernels.linear_attention`` (reference, Triton kernels, dispatch):
 
@@ -31,25 +31,24 @@ Integration (``LinearKernel``, the per-layer kernel registered through ``PatchTa
 - Positions: q and k arrive rotated by the model's rotary embedding (any frequency method composes: rope, pi, yarn,
   ...). For a linear feature map (retention) ``(R_i q)·(R_j k) = q·R_{j-i} k`` is RoPE's relative form, which is
   RetNet's ``Θ`` rotation. For a nonlinear ``φ`` (elu+1, relu, Performer's random features) ``φ(R_i q)·φ(R_j k)``
-  is no longer a function of ``i - j`` only: the rotation just makes the features position-dependent (Performer's
+  is not a function of ``i - j`` only: the rotation just makes the features position-dependent (Performer's
   features estimate ``exp(R_i q·R_j k / √d)``, i.e. RoPE softmax attention, in expectation).
 - GQA: keys and values are repeated to the query heads (per-head decays and stabilisers need one state per query head).
 - Padding: a key is visible when some query of the call may attend to it (the boolean mask transformers builds from
   ``attention_mask``); invisible keys (left padding) contribute nothing to any state. Windows in the mask are ignored:
   linear attention attends to every past token, and layers whose KV cache keeps only a window are refused.
 - Attention dropout has no counterpart on linear attention's implicit weights and is not applied.
-- Decoding (``Tq == 1``) runs the recurrent form from the state of the cached prefix. The state is kept per layer and
-  per KV cache object (``DecodeStates``): ``O(1)`` per token in the context length while the cache holds exactly the
-  tensors the state was computed from; otherwise (crop, beam reorder, reset, a cache that copies, gradients enabled)
-  the state is recomputed from the cached keys and values with the chunked form, ``O(T)``. Both are exact. A call
-  with cached keys but no cache lce can find among the attention module's arguments is an error, never a silent
-  ``O(T)`` recomputation at every token.
+- Decoding (``Tq == 1``) runs the recurrent form from the state of the cached prefix. The state is kept on the layer's
+  KV cache layer (``lce.hf.cache.RecurrentStateLayer``): ``O(1)`` per token in the context length while the cache
+  holds exactly the tensors the state was computed from; otherwise (crop, beam reorder, reset, a cache layer that
+  copies, gradients enabled) the state is recomputed from the cached keys and values with the chunked form,
+  ``O(T)``. Both are exact. A call with cached keys but no cache lce can find among the attention module's arguments
+  is an error, never a silent ``O(T)`` recomputation at every token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -60,7 +59,7 @@ from torch import nn
 from lce.attention.base import AttentionVariant, select_layers
 from lce.config import check
 from lce.errors import LceError, UnsupportedModelError
-from lce.hf.cache import CACHE_ARGUMENTS, cache_from_call
+from lce.hf.cache import CACHE_ARGUMENTS, NoStateKept, RecurrentStateLayer, partial_cache_layers, recurrent_state_layer
 from lce.kernels.linear_attention import linear_attention, linear_attention_parallel
 
 Form = Literal["chunked", "parallel", "recurrent"]
@@ -160,122 +159,44 @@ def key_validity(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tens
     return visible.any(dim=(1, 2))[:, -kv_len:]
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    return None if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
-
-
-@dataclass(frozen=True)
-class _SavedState:
-    """A layer's state after the first ``length`` cached positions, and the cache tensors it was computed from."""
-
-    state: LinearState
-    length: int
-    keys: weakref.ref
-    values: weakref.ref
-    versions: tuple[int | None, int | None]
-
-    def holds(self, keys, values) -> bool:
-        """Whether the cache layer still holds exactly those tensors, unmodified."""
-        return (keys is not None and values is not None and self.keys() is keys and self.values() is values
-                and (_version(keys), _version(values)) == self.versions)
-
-
-@dataclass(frozen=True)
-class _Armed:
-    """The cache of the current call, as the forward pre-hook found it before the cache update."""
-
-    cache: weakref.ref
-    layer: weakref.ref
-    saved: _SavedState | None
-
-
-#: ``DecodeStates.take`` when the attention module was called without a KV cache.
+#: What the pre-hook hands the kernel when the attention module was called without a KV cache.
 NO_CACHE = object()
 
 
-class DecodeStates:
-    """One layer's recurrent states, one per KV cache object it decodes with (two generations never share one).
-
-    transformers does not pass the cache to attention functions, so a forward pre-hook on the attention module
-    (``_capture_cache``) finds it and ``arm``s this object before the cache update. A saved state is used only while the
-    cache layer holds the very tensors it was computed from: transformers' ``DynamicLayer`` replaces its tensors on
-    every update, crop, reorder (beam search), batch selection and reset, and in-place writes bump a tensor's version,
-    so identity + version + length catch every change. Everything is weakly referenced: a state dies with its cache.
-    """
-
-    def __init__(self):
-        self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._armed: _Armed | None = None
-
-    def arm(self, cache: Any, layer_index: int) -> None:
-        """Prepare the next call for ``cache`` (None: the module was called without one).
-
-        Raises:
-            UnsupportedModelError: ``cache`` has no per-layer keys and values lce can follow.
-        """
-        self._armed = NO_CACHE
-        if cache is None:
-            return
-        layers = getattr(cache, "layers", None)
-        if layers is None or not 0 <= layer_index < len(layers) or getattr(cache, "__hash__", None) is None:
-            raise UnsupportedModelError(
-                f"linear attention keeps a recurrent state per KV cache, but the {type(cache).__name__} passed to "
-                f"layer {layer_index} has no per-layer keys and values lce can follow; decode with transformers' "
-                "DynamicCache (the default)"
-            )
-        layer = layers[layer_index]
-        saved = self._saved.get(cache)
-        usable = saved if saved is not None and saved.holds(getattr(layer, "keys", None),
-                                                            getattr(layer, "values", None)) else None
-        self._armed = _Armed(weakref.ref(cache), weakref.ref(layer), usable)
-
-    def take(self) -> _Armed | None:
-        """What the pre-hook found for this call: an ``_Armed`` cache, ``NO_CACHE``, or None when the kernel is
-        called directly, not through its attention module (queries after a prefix then recompute its state)."""
-        armed, self._armed = self._armed, None
-        return armed
-
-    def store(self, armed: _Armed, key: torch.Tensor, value: torch.Tensor, state: LinearState) -> None:
-        """Save ``state`` (after all of ``key``) if the cache layer holds ``key``/``value`` themselves."""
-        cache, layer = armed.cache(), armed.layer()
-        if cache is None or getattr(layer, "keys", None) is not key or getattr(layer, "values", None) is not value:
-            return
-        self._saved[cache] = _SavedState(state, key.shape[2], weakref.ref(key), weakref.ref(value),
-                                         (_version(key), _version(value)))
-
-    def __getstate__(self):  # copies and pickles start without states
-        return {}
-
-    def __setstate__(self, _):
-        self.__init__()
-
-
 def _capture_cache(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook on an attention module: hand its KV cache to its linear kernel (inert for any other plan)."""
+    """Forward pre-hook on an attention module: hand its cache layer to its linear kernel (inert for any other plan).
+    It runs before the module updates the cache, so that ``lce.hf.cache`` can put a layer there that keeps states."""
     kernel = getattr(getattr(module, "lce_plan", None), "kernel", None)
     if isinstance(kernel, LinearKernel):
-        kernel.states.arm(cache_from_call(kwargs), getattr(module, "layer_idx", kernel.layer_index))
+        layer = recurrent_state_layer(kwargs, getattr(module, "layer_idx", kernel.layer_index))
+        kernel.cache_layer = NO_CACHE if layer is None else layer
 
 
 class LinearKernel:
-    """The attention kernel of one layer (``lce.attention.plan`` signature) with its memoised constants and states."""
+    """The attention kernel of one layer (``lce.attention.plan`` signature) with its memoised constants.
+
+    Attributes:
+        cache_layer: the cache layer of the coming call, set by the pre-hook (``_capture_cache``) and taken by the
+            call: a ``RecurrentStateLayer`` or ``NoStateKept``, ``NO_CACHE``, or None when the kernel is called
+            directly, not through its attention module (queries after a prefix then recompute its state).
+    """
 
     def __init__(self, variant: LinearAttention, layer_index: int, module: nn.Module):
         self.variant = variant
         self.layer_index = layer_index
         self.memo: dict = {}
-        self.states = DecodeStates()
+        self.cache_layer: RecurrentStateLayer | NoStateKept | object | None = None
         if not getattr(module, "lce_hooks", None):  # removed by lce.unpatch
             module.lce_hooks = [module.register_forward_pre_hook(_capture_cache, with_kwargs=True)]
 
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
         variant = self.variant
-        armed = self.states.take()
+        layer, self.cache_layer = self.cache_layer, None
         _, heads, tq, dim = query.shape
         tk = key.shape[2]
         start = tk - tq
-        if armed is NO_CACHE:
-            armed = None
+        if layer is NO_CACHE:
+            layer = None
             if start > 0:
                 raise LceError(
                     f"linear attention layer {self.layer_index} received {start} cached keys but found no KV cache "
@@ -299,12 +220,11 @@ class LinearKernel:
             fk, log_decay, _ = variant.key_features(k, valid, scaling, context, None)
             num, den = linear_attention_parallel(fq, fk, v, log_decay)
         else:
-            caching = armed is not None and not torch.is_grad_enabled()
-            state = None
-            if caching and armed.saved is not None and armed.saved.length == start and (
-                    armed.saved.state.S.dtype == dtype and armed.saved.state.S.device == q.device):
-                state = armed.saved.state
-            elif start > 0:  # no usable state: recompute the prefix's from the cached keys and values
+            caching = layer is not None and not torch.is_grad_enabled()
+            state = layer.recurrent_state(start) if caching else None
+            if state is not None and (state.S.dtype != dtype or state.S.device != q.device):
+                state = None
+            if state is None and start > 0:  # no usable state: recompute the prefix's from the cached keys and values
                 fk, log_decay, carry = variant.key_features(k[:, :, :start], _part(valid, 0, start), scaling, context,
                                                             None)
                 _, _, state = linear_attention_chunked(None, fk, v[:, :, :start], log_decay,
@@ -319,7 +239,7 @@ class LinearKernel:
                                                                variant.chunk_size)
             new_state = dataclasses.replace(new_state, carry=carry)
             if caching:
-                self.states.store(armed, key, value, new_state)
+                layer.keep_recurrent_state(new_state, key, value)
         out = variant.output(num, den)
         return out.transpose(1, 2).to(query.dtype), None
 
@@ -330,12 +250,7 @@ def _part(valid: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | N
 
 def _refuse_windowed_layers(target, method: str, layers: list[int]) -> None:
     """Linear attention sees every past token; a layer whose KV cache keeps only a window could not be decoded."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-    except ImportError:  # a transformers without per-layer cache types: nothing to check against
-        return
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(target.config.get_text_config(decoder=True))
-    windowed = [(i, layer_types[i], layer_kwargs[i]) for i in layers if layer_types[i] != "full_attention"]
+    windowed = partial_cache_layers(target.config, layers)
     if windowed:
         _, kind, kw = windowed[0]
         window = ", ".join(f"{key}={value}" for key, value in kw.items())

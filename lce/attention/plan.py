@@ -13,7 +13,8 @@ boolean masks ``[B, 1, Tq, Tk]`` (or None for plain causal), and query and key p
 A sparse attention variant adds a ``Restriction`` to the plan of the layers it selects: which (query, key) pairs may
 attend, as a predicate on absolute positions plus a block map. The dispatcher hands it to the layer's kernel as
 ``visible=`` (the position encoding's kernel, or lce's block-wise kernel when the encoding has none); a kernel that
-takes no ``visible`` argument is refused when the model is patched (``accepts_visible``), never silently unrestricted.
+does not declare that it handles restrictions (``RESTRICTION`` in ``PatchTarget.use_kernel``'s ``handles``) is
+refused when the model is patched, never silently unrestricted.
 
 Backends: a plan may also describe its layer as data (``FusedAttention``), which ``lce.kernels.attention``'s one-pass
 Triton kernel computes. The dispatcher runs that kernel when the backend resolves to ``triton`` (``auto`` on CUDA,
@@ -25,7 +26,6 @@ kernel, so choosing a backend never changes what is computed, only how.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,10 @@ import torch
 from torch import nn
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+#: The capability a kernel declares (``PatchTarget.use_kernel(handles=...)``) when it honours a ``Restriction`` passed
+#: as ``visible=``.
+RESTRICTION = "restriction"
 
 #: ``(start, stop)`` half-open ranges of absolute key positions.
 KeyRanges = list[tuple[int, int]]
@@ -85,7 +89,7 @@ class FusedAttention:
 
     Attributes:
         segments: ``lce.kernels.attention.spec.Segment`` tuple; empty: q and k arrive rotated (or carry no rotation).
-        rotary: the ``Rotary`` the segments rotate with (None without segments).
+        rotary: the ``Rotation`` the segments rotate with (None without segments).
         alibi_slopes: ``[H]`` fp32 ALiBi slopes, or None.
         window, sink_tokens: a pattern the method itself imposes (StreamingLLM's sinks + recent window), or None/0.
         query_scale: ``q_pos [B, Tq] -> [B, Tq]`` multiplier applied to queries before the kernel (DCA's mscale), or
@@ -121,16 +125,6 @@ class AttentionPlan:
     restriction: Restriction | None = None
     logn_length: int | None = None
     fused: FusedAttention | None = None
-
-
-def accepts_visible(kernel: Kernel) -> bool:
-    """Whether ``kernel`` declares a ``visible`` parameter (swallowing it in ``**kwargs`` does not count: such a kernel
-    would compute unrestricted attention)."""
-    try:
-        parameter = inspect.signature(kernel).parameters.get("visible")
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def query_positions(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Attention over position-remapped segments: the reference for DCA, Self-Extend, ReRoPE and StreamingLLM.
+"""Attention over position-remapped segments: the engine of DCA, Self-Extend, ReRoPE and StreamingLLM.
 
 These methods keep RoPE but change the relative position seen by each (query, key) pair. Each one is a small set of
-segments; a segment rotates queries at ``q_map(i)`` and keys at ``k_map(j)`` (absolute positions ``i``, ``j``) and
-owns the pairs its ``select(i, j)`` picks, so its logits are ``R(q_map(i)) q_i . R(k_map(j)) k_j``, which depend on
-``q_map(i) - k_map(j)`` only. Scores of all segments are merged *before* one softmax (exact, unlike merging
-separately normalised attention outputs with detached weights).
+segments, written once as data in the method's module (``lce.kernels.attention.spec.Segment``; the Triton kernel
+reads the same tuples): a segment rotates queries at ``q_map(i)`` and keys at ``k_map(j)`` (absolute positions
+``i``, ``j``) and owns the pairs its ``select(i, j)`` picks, so its logits are ``R(q_map(i)) q_i . R(k_map(j)) k_j``,
+which depend on ``q_map(i) - k_map(j)`` only. Scores of all segments are merged *before* one softmax (exact, unlike
+merging separately normalised attention outputs with detached weights).
 
 ``segmented_attention`` materialises ``[B, H, block, Tk]`` scores one query block at a time, so memory grows with
 ``T * block`` rather than ``T^2`` (in training too: blocks are recomputed in the backward pass); with
@@ -12,13 +13,12 @@ separately normalised attention outputs with detached weights).
 
 Without autograd on CPU (evaluation) each block runs fused SDPA calls per segment over the key columns that segment
 selects, merged by log-sum-exp weights: the same softmax, without scores in memory and without scoring a pair once per
-segment. When the segments select pairs by data (``lce.kernels.attention.spec.PairSelect``) and positions are
-consecutive (an unpadded batch), each query's keys are one contiguous run computed from the rule itself, and a block's
-selection is cut into a causal tile, full runs and a ragged edge (``staircase_pieces``): no ``[Tq, Tk]`` tensor is
-built and a method costs what plain causal attention costs on the pairs it scores (``_staircase_attention``).
-Otherwise the masks of a block are formed (``_block_merged``). Under autograd the segment logits are merged before
-one explicit softmax (``_block``), whose gradient is exact; on CUDA lce's fused Triton kernel
-(``lce.kernels.attention``) does both.
+segment. When positions are consecutive (an unpadded batch), each query's keys under a segment are one contiguous run
+computed from the rule itself, and a block's selection is cut into a causal tile, full runs and the triangles at a
+band's edges (``staircase_pieces``): no ``[Tq, Tk]`` tensor is built, no mask is passed, and a method costs what
+plain causal attention costs on the pairs it scores (``_staircase_attention``). Otherwise the masks of a block are
+formed (``_block_merged``). Under autograd the segment logits are merged before one explicit softmax (``_block``),
+whose gradient is exact; on CUDA lce's fused Triton kernel (``lce.kernels.attention``) does both.
 
 A sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``) hides further pairs, and
 each query block then scores only the key columns the restriction's block map and causality leave
@@ -27,7 +27,8 @@ each query block then scores only the key columns the restriction's block map an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,50 +36,25 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lce.attention.blockwise import allowed_pairs, key_columns
+from lce.attention.plan import RESTRICTION, FusedAttention
 from lce.errors import LceError
 from lce.kernels.attention import spec
+from lce.kernels.rope import Rotation
 
-if TYPE_CHECKING:  # annotations only: importing lce.posenc here would import every method (a cycle)
+if TYPE_CHECKING:
     from lce.attention.plan import Restriction
     from lce.hf.patch import PatchTarget
-    from lce.posenc.rotation import Rotation
-
-PositionMap = Callable[[torch.Tensor], torch.Tensor]
-PairSelect = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One way of rotating a (query, key) pair.
-
-    Attributes:
-        q_map: absolute query positions ``[B, Tq]`` -> rotation positions (same shape).
-        k_map: absolute key positions ``[B, Tk]`` -> rotation positions.
-        select: ``(i [B, Tq, 1], j [B, 1, Tk]) -> bool [B, Tq, Tk]``: the causal pairs this segment scores.
-            Segments must not overlap; a causal pair no segment selects is masked out.
-    """
-
-    q_map: PositionMap
-    k_map: PositionMap
-    select: PairSelect
-
-
-def identity(positions: torch.Tensor) -> torch.Tensor:
-    return positions
-
-
-def fused_segments(segments: tuple, rotation: Rotation, window: int | None = None, sink_tokens: int = 0):
-    """A segment method as data for lce's fused kernel (``lce.attention.plan.FusedAttention``): its segments written
-    as ``lce.kernels.attention.spec.Segment`` (``lce.kernels.attention.segments``, tested equal to the callables the
-    method's ``segmented_attention`` reference uses) and the layer's rotation. Without rotation every segment gives
+def fused_segments(segments: tuple[spec.Segment, ...], rotation: Rotation, window: int | None = None,
+                   sink_tokens: int = 0):
+    """A segment method for lce's fused kernel (``lce.attention.plan.FusedAttention``): the same segments
+    ``segmented_attention`` computes, and the layer's rotation. Without rotation every segment gives
     the same logits, so only the pairs they select matter: all causal pairs for DCA, Self-Extend and ReRoPE, the
     window and sinks (passed as ``window``/``sink_tokens``) for StreamingLLM."""
-    from lce.attention.plan import FusedAttention
-    from lce.kernels.attention import Rotary
-
     if rotation.rotary_dim == 0:  # a layer that does not rotate (SmolLM3's NoPE layers): every segment scores alike
         return FusedAttention(window=window, sink_tokens=sink_tokens)
-    return FusedAttention(segments=tuple(segments), rotary=Rotary.from_rotation(rotation), window=window,
+    return FusedAttention(segments=tuple(segments), rotary=rotation, window=window,
                           sink_tokens=sink_tokens)
 
 
@@ -93,8 +69,8 @@ def use_segment_method(target: PatchTarget, method: str, attend: Callable[..., t
             D]``, the method's attention on one layer (``visible``: a restriction or None; ``softcap``: the model's
             attention-logit soft-cap or None).
         fused_for: a layer's rotation -> its ``FusedAttention`` (the same method as data for the fused kernel).
-        takes_visible: whether ``attend`` honours an attention variant's restriction; if not, combining the method
-            with a sparse variant is refused when the model is patched.
+        takes_visible: whether ``attend`` honours an attention variant's restriction (it handles ``RESTRICTION``);
+            if not, combining the method with a sparse variant is refused when the model is patched.
     """
     rotations = target.layer_rotations_in_attention(method)
 
@@ -110,16 +86,9 @@ def use_segment_method(target: PatchTarget, method: str, attend: Callable[..., t
             return attend(rotation, query, key, value, q_pos, k_pos, scale, attention_mask, visible,
                           kwargs.get("softcap")), None
 
-        if takes_visible:
-            return kernel
+        return kernel
 
-        def kernel_without_visible(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos,
-                                   **kwargs):
-            return kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs)
-
-        return kernel_without_visible
-
-    target.use_kernel(method, kernel_for, handles={"softcap"},
+    target.use_kernel(method, kernel_for, handles={"softcap", RESTRICTION} if takes_visible else {"softcap"},
                       fused_for_layer=lambda layer_index, module: fused_for(rotations[layer_index]))
 
 
@@ -127,7 +96,7 @@ def segmented_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    segments: list[Segment],
+    segments: Sequence[spec.Segment],
     rotation: Rotation,
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -142,7 +111,7 @@ def segmented_attention(
     Args:
         query: ``[B, H, Tq, D]`` unrotated queries (already scaled per position if log-n applies).
         key, value: ``[B, HKV, Tk, D]`` unrotated keys and values (``H`` a multiple of ``HKV``).
-        segments: the method's segments.
+        segments: the method's segments (``spec.Segment``; a causal pair none selects is hidden).
         rotation: the model's rotary embedding.
         q_pos, k_pos: ``[B, Tq]``, ``[B, Tk]`` absolute positions.
         scaling: the softmax scale (``1/sqrt(D)``).
@@ -156,21 +125,22 @@ def segmented_attention(
     """
     heads, tq = query.shape[1], query.shape[2]
     groups = heads // key.shape[1]
-    rotated: dict[int, torch.Tensor] = {}  # segments sharing a key map (all three of DCA's) share its rotated keys
-    for seg in segments:
-        if id(seg.k_map) not in rotated:
-            rotated[id(seg.k_map)] = rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1)
-    keys = [rotated[id(seg.k_map)] for seg in segments]
-    values = value.repeat_interleave(groups, dim=1)
     if staircase_applies(segments, query, q_pos, k_pos, attention_mask, visible, softcap):
-        return _staircase_attention(query, q_pos, k_pos, keys, values, segments, rotation, scaling)
+        return _staircase_attention(query, key, value, int(q_pos[0, 0]), int(k_pos[0, 0]), segments, rotation,
+                                    scaling)
+    rotated = {}  # segments sharing a key map (all three of DCA's) share its rotated keys
+    for seg in segments:
+        if seg.k_map not in rotated:
+            rotated[seg.k_map] = rotation.apply(key, seg.k_map(k_pos)).repeat_interleave(groups, dim=1)
+    keys = [rotated[seg.k_map] for seg in segments]
+    values = value.repeat_interleave(groups, dim=1)
     # Under autograd each block is recomputed in the backward pass, so training keeps one block of scores, not T^2.
     recompute = torch.is_grad_enabled() and tq > block_size
     blocks = []
     for start in range(0, tq, block_size):
         stop = min(start + block_size, tq)
         mask = attention_mask[:, :, start:stop, :] if attention_mask is not None else None
-        # Without a restriction every key column is scored, as before restrictions existed (same summation order).
+        # Without a restriction every key column is scored (a slice, not an index: no copy of the keys).
         columns = key_columns(visible, q_pos[:, start:stop], k_pos) if visible is not None else slice(None)
         args = (query[:, :, start:stop], q_pos[:, start:stop], k_pos, keys, values, mask, segments, rotation, scaling,
                 columns, visible)
@@ -226,7 +196,7 @@ def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, s
         mask = mask[..., columns]
     i, j = q_pos[:, :, None], k_pos[:, None, :]
     allowed = allowed_pairs(q_pos, k_pos, mask, visible)  # [B, 1 or H, Tb, Tk]
-    outs, lses = [], []
+    parts = []
     for seg, k_rot in zip(segments, keys):
         chosen = seg.select(i, j)[:, None] & allowed
         used = chosen.flatten(0, 2).any(dim=0).nonzero().flatten()
@@ -239,25 +209,25 @@ def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, s
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_rot, k_rot[:, :, cols], values[:, :, cols], 0.0, causal, attn_mask=bias, scale=scaling)
         # The kernel reports lse = 0 and output 0 for a row with no selected key: mark such rows -inf (weight 0).
-        lses.append(lse.float().masked_fill(~chosen.any(dim=-1).expand_as(lse), float("-inf")))
-        outs.append(out)
-    return _merge_by_lse(outs, lses, query, values.shape[-1])
+        parts.append((slice(0, None), out, lse.float().masked_fill(~chosen.any(dim=-1).expand_as(lse), float("-inf"))))
+    return _merge_by_lse(parts, query, values.shape[-1])
 
 
 # Query rows per call of the staircase path: large enough that a call amortises its overhead, small enough that the
 # ragged pieces' biases (at most rows x rows floats) stay small.
 STAIRCASE_ROWS = 1024
+# Query rows per block under a band (Self-Extend's and ReRoPE's neighbours, the sinks' window): each block's own keys
+# and the band's back edge are triangles, which the fused kernel computes at about 1.5x the cost per pair of a full
+# tile at 1024 rows and near 1x at 256 (2 threads, bfloat16, 2026-12-05), and their area grows with the rows.
+BAND_ROWS = 256
 
 
 def staircase_applies(segments, query, q_pos, k_pos, attention_mask, visible, softcap) -> bool:
-    """Whether ``_staircase_attention`` computes this call: inference on CPU, segments whose pair selection is data
-    (``spec.PairSelect``), no padding mask, restriction or soft-cap, and every batch row at the
-    same consecutive positions (queries and keys)."""
+    """Whether ``_staircase_attention`` computes this call: inference on CPU, no padding mask, restriction or
+    soft-cap, and every batch row at the same consecutive positions (queries and keys)."""
     if torch.is_grad_enabled() or query.device.type != "cpu" or attention_mask is not None or visible is not None:
         return False
-    if softcap is not None or not all(isinstance(seg.select, spec.PairSelect) for seg in segments):
-        return False
-    return _consecutive(q_pos) and _consecutive(k_pos)
+    return softcap is None and _consecutive(q_pos) and _consecutive(k_pos)
 
 
 def _consecutive(positions: torch.Tensor) -> bool:
@@ -279,6 +249,8 @@ def staircase_rows(segments) -> int:
         for width in (select.lo, select.hi):
             if width is not None and width > 0:
                 rows = min(rows, max(width, 64))  # narrower bands: ragged pieces with a bias, still exact
+        if select.hi is not None:
+            rows = min(rows, BAND_ROWS)
     return rows
 
 
@@ -304,14 +276,20 @@ def selected_spans(select: spec.PairSelect, i: torch.Tensor, k0: int, tk: int) -
 
 @dataclass(frozen=True)
 class Piece:
-    """One fused-attention call of a staircase block: key columns ``[start, stop)`` and how their pairs are chosen:
-    all (``bias`` None, not ``causal``), the lower triangle of a square (``causal``), or a ``[b, n]`` 0/-inf bias."""
+    """One fused-attention call of a staircase block: the block's query rows ``[first, last)`` (``last`` None: to
+    the end) against key columns ``[start, stop)``, their pairs chosen as: all (no flag, no bias), the lower
+    triangle of a square (``causal``), the upper triangle of a square (``flipped``: rows and columns reversed make it
+    the lower one), or a ``[rows, stop - start]`` 0/-inf ``bias`` (``empty_rows``: the rows it leaves without a
+    key)."""
 
     start: int
     stop: int
+    first: int = 0
+    last: int | None = None
     causal: bool = False
+    flipped: bool = False
     bias: torch.Tensor | None = None
-    empty_rows: torch.Tensor | None = None  # bool [b]: rows the bias leaves without a key
+    empty_rows: torch.Tensor | None = None
 
 
 def staircase_pieces(start: torch.Tensor, stop: torch.Tensor, dtype: torch.dtype) -> list[Piece]:
@@ -322,7 +300,8 @@ def staircase_pieces(start: torch.Tensor, stop: torch.Tensor, dtype: torch.dtype
        are exactly the lower triangle (a block's own keys in plain causal attention, DCA's intra-chunk segment);
     2. the columns every remaining row selects (DCA's successive and inter-chunk chunks, the keys far behind a
        band): one full piece;
-    3. the ragged columns on either side (the edge of a band): a bias of 0 and -inf.
+    3. the ragged columns on either side (the edges of a band): each a triangle where the band moves one key per
+       query (``_edge_piece``), else a bias of 0 and -inf.
     """
     rows = start.shape[0]
     live = stop > start
@@ -347,58 +326,151 @@ def staircase_pieces(start: torch.Tensor, stop: torch.Tensor, dtype: torch.dtype
     else:
         spans = [(begin, end)]
     for lo, hi in spans:
-        if hi <= lo:
-            continue
-        columns = torch.arange(lo, hi, device=start.device, dtype=start.dtype)
-        chosen = (columns >= start[:, None]) & (columns < stop[:, None])  # [b, hi - lo]
-        if not bool(chosen.any()):
-            continue
-        bias = torch.zeros(chosen.shape, dtype=dtype, device=chosen.device).masked_fill_(~chosen, float("-inf"))
-        pieces.append(Piece(lo, hi, bias=bias, empty_rows=~chosen.any(dim=-1)))
+        if hi > lo:
+            piece = _edge_piece(start.clamp(lo, hi), stop.clamp(lo, hi), lo, hi, dtype)
+            if piece is not None:
+                pieces.append(piece)
     return pieces
 
 
-def _staircase_attention(query, q_pos, k_pos, keys, values, segments, rotation, scaling) -> torch.Tensor:
-    """``segmented_attention`` for inference on CPU without any ``[Tq, Tk]`` tensor: each block of queries, per
-    segment, runs PyTorch's fused CPU attention (which returns the log-sum-exp) over the pieces of its selection
-    (``staircase_pieces``), and the pieces are merged by their log-sum-exp weights, the same softmax over the union
-    of disjoint sets. Every selected pair is scored once; no pair is scored twice; a block costs what plain causal
-    attention costs on the keys it selects. Query and key positions are consecutive (``staircase_applies``).
+def _edge_piece(start: torch.Tensor, stop: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> Piece | None:
+    """The piece for rows selecting ``[start[r], stop[r])`` within columns ``[lo, hi)``. A band's edge moves one key
+    per query, so its selected rows are a triangle: ``[lo, lo + k + 1)`` (the far edge of Self-Extend's and ReRoPE's
+    remapped segment: causal) or ``[lo + k, hi)`` (the near band's back edge: causal once rows and columns are
+    reversed); both run the fused kernel's maskless causal path on half the square, several times faster than a
+    bias. Anything else (clamped edges, narrow windows) gets a bias over its live rows."""
+    live = (stop > start).nonzero().flatten()
+    if live.numel() == 0:
+        return None
+    first, last = int(live[0]), int(live[-1]) + 1
+    start, stop = start[first:last], stop[first:last]
+    if last - first == hi - lo == live.numel():
+        ramp = torch.arange(lo, hi, device=start.device, dtype=start.dtype)
+        if bool((start == lo).all()) and bool((stop == ramp + 1).all()):
+            return Piece(lo, hi, first, last, causal=True)
+        if bool((stop == hi).all()) and bool((start == ramp).all()):
+            return Piece(lo, hi, first, last, flipped=True)
+    columns = torch.arange(lo, hi, device=start.device, dtype=start.dtype)
+    chosen = (columns >= start[:, None]) & (columns < stop[:, None])  # [last - first, hi - lo]
+    bias = torch.zeros(chosen.shape, dtype=dtype, device=chosen.device).masked_fill_(~chosen, float("-inf"))
+    return Piece(lo, hi, first, last, bias=bias, empty_rows=~chosen.any(dim=-1))
 
-    Args: as ``segmented_attention``, with ``keys`` ``[B, H, Tk, D]`` per segment (rotated, heads repeated) and
-    ``values`` ``[B, H, Tk, D]``. Returns ``[B, Tq, H, D]``.
+
+def _attend_piece(q_rot: torch.Tensor, k_rot: torch.Tensor, values: torch.Tensor, piece: Piece,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused CPU attention call: ``[B, H, rows, D]`` outputs and their fp32 log-sum-exp ``[B, H, rows]`` (-inf
+    for rows without a key). Keys and values keep their KV heads (the kernel reads head ``h // groups``)."""
+    q = q_rot[:, :, piece.first:piece.last]
+    k, v = k_rot[:, :, piece.start:piece.stop], values[:, :, piece.start:piece.stop]
+    if piece.flipped:
+        q, k, v = q.flip(2), k.flip(2), v.flip(2)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, piece.causal or piece.flipped, attn_mask=piece.bias, scale=scaling)
+    if piece.flipped:
+        out, lse = out.flip(2), lse.flip(-1)
+    lse = lse.float()
+    if piece.empty_rows is not None and bool(piece.empty_rows.any()):
+        lse = lse.masked_fill(piece.empty_rows, float("-inf"))  # the kernel reports 0 for such rows
+    return out, lse
+
+
+@dataclass(frozen=True)
+class StaircasePlan:
+    """What ``_staircase_attention`` computes for one call geometry, the same in every layer of a forward.
+
+    Attributes:
+        whole: the index of the one segment that selects every causal pair (one plain causal call), or None.
+        far: ``segment index -> first query row`` of the segments computed as one causal square
+            (``_far_square_start``).
+        blocks: ``(first, last, ((segment index, pieces), ...))`` per block of query rows, for the other segments.
     """
-    tq, tk = query.shape[2], values.shape[2]
-    q0, k0 = int(q_pos[0, 0]), int(k_pos[0, 0])
+
+    whole: int | None
+    far: dict
+    blocks: tuple
+
+
+def staircase_plan(segments: tuple, q0: int, k0: int, tq: int, tk: int, dtype: torch.dtype) -> StaircasePlan:
+    """The plan of a call with ``tq`` queries at ``q0, ...`` and ``tk`` keys at ``k0, ...``, computed once and kept
+    (it depends on the geometry only, not on the layer: the layers of a forward share it)."""
+    return _plan(segments, q0, k0, tq, tk, dtype, STAIRCASE_ROWS, BAND_ROWS)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(segments, q0, k0, tq, tk, dtype, *block_rows) -> StaircasePlan:  # block_rows: part of the key only
     whole = _whole_causal_segment(segments, q0, tq, k0, tk)
-    if whole is not None:  # the method's windows cover the sequence: plain causal attention, one call
-        seg, k_rot = segments[whole], keys[whole]
-        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            rotation.apply(query, seg.q_map(q_pos)), k_rot, values, 0.0, tq > 1, scale=scaling)
-        return out.transpose(1, 2)
-    rows = staircase_rows(segments)
+    if whole is not None:
+        return StaircasePlan(whole, {}, ())
+    # A segment owning every pair at distance >= W (Self-Extend's grouped pairs, ReRoPE's far ones) is one causal
+    # square: queries from row W - (q0 - k0) on against keys from 0, one call for all blocks (no triangle per block).
+    far = {index: start for index, seg in enumerate(segments)
+           if (start := _far_square_start(seg.select, q0 - k0, tq)) is not None}
+    rows = staircase_rows([seg for index, seg in enumerate(segments) if index not in far])
     blocks = []
     for first in range(0, tq, rows):
         last = min(first + rows, tq)
         i = torch.arange(q0 + first, q0 + last)
-        block_pos = q_pos[:, first:last]
-        outs, lses = [], []
-        for seg, k_rot in zip(segments, keys):
-            pieces = staircase_pieces(*selected_spans(seg.select, i, k0, tk), query.dtype)
-            if not pieces:
-                continue
-            q_rot = rotation.apply(query[:, :, first:last], seg.q_map(block_pos))
-            for piece in pieces:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q_rot, k_rot[:, :, piece.start:piece.stop], values[:, :, piece.start:piece.stop], 0.0,
-                    piece.causal, attn_mask=piece.bias, scale=scaling)
-                lse = lse.float()
-                if piece.empty_rows is not None and bool(piece.empty_rows.any()):
-                    lse = lse.masked_fill(piece.empty_rows, float("-inf"))  # the kernel reports 0 for such rows
-                outs.append(out)
-                lses.append(lse)
-        blocks.append(_merge_by_lse(outs, lses, query[:, :, first:last], values.shape[-1]))
-    return torch.cat(blocks, dim=2).transpose(1, 2)
+        chosen = tuple((index, tuple(pieces)) for index, seg in enumerate(segments) if index not in far
+                       and (pieces := staircase_pieces(*selected_spans(seg.select, i, k0, tk), dtype)))
+        blocks.append((first, last, chosen))
+    return StaircasePlan(None, far, tuple(blocks))
+
+
+def _staircase_attention(query, key, value, q0: int, k0: int, segments, rotation, scaling) -> torch.Tensor:
+    """``segmented_attention`` for inference on CPU without any ``[Tq, Tk]`` tensor: each block of queries, per
+    segment, runs PyTorch's fused CPU attention (which returns the log-sum-exp) over the pieces of its selection
+    (``staircase_plan``), and the pieces are merged by their log-sum-exp weights, the same softmax over the union
+    of disjoint sets. Every selected pair is scored once; no pair is scored twice.
+
+    Args: ``query [B, H, Tq, D]``, ``key``/``value [B, HKV, Tk, D]`` unrotated (the fused kernel reads grouped KV
+    heads itself: query head ``h`` uses KV head ``h // (H / HKV)``, no copies), at the consecutive positions
+    ``q0, q0 + 1, ...`` and ``k0, ...`` (``staircase_applies``); queries and keys are rotated once per distinct map,
+    with cos/sin tables the layers of a forward share (``Rotation.apply_consecutive``). Returns ``[B, Tq, H, D]``.
+    """
+    tq, tk = query.shape[2], value.shape[2]
+    plan = staircase_plan(tuple(segments), q0, k0, tq, tk, query.dtype)
+    rotated = {}  # (which, map) -> rotated queries or keys: segments sharing a map share them
+
+    def rotate(which, x, position_map, start):
+        if (which, position_map) not in rotated:
+            rotated[which, position_map] = rotation.apply_consecutive(x, position_map, start)
+        return rotated[which, position_map]
+
+    def rotated_pair(index):
+        seg = segments[index]
+        return rotate("q", query, seg.q_map, q0), rotate("k", key, seg.k_map, k0)
+
+    if plan.whole is not None:  # the method's windows cover the sequence: plain causal attention, one call
+        out, _ = _attend_piece(*rotated_pair(plan.whole), value, Piece(0, tk, causal=tq > 1), scaling)
+        return out.transpose(1, 2)
+    far_parts = []
+    for index, start in plan.far.items():
+        q_rot, k_rot = rotated_pair(index)
+        far_parts.append((start, *_attend_piece(q_rot[:, :, start:], k_rot[:, :, :tq - start], value,
+                                                Piece(0, tq - start, causal=True), scaling)))
+    out = query.new_empty(query.shape[0], tq, query.shape[1], value.shape[-1])  # [B, Tq, H, D]: no cat, no copy
+    for first, last, chosen in plan.blocks:
+        parts = [(slice(lo - first, last - first), far_out[:, :, lo - start:last - start],
+                  far_lse[..., lo - start:last - start])
+                 for start, far_out, far_lse in far_parts if (lo := max(first, start)) < last]
+        for index, pieces in chosen:
+            q_rot, k_rot = rotated_pair(index)
+            parts += [(slice(piece.first, piece.last), *_attend_piece(q_rot[:, :, first:last], k_rot, value, piece,
+                                                                      scaling))
+                      for piece in pieces]
+        out[:, first:last] = _merge_by_lse(parts, query[:, :, first:last], value.shape[-1]).transpose(1, 2)
+    return out
+
+
+def _far_square_start(select: spec.PairSelect, offset: int, tq: int) -> int | None:
+    """For a rule selecting exactly the pairs at distance ``i - j >= W`` (no other bound), the first query row
+    ``W - offset`` from which, with keys from index 0, its selection is the lower triangle of a square (row ``r``
+    sees keys ``[0, r - W + offset]``); None when the rule has other bounds or the square would not start at a
+    row of this call (``offset = q0 - k0``: queries continuing a cache further than ``W``)."""
+    if select.div != 1 or select.hi is not None or select.key_below is not None or not select.lo or select.lo < 1:
+        return None
+    start = select.lo - offset
+    return start if 0 <= start < tq else None
 
 
 def _whole_causal_segment(segments, q0: int, tq: int, k0: int, tk: int) -> int | None:
@@ -419,16 +491,29 @@ def _whole_causal_segment(segments, q0: int, tq: int, k0: int, tk: int) -> int |
     return whole
 
 
-def _merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], query: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax outputs over disjoint key sets ``[B, H, b, D]`` merged into the softmax over their union, from each
-    set's log-sum-exp ``[B, H, b]`` (-inf: the set is empty for that row, weight 0)."""
-    if not outs:
+def _merge_by_lse(parts: list, query: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax outputs over disjoint key sets merged into the softmax over their union. ``parts``: ``(rows, out,
+    lse)`` with ``rows`` a slice of the block's query rows, ``out`` ``[B, H, rows, D]`` and ``lse`` ``[B, H, rows]``
+    its log-sum-exp (-inf: the set is empty for that row, weight 0). Returns ``[B, H, b, dim]``; rows no set
+    covers are 0."""
+    if not parts:
         return query.new_zeros(*query.shape[:3], dim)
-    if len(outs) == 1:
-        return outs[0] if bool(torch.isfinite(lses[0]).all()) else outs[0] * torch.isfinite(lses[0])[..., None]
-    lse = torch.stack(lses)  # [S, B, H, b]
-    top = lse.amax(dim=0)
-    weights = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # rows nothing selects: all 0
-    total = weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
-    merged = sum(w[..., None] * o.float() for w, o in zip(weights, outs)) / total[..., None]
-    return merged.to(query.dtype)
+    if len(parts) == 1 and parts[0][0] == slice(0, None):
+        _, out, lse = parts[0]
+        return out if bool(torch.isfinite(lse).all()) else out * torch.isfinite(lse)[..., None]
+    top = torch.full(query.shape[:3], float("-inf"), device=query.device)
+    for rows, _, lse in parts:
+        top[..., rows] = torch.maximum(top[..., rows], lse)
+    top = torch.where(torch.isfinite(top), top, 0.0)  # rows nothing selects: every weight 0
+    merged = total = None
+    for rows, out, lse in parts:
+        weight = torch.exp(lse - top[..., rows])
+        if merged is None and rows == slice(0, None):  # the first part over every row starts the sums (no zeros)
+            merged, total = out.float().mul_(weight[..., None]), weight
+            continue
+        if merged is None:
+            merged = query.new_zeros(*query.shape[:3], dim, dtype=torch.float32)
+            total = torch.zeros(query.shape[:3], device=query.device)
+        total[..., rows] += weight
+        merged[..., rows, :].addcmul_(out.float(), weight[..., None])  # fp32 operands: the fast path
+    return merged.div_(total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).to(query.dtype)

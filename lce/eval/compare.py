@@ -4,8 +4,8 @@
     lce report a/results.jsonl b/results.jsonl --format csv --run 'rope*' --experiment quickstart
 
 Inputs are ``results.jsonl`` / ``retrieval.jsonl`` files or directories searched recursively for them. Rows are
-deduplicated by experiment and identity (``lce.eval.sweep.point_key``, plus depth and trial for retrieval rows) by the
-sweep's own rule (``lce.eval.sweep.first_finished``: the first finished row wins), so a file given twice, or both
+deduplicated by experiment and identity (``lce.eval.store.point_key``, plus depth and trial for retrieval rows) by the
+store's own rule (``lce.eval.store.first_finished``: the first finished row wins), so a file given twice, or both
 directly and through its directory, or a point a file holds twice, counts once. A series is an (experiment, run,
 protocol) triple, labelled by the parts that differ between the selected rows. Perplexities whose protocol does not
 average token-weighted (``yarn``, ``longlora_stream``: see ``lce.eval.protocols``) are marked with a dagger.
@@ -24,18 +24,17 @@ import fnmatch
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from lce.errors import ConfigError, LceError
-from lce.eval.heatmap import plot_heatmap
-from lce.eval.report import STATUS_NOTES, STATUS_TEXT, format_ppl, plot
+from lce.eval.heatmap import slug, write_heatmaps  # noqa: F401 - slug: callers import it from here
+from lce.eval.protocols import TOKEN_MEAN
+from lce.eval.report import STATUS_NOTES, STATUS_TEXT, best_per_length, csv_text, format_ppl, plot, series_table
 from lce.eval.retrieval import KIND, cell_accuracy, retrieval_key
-from lce.eval.sweep import NONFINITE, OK, OOM, ResultStore, first_finished, point_key
+from lce.eval.store import NONFINITE, OK, OOM, ResultStore, first_finished, point_key
 
 RESULT_FILES = ("results.jsonl", "retrieval.jsonl")
-TOKEN_MEAN = "token_mean"
 PPL_COLUMNS = (
     "series", "experiment", "run", "method", "protocol", "length", "status", "ppl", "ppl_low", "ppl_high", "nll",
     "aggregation", "tokens", "tokens_per_s", "peak_mem_mb", "mem_kind", "seconds",
@@ -66,7 +65,7 @@ def row_identity(row: dict) -> str:
 
 
 def unique_rows(rows) -> list[dict]:
-    """Each (experiment, identity) once, in order: its first finished row (``lce.eval.sweep.first_finished``)."""
+    """Each (experiment, identity) once, in order: its first finished row (``lce.eval.store.first_finished``)."""
     return list(first_finished(rows, row_identity).values())
 
 
@@ -107,27 +106,20 @@ class Labeller:
         return label
 
 
+SERIES_CLASH = ("report: two different points for series '{name}' at length {length} (they differ in model, params, "
+                "seed or protocol); select one with --run / --experiment, or give the runs distinct names")
+
+
 def ppl_table(rows: list[dict], label: Labeller) -> tuple[list[str], list[int], dict[str, dict[int, dict]]]:
-    """``(series, lengths, table[series][length] = row)`` of the perplexity rows, series and lengths sorted.
+    """``(series, lengths, table[series][length] = row)`` of the perplexity rows (``lce.eval.report.series_table``),
+    series and lengths sorted.
 
     Raises:
         ConfigError: if two different points share a series and a length.
     """
-    table: dict[str, dict[int, dict]] = {}
-    for row in unique_rows(rows):
-        if row.get("kind") == KIND:
-            continue
-        name, length = label(row), int(row["length"])
-        series = table.setdefault(name, {})
-        if length in series:
-            raise ConfigError(
-                f"report: two different points for series '{name}' at length {length} (they differ in model, params, "
-                "seed or protocol); select one with --run / --experiment, or give the runs distinct names"
-            )
-        series[length] = row
-    names = sorted(table)
-    lengths = sorted({length for series in table.values() for length in series})
-    return names, lengths, table
+    names, lengths, table = series_table((r for r in unique_rows(rows) if r.get("kind") != KIND), label,
+                                         SERIES_CLASH)
+    return sorted(names), lengths, table
 
 
 def retrieval_cells(rows: list[dict], label: Labeller) -> dict[tuple[str, str], list[dict]]:
@@ -161,7 +153,7 @@ def _ppl_cell(row: dict | None, best: float | None) -> str:
     if row["status"] != OK:
         return STATUS_TEXT.get(row["status"], row["status"])
     text = format_ppl(row["ppl"])
-    if best is not None and row["ppl"] == best:
+    if row["ppl"] == best:
         text = f"**{text}**"
     if row.get("ppl_low") is not None and row.get("ppl_high") is not None:
         text += f" ({format_ppl(row['ppl_low'])}–{format_ppl(row['ppl_high'])})"
@@ -181,10 +173,7 @@ def markdown(rows: list[dict], title: str | None = None) -> str:
     if names:
         header = ["series", *map(str, lengths)]
         align = [":--", *["--:"] * len(lengths)]
-        best = {}
-        for length in lengths:
-            values = [s[length]["ppl"] for s in table.values() if length in s and s[length]["status"] == OK]
-            best[length] = min(values) if len(values) > 1 else None
+        best = best_per_length(table, lengths)
         body = [[name, *(_ppl_cell(table[name].get(n), best[n]) for n in lengths)] for name in names]
         out += ["## Perplexity", "", *_markdown_table(header, body, align), ""]
         notes = ["Best per length in bold", "(low–high): bootstrap confidence interval over documents",
@@ -224,45 +213,19 @@ def markdown(rows: list[dict], title: str | None = None) -> str:
     return "\n".join(out)
 
 
-def _csv_value(value) -> str | int | float:
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, default=str)
-    return value
-
-
 def ppl_csv(rows: list[dict]) -> str:
     """Perplexity points in long format (``PPL_COLUMNS``), sorted by series and length."""
-    label = Labeller(rows)
-    names, lengths, table = ppl_table(rows, label)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PPL_COLUMNS)
-    for name in names:
-        for length in lengths:
-            row = table[name].get(length)
-            if row is not None:
-                values = {**row, "series": name, "protocol": _protocol_name(row),
-                          "aggregation": row.get("aggregation", TOKEN_MEAN)}
-                writer.writerow(_csv_value(values.get(c)) for c in PPL_COLUMNS)
-    return buffer.getvalue()
+    names, lengths, table = ppl_table(rows, Labeller(rows))
+    records = ({**row, "series": name, "protocol": _protocol_name(row),
+                "aggregation": row.get("aggregation", TOKEN_MEAN)}
+               for name in names for length in lengths if (row := table[name].get(length)) is not None)
+    return csv_text(PPL_COLUMNS, records)
 
 
 def retrieval_csv(rows: list[dict]) -> str:
     """Retrieval accuracy cells in long format (``RETRIEVAL_COLUMNS``), sorted by series, task, depth, length."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(RETRIEVAL_COLUMNS)
-    for cells in retrieval_cells(rows, Labeller(rows)).values():
-        for cell in cells:
-            writer.writerow(_csv_value(cell.get(c)) for c in RETRIEVAL_COLUMNS)
-    return buffer.getvalue()
-
-
-def slug(text: str) -> str:
-    """``text`` as a file-name part: runs of characters other than letters, digits and ``_.=-`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "series"
+    cells = retrieval_cells(rows, Labeller(rows)).values()
+    return csv_text(RETRIEVAL_COLUMNS, (cell for series_cells in cells for cell in series_cells))
 
 
 def _train_length(rows: list[dict]) -> int | None:
@@ -285,11 +248,8 @@ def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_leng
     if cells:
         paths["retrieval_csv"] = out_dir / "retrieval.csv"
         paths["retrieval_csv"].write_text(retrieval_csv(rows), encoding="utf-8")
-    for (name, task), series_cells in cells.items():
-        paths[f"heatmap:{name}:{task}"] = plot_heatmap(
-            series_cells, out_dir / f"retrieval_{slug(name)}_{slug(task)}.png", title=f"{task}: {name}",
-            train_length=train_length,
-        )
+    for (name, task), path in write_heatmaps(cells, out_dir, train_length).items():
+        paths[f"heatmap:{name}:{task}"] = path
     return paths
 
 

@@ -5,6 +5,7 @@ Drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,19 @@ def plot_heatmap(cells: list[dict], path: str | Path, title: str | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
     return path
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: runs of characters other than letters, digits and ``_.=-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "series"
+
+
+def write_heatmaps(cells: dict[tuple[str, str], list[dict]], out_dir: Path,
+                   train_length: int | None = None) -> dict[tuple[str, str], Path]:
+    """One heatmap per (series, task) of ``cells``, ``retrieval_<series>_<task>.png`` in ``out_dir``: the files the
+    end of a run and ``lce report`` both write. Returns their paths by (series, task)."""
+    return {
+        (name, task): plot_heatmap(series_cells, out_dir / f"retrieval_{slug(name)}_{slug(task)}.png",
+                                   title=f"{task}: {name}", train_length=train_length)
+        for (name, task), series_cells in cells.items()
+    }

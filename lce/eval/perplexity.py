@@ -13,9 +13,8 @@ the first ``bucket_size`` predictions). The last bucket may be smaller.
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,41 +22,8 @@ from torch import nn
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.loss import shifted_targets, token_nll
+from lce.eval.score import ProtocolScore
 from lce.hf.lm import hidden_states, loss_head
-
-
-@dataclass
-class PointScore:
-    """Summed NLL of one evaluation length.
-
-    Attributes:
-        nll_sum: total NLL in nats over all scored predictions (accumulated in float64).
-        tokens: number of scored predictions (``n_docs * (length - 1)``).
-        bucket_size: predicting positions per bucket.
-        bucket_nll: summed NLL (nats) per bucket, so buckets of different runs can be added.
-        bucket_tokens: scored predictions per bucket.
-    """
-
-    nll_sum: float
-    tokens: int
-    bucket_size: int
-    bucket_nll: list[float]
-    bucket_tokens: list[int]
-
-    @property
-    def nll(self) -> float:
-        """Mean NLL per scored token (nats)."""
-        return self.nll_sum / self.tokens
-
-    @property
-    def ppl(self) -> float:
-        """Per-token perplexity ``exp(nll_sum / tokens)``; ``inf`` when it overflows a float."""
-        return math.exp(self.nll) if self.nll < 709.0 else math.inf
-
-    @property
-    def bucket_mean_nll(self) -> list[float]:
-        """Mean NLL per bucket (nats)."""
-        return [s / n for s, n in zip(self.bucket_nll, self.bucket_tokens)]
 
 
 def check_documents(docs: list[torch.Tensor], length: int) -> None:
@@ -126,17 +92,19 @@ def document_nll(
     return position_nll, torch.cat(doc_nll)
 
 
-def point_score(position_nll: torch.Tensor, n_docs: int, bucket_size: int | None = None) -> PointScore:
-    """A ``PointScore`` from per-position NLL sums over ``n_docs`` windows (``bucket_size`` None: one bucket)."""
+def point_score(position_nll: torch.Tensor, n_docs: int, bucket_size: int | None = None) -> ProtocolScore:
+    """The token-weighted ``canonical`` score of per-position NLL sums over ``n_docs`` windows, with buckets
+    (``bucket_size`` None: one bucket)."""
     bucket_size = position_nll.numel() + 1 if bucket_size is None else bucket_size
     check(bucket_size >= 1, "bucket_size", f"must be at least 1, got {bucket_size}")
     buckets = position_nll.split(bucket_size)
-    return PointScore(
+    return ProtocolScore(
         nll_sum=position_nll.sum().item(),
         tokens=n_docs * position_nll.numel(),
         bucket_size=bucket_size,
         bucket_nll=[b.sum().item() for b in buckets],
         bucket_tokens=[n_docs * b.numel() for b in buckets],
+        windows=n_docs,
     )
 
 
@@ -149,7 +117,7 @@ def score_documents(
     chunk_size: int = 4096,
     bucket_size: int | None = None,
     device: torch.device | str | None = None,
-) -> PointScore:
+) -> ProtocolScore:
     """Summed next-token NLL of ``docs`` each truncated to their first ``length`` tokens.
 
     This is the ``canonical`` protocol of ``lce.eval.protocols`` without its confidence interval.
@@ -172,3 +140,13 @@ def score_documents(
     nll_fn = model_nll_fn(model, chunk_size, device)
     position_nll, _ = document_nll(nll_fn, docs, length, batch_size)
     return point_score(position_nll, len(docs), length if bucket_size is None else bucket_size)
+
+
+def __getattr__(name: str):
+    # A deprecated name of the one result type, kept for callers of lce 0.1.0: ``ProtocolScore`` takes PointScore's
+    # arguments (nll_sum, tokens, bucket_size, bucket_nll, bucket_tokens) in the same order.
+    if name == "PointScore":
+        warnings.warn("lce.eval.perplexity.PointScore is deprecated; use lce.eval.score.ProtocolScore",
+                      DeprecationWarning, stacklevel=2)
+        return ProtocolScore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

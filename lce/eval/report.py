@@ -1,17 +1,23 @@
 """Perplexity-vs-length results as a terminal table, a long-format CSV and a log-log plot.
 
 Rows are those written by ``lce.eval.sweep`` (see its schema); a row's series is its ``run`` field. A point written
-twice counts once, by the sweep's rule (``lce.eval.sweep.first_finished``). Points without a perplexity (``oom``,
+twice counts once, by the store's rule (``lce.eval.store.first_finished``). Points without a perplexity (``oom``,
 ``nonfinite``) are named in the table and CSV and marked or named in the plots, never plotted as values. Plots are
 drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so they neither need a display nor
 change the backend or figures of a user's pyplot session.
+
+This is the end-of-run report, and the pipeline ``lce report`` (``lce.eval.compare``) is built on: both tabulate
+with ``series_table`` and ``best_per_length``, write CSV with ``csv_text`` and plot with ``plot``; their files and
+columns differ only as they always have (``ppl_vs_length.csv`` here, ``ppl.csv`` there).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -39,13 +45,53 @@ def label(row: dict) -> str:
 
 
 def points(rows: list[dict]) -> list[dict]:
-    """Each point's row once, in order of first appearance (``lce.eval.sweep.first_finished``: of a point written
+    """Each point's row once, in order of first appearance (``lce.eval.store.first_finished``: of a point written
     twice the first finished row; unfinished rows left out)."""
     return list(first_finished(rows, point_key).values())
 
 
+# What a clash in ``series_table`` says: here two points under one run name; ``lce report`` names its own remedy.
+RUN_CLASH = ("two different points for run '{name}' at length {length} (they differ in method, params, model, seed "
+             "or protocol); give each series its own run name")
+
+
+def series_table(
+    rows: Iterable[dict], label: Callable[[dict], str], clash: str = RUN_CLASH
+) -> tuple[list[str], list[int], dict[str, dict[int, dict]]]:
+    """Perplexity rows, each point once (``points``, or ``lce report``'s ``unique_rows``), as a series x length table:
+    the one table both the end-of-sweep report and ``lce report`` are drawn from.
+
+    Returns:
+        ``(labels, lengths, table)``: labels (``label(row)``) in order of first appearance, lengths ascending, and
+        ``table[label][length]`` the row (absent where a series has no row at that length).
+
+    Raises:
+        ConfigError: if two different points share a series and a length; ``clash`` is the message, formatted with
+            ``name`` and ``length``.
+    """
+    table: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        name, length = label(row), int(row["length"])
+        series = table.setdefault(name, {})
+        if length in series:
+            raise ConfigError(clash.format(name=name, length=length))
+        series[length] = row
+    lengths = sorted({length for series in table.values() for length in series})
+    return list(table), lengths, table
+
+
+def best_per_length(table: dict[str, dict[int, dict]], lengths: list[int]) -> dict[int, float | None]:
+    """The lowest perplexity of each length of a ``series_table``, or None where fewer than two series have one
+    (nothing to set in bold)."""
+    best: dict[int, float | None] = {}
+    for length in lengths:
+        values = [float(s[length]["ppl"]) for s in table.values() if length in s and s[length]["status"] == OK]
+        best[length] = min(values) if len(values) > 1 else None
+    return best
+
+
 def pivot(rows: list[dict]) -> tuple[list[str], list[int], dict[str, dict[int, float | str]]]:
-    """Rows as a series x length table, each point once (``points``).
+    """Rows as a series x length table of values, each point once (``points``); see ``series_table``.
 
     Returns:
         ``(labels, lengths, table)``: labels in order of first appearance, lengths ascending, and
@@ -56,16 +102,10 @@ def pivot(rows: list[dict]) -> tuple[list[str], list[int], dict[str, dict[int, f
         ConfigError: if two different points (``point_key``: e.g. two seeds under one run name) share a series and a
             length.
     """
-    table: dict[str, dict[int, float | str]] = {}
-    for row in points(rows):
-        name, length = label(row), int(row["length"])
-        series = table.setdefault(name, {})
-        if length in series:
-            raise ConfigError(f"two different points for run '{name}' at length {length} (they differ in method, "
-                              "params, model, seed or protocol); give each series its own run name")
-        series[length] = float(row["ppl"]) if row["status"] == OK else row["status"]
-    lengths = sorted({length for series in table.values() for length in series})
-    return list(table), lengths, table
+    labels, lengths, table = series_table(points(rows), label)
+    values = {name: {length: float(row["ppl"]) if row["status"] == OK else row["status"]
+                     for length, row in series.items()} for name, series in table.items()}
+    return labels, lengths, values
 
 
 def format_ppl(ppl: float) -> str:
@@ -98,42 +138,50 @@ def print_table(rows: list[dict], console: Console | None = None, train_length: 
     Returns:
         The printed table.
     """
-    labels, lengths, table = pivot(rows)
+    labels, lengths, table = series_table(points(rows), label)
+    best = best_per_length(table, lengths)
     notes = []
     if train_length is not None:
         notes.append(f"* training length ({train_length})")
-    found = {v for series in table.values() for v in series.values() if isinstance(v, str)}
+    found = {row["status"] for series in table.values() for row in series.values()}
     notes += [note for status, note in STATUS_NOTES.items() if status in found]
     out = Table(title="Perplexity vs evaluation length", caption="; ".join(notes) or None)
     out.add_column("run", overflow="fold")
     for length in lengths:
         out.add_column(f"{length}*" if length == train_length else str(length), justify="right")
-    best = {}
-    for length in lengths:
-        values = [s[length] for s in table.values() if isinstance(s.get(length), float)]
-        best[length] = min(values) if len(values) > 1 else None
     for name in labels:
-        cells = []
-        for length in lengths:
-            value = table[name].get(length)
-            if value is None:
-                cells.append("-")
-            elif isinstance(value, str):
-                cells.append(f"[red]{STATUS_TEXT.get(value, value)}[/red]")
-            else:
-                cells.append(f"[bold]{format_ppl(value)}[/bold]" if value == best[length] else format_ppl(value))
-        out.add_row(name, *cells)
+        out.add_row(name, *(_table_cell(table[name].get(length), best[length]) for length in lengths))
     (console or Console()).print(out)
     return out
 
 
-def _csv_cell(value) -> str | int | float:
-    """Structured values (params, model) as canonical JSON; missing values as empty cells."""
+def _table_cell(row: dict | None, best: float | None) -> str:
+    """A point in the terminal table: its perplexity (bold when the best of its length), status or ``-``."""
+    if row is None:
+        return "-"
+    if row["status"] != OK:
+        return f"[red]{STATUS_TEXT.get(row['status'], row['status'])}[/red]"
+    ppl = float(row["ppl"])
+    return f"[bold]{format_ppl(ppl)}[/bold]" if ppl == best else format_ppl(ppl)
+
+
+def csv_cell(value) -> str | int | float:
+    """A value as a CSV cell: structured values (params, model) as canonical JSON; missing values as empty cells."""
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True, default=str)
     return value
+
+
+def csv_text(columns: Sequence[str], records: Iterable[dict]) -> str:
+    """Long-format CSV: a header of ``columns``, then one line per record (``csv_cell`` of each column's value)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(csv_cell(record.get(c)) for c in columns)
+    return buffer.getvalue()
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -142,10 +190,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for row in points(rows):
-            writer.writerow(_csv_cell(row.get(k)) for k in CSV_COLUMNS)
+        f.write(csv_text(CSV_COLUMNS, points(rows)))
     return path
 
 

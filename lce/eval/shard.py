@@ -30,6 +30,7 @@ from lce.errors import LceError
 
 NllFn = Callable[[torch.Tensor], torch.Tensor]
 Score = TypeVar("Score")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def score_sharded(score: Callable[[NllFn], Score], nll_fn: NllFn, shard: Shard,
             whatever values it gets back.
         nll_fn: the real ``nll_fn`` (a model).
         shard: this process's shard.
-        is_out_of_memory: tells an allocation failure from a bug (``lce.eval.sweep.is_out_of_memory``).
+        is_out_of_memory: tells an allocation failure from a bug (``lce.eval.runner.is_out_of_memory``).
 
     Raises:
         MemoryError: some process ran out of memory (on every process, so a sweep records the point as OOM).
@@ -157,3 +158,24 @@ def score_sharded(score: Callable[[NllFn], Score], nll_fn: NllFn, shard: Shard,
         return nll
 
     return score(replaying_nll_fn)
+
+
+def run_on_main(shard: Shard, work: Callable[[], Result], what: str) -> Result:
+    """``work()`` on the main process only, for work that is not shared out (retrieval trials); every process
+    returns its result.
+
+    Raises:
+        LceError: on the other processes, when ``work`` failed on the main one (which re-raises its own error);
+            ``what`` names the work in the message.
+    """
+    if not shard.is_main:
+        result = shard.broadcast(None)
+        if isinstance(result, _Failure):
+            raise LceError(f"{what} failed on the main process: {result.message}")
+        return result
+    try:
+        result = work()
+    except BaseException as e:
+        shard.broadcast(_Failure(shard.rank, False, f"{type(e).__name__}: {e}"))  # the others wait: release them
+        raise
+    return shard.broadcast(result)

@@ -32,7 +32,7 @@ from torch import nn
 from lce.errors import UnsupportedModelError
 from lce.hf.rotary import LayerTypeRotary, LayerTypeView
 from lce.kernels.cross_entropy.head import LogitHead
-from lce.posenc.rotation import Rotation
+from lce.kernels.rope import Rotation
 
 #: The rotation of a layer that does not rotate (SmolLM3's NoPE layers): zero rotated dims.
 NO_ROTATION = Rotation(torch.zeros(0))

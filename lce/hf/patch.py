@@ -20,14 +20,14 @@ from torch import nn
 
 from lce.attention import ATTENTIONS
 from lce.attention.blockwise import blockwise_kernel
-from lce.attention.plan import AttentionPlan, FusedAttention, Kernel, Restriction, accepts_visible
+from lce.attention.plan import RESTRICTION, AttentionPlan, FusedAttention, Kernel, Restriction
 from lce.attention.plan import register as register_attention
 from lce.errors import ConfigError, LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
 from lce.hf.rotary import NeutralRotary, keep_fp32, release_fp32, rotary_inv_freqs
+from lce.kernels.rope import Rotation
 from lce.posenc import POSENCS
 from lce.posenc.logn import logn_scale, original_length
-from lce.posenc.rotation import Rotation
 
 SPEC_VERSION = 1
 
@@ -69,6 +69,7 @@ class PatchTarget:
         self.adapter = adapter
         self.group = group
         self._kernel: Claim | None = None  # value: (layer_index, attention_module) -> Kernel
+        self._kernel_handles: frozenset[str] = frozenset()  # what the kernel declares it handles (use_kernel)
         self._fused: Callable[[int, nn.Module], FusedAttention | None] | None = None
         self._q_scale: Claim | None = None  # value: the log-n training length
         self._restriction: Claim | None = None  # value: (layer_index, attention_module) -> Restriction | None
@@ -164,14 +165,16 @@ class PatchTarget:
         One kernel per model: two methods that both need to own the attention computation do not compose.
 
         Args:
-            handles: what the kernel does beyond causal softmax attention (``Adapter.attention_features``):
-                ``softcap`` (it soft-caps logits by ``kwargs["softcap"]``), ``bidirectional``. A model whose
-                attention needs more is refused rather than computed wrongly.
+            handles: what the kernel does beyond causal softmax attention: the model's needs
+                (``Adapter.attention_features``: ``softcap``, it soft-caps logits by ``kwargs["softcap"]``;
+                ``bidirectional``), and ``restriction``: it honours a sparse variant's pattern passed as
+                ``visible=`` (``restrict``). A model whose attention needs more is refused rather than computed
+                wrongly, and so is a restriction the kernel would ignore.
             fused_for_layer: the same layer as data for lce's fused Triton kernel
                 (``lce.attention.plan.FusedAttention``), which runs instead when the backend is ``triton``; None:
                 the PyTorch kernel always runs.
         """
-        missing = sorted(self.adapter.attention_features(self.model) - set(handles))
+        missing = sorted(self.adapter.attention_features(self.model) - set(handles) - {RESTRICTION})
         if missing:
             raise UnsupportedModelError(
                 f"{self.owner(method)} replaces the attention computation, but {self.adapter.family} attention needs "
@@ -181,6 +184,7 @@ class PatchTarget:
             raise LceError(f"{self.owner(method)} and {self._kernel.owner} both replace the attention computation; "
                            "they cannot be combined")
         self._kernel = Claim(method, self.owner(method), kernel_for_layer)
+        self._kernel_handles = frozenset(handles)
         self._fused = fused_for_layer
 
     def scale_queries(self, method: str, logn_length: int) -> None:
@@ -196,8 +200,9 @@ class PatchTarget:
         visible (``lce.attention.plan.Restriction``); a layer that gets None keeps its attention unchanged.
 
         Composes with the position encoding: its kernel (``use_kernel``) receives the restriction as ``visible=`` and
-        must declare that parameter, or ``finalize`` refuses the combination; without one, lce's block-wise kernel
-        (``lce.attention.blockwise``) computes the restricted layers from the rotated queries and keys.
+        must declare that it handles ``restriction``, or ``finalize`` refuses the combination; without one, lce's
+        block-wise kernel (``lce.attention.blockwise``) computes the restricted layers from the rotated queries and
+        keys.
 
         Raises:
             UnsupportedModelError: the model's attention is bidirectional (the restrictions are causal).
@@ -217,7 +222,7 @@ class PatchTarget:
         """Route attention through lce's function if any method asked for a kernel, query scaling or a restriction.
 
         Raises:
-            LceError: a layer is restricted but the position encoding's kernel takes no ``visible`` argument.
+            LceError: a layer is restricted but the position encoding's kernel does not handle restrictions.
         """
         if self._kernel is None and self._q_scale is None and self._restriction is None:
             return
@@ -234,10 +239,10 @@ class PatchTarget:
             if restriction is not None:
                 if self._kernel is None:
                     kernel = blockwise_kernel(kernel)
-                elif not accepts_visible(kernel):
+                elif RESTRICTION not in self._kernel_handles:
                     raise LceError(
                         f"{self._restriction.owner} restricts which keys each query sees, but the attention kernel of "
-                        f"{self._kernel.owner} takes no `visible` argument, so it would attend to every key; the two "
+                        f"{self._kernel.owner} does not honour restrictions, so it would attend to every key; the two "
                         "cannot be combined (kernels that honour restrictions: lce's block-wise kernel "
                         "for rotary encodings such as rope/pi/yarn, alibi, and segmented_attention-based ones that "
                         "pass `visible` on)"

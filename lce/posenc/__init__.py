@@ -6,9 +6,9 @@ Every module of this package is imported here, so adding a method is adding its 
 import importlib
 import pkgutil
 
-from lce.posenc.base import POSENCS, PosEnc
+from lce.posenc.base import POSENCS, PosEnc, SegmentMethod
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["POSENCS", "PosEnc"]
+__all__ = ["POSENCS", "PosEnc", "SegmentMethod"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lce.attention.blockwise import allowed_pairs, key_columns
-from lce.attention.plan import FusedAttention
+from lce.attention.plan import RESTRICTION, FusedAttention
 from lce.config import check
 from lce.posenc.base import POSENCS, PosEnc
 
@@ -228,5 +228,5 @@ class Alibi(PosEnc):
             return alibi_attention(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
                                    block_size=block_size, visible=visible), None
 
-        target.use_kernel("alibi", lambda layer_index, module: kernel,
+        target.use_kernel("alibi", lambda layer_index, module: kernel, handles={RESTRICTION},
                           fused_for_layer=lambda layer_index, module: FusedAttention(alibi_slopes=slopes))

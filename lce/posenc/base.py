@@ -16,6 +16,7 @@ from lce.registry import Registry
 
 if TYPE_CHECKING:
     from lce.hf.patch import PatchTarget
+    from lce.kernels.attention.spec import Segment
 
 POSENCS: Registry = Registry("posenc")
 
@@ -44,4 +45,21 @@ class PosEnc:
 
     def apply(self, target: PatchTarget) -> None:
         """Patch ``target.model`` in place; must only go through ``target`` so that unpatching restores it."""
+        raise NotImplementedError
+
+    def max_length(self, pretraining_length: int) -> int | None:
+        """The longest input the method is designed for on a model trained on ``pretraining_length`` tokens (training
+        beyond it is refused, ``lce.train.limits``); None: the method sets no bound."""
+        return None
+
+
+@dataclass(frozen=True)
+class SegmentMethod(PosEnc):
+    """A RoPE method that remaps the positions each (query, key) pair is rotated at (DCA, Self-Extend, ReRoPE,
+    StreamingLLM). Its whole layer is ``segments(L)``: data (``lce.kernels.attention.spec.Segment``) that the
+    PyTorch path (``lce.attention.segments``), the fused CPU path and the Triton kernel all read, and that the shared
+    kernel tests take from this registry."""
+
+    def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
+        """The segments for a model trained on ``pretraining_length`` tokens (``max_position_embeddings``)."""
         raise NotImplementedError

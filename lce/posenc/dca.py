@@ -40,17 +40,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
+from lce.attention.segments import fused_segments, segmented_attention, use_segment_method
 from lce.config import check
-from lce.kernels.attention import segments as kernel_segments
-from lce.posenc.base import POSENCS, PosEnc
-
-if TYPE_CHECKING:
-    from lce.attention.segments import Segment
-    from lce.posenc.rotation import Rotation
+from lce.kernels.attention.spec import PairSelect, PositionMap, Segment
+from lce.kernels.rope import Rotation
+from lce.posenc.base import POSENCS, SegmentMethod
 
 DcaConvention = Literal["code", "paper"]
 
@@ -89,36 +87,24 @@ class DcaGeometry:
         ``w < s/2``; ``2(s - w) - 1`` for wider windows) or ``c - 1`` (paper)."""
         return self.inter_query_position
 
-    def successive_query_positions(self, offset: torch.Tensor) -> torch.Tensor:
-        """Successive-chunk query positions from the offset of the query inside its chunk."""
-        s, w, c = self.chunk_size, self.local_window, self.pretraining_length
+    def segments(self) -> tuple[Segment, ...]:
+        """The intra-, successive- and inter-chunk segments (keys at their offset in the chunk, ``j mod stride``).
+
+        Code convention (ChunkLlama, stride ``L = s - w``): queries at ``i mod L`` (intra), ``min(i mod L + L, s)``
+        (successive) and ``min(2L - 1, s)`` (inter). Paper convention (stride ``s``): ``i mod s`` (intra),
+        ``s + (i mod s)`` for the first ``w`` queries of a chunk and ``c - 1`` for the rest (successive), ``c - 1``
+        (inter)."""
+        stride, s, w = self.stride, self.chunk_size, self.local_window
+        in_chunk = PositionMap(mod=stride)
         if self.convention == "code":
-            return torch.clamp(offset + self.stride, max=s)
-        return torch.where(offset < w, s + offset, torch.full_like(offset, c - 1))
-
-    def segments(self) -> list[Segment]:
-        """The intra-, successive- and inter-chunk segments (``lce.attention.segments``)."""
-        from lce.attention.segments import Segment  # lce.attention imports lce.posenc: import on use
-
-        stride = self.stride
-
-        def in_chunk(positions: torch.Tensor) -> torch.Tensor:
-            return torch.remainder(positions, stride)
-
-        def chunk_gap(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-            return torch.div(i, stride, rounding_mode="floor") - torch.div(j, stride, rounding_mode="floor")
-
-        def successive(positions: torch.Tensor) -> torch.Tensor:
-            return self.successive_query_positions(in_chunk(positions))
-
-        def inter(positions: torch.Tensor) -> torch.Tensor:
-            return torch.full_like(positions, self.inter_query_position)
-
-        return [
-            Segment(in_chunk, in_chunk, lambda i, j: chunk_gap(i, j) == 0),
-            Segment(successive, in_chunk, lambda i, j: chunk_gap(i, j) == 1),
-            Segment(inter, in_chunk, lambda i, j: chunk_gap(i, j) >= 2),
-        ]
+            successive = PositionMap(mod=stride, add=stride, cap=s)
+        else:
+            successive = PositionMap(mod=s, add=s, below=w, otherwise=self.pretraining_length - 1)
+        return (
+            Segment(in_chunk, in_chunk, PairSelect(div=stride, lo=0, hi=1)),
+            Segment(successive, in_chunk, PairSelect(div=stride, lo=1, hi=2)),
+            Segment(PositionMap.constant(self.inter_query_position), in_chunk, PairSelect(div=stride, lo=2)),
+        )
 
 
 def dca_mscale(lengths: torch.Tensor, pretraining_length: int) -> torch.Tensor:
@@ -160,18 +146,16 @@ def dca_attention(
     Returns:
         ``[B, Tq, H, D]``.
     """
-    from lce.attention.segments import segmented_attention
-
     if mscale:
         factor = dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2
         query = query * factor[:, None, :, None].to(query.dtype)
-    return segmented_attention(query, key, value, kernel_segments.dca_segments(geometry), rotation, q_pos, k_pos,
+    return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos,
                                scaling, attention_mask, block_size=block_size, visible=visible, softcap=softcap)
 
 
 @POSENCS.register("dca")
 @dataclass(frozen=True)
-class Dca(PosEnc):
+class Dca(SegmentMethod):
     """Dual Chunk Attention; ``null`` lengths are resolved from the model config when the model is patched.
 
     Attributes:
@@ -222,13 +206,14 @@ class Dca(PosEnc):
                   f"distances stay below c = {c}, got {w}{w_from}")
         return DcaGeometry(c, s, w, self.convention)
 
+    def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
+        return self.geometry(pretraining_length).segments()
+
     def geometry_for(self, config) -> DcaGeometry:
         """The layout for a model config (``c`` = its ``max_position_embeddings`` unless set)."""
         return self.geometry(int(config.max_position_embeddings))
 
     def apply(self, target) -> None:
-        from lce.attention.segments import fused_segments, use_segment_method  # lce.attention imports lce.posenc
-
         geometry = self.geometry_for(target.config)
         mscale, c = self.mscale, geometry.pretraining_length
 
@@ -237,24 +222,9 @@ class Dca(PosEnc):
                                  mscale=mscale, visible=visible, softcap=softcap)
 
         def fused_for(rotation):
-            fused = fused_segments(kernel_segments.dca_segments(geometry), rotation)
+            fused = fused_segments(geometry.segments(), rotation)
             if mscale:
                 fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
             return fused
 
         use_segment_method(target, "dca", attend, fused_for)
-
-
-def dca_relative_positions(geometry: DcaGeometry, length: int) -> torch.Tensor:
-    """``[length, length]`` effective relative distances ``P_q[i] - P_k[j]`` of causal pairs (-1 above the diagonal).
-
-    Read off the segments themselves, so it documents exactly what ``dca_attention`` rotates by.
-    """
-    positions = torch.arange(length)[None]
-    i, j = positions[:, :, None], positions[:, None, :]
-    out = torch.full((length, length), -1, dtype=torch.long)
-    for seg in geometry.segments():
-        distance = seg.q_map(positions)[:, :, None] - seg.k_map(positions)[:, None, :]
-        out = torch.where((seg.select(i, j) & (j <= i))[0], distance[0], out)
-    return out
-

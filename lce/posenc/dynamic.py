@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lce.config import check
+from lce.kernels.rope import Rotation
 from lce.posenc.base import POSENCS, PosEnc
 from lce.posenc.frequencies import (
     check_factor,
@@ -43,7 +44,6 @@ from lce.posenc.frequencies import (
     yarn_attention_factor,
     yarn_inv_freq,
 )
-from lce.posenc.rotation import Rotation
 from lce.posenc.yarn import check_yarn_fields
 
 

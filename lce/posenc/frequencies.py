@@ -1,25 +1,24 @@
-"""Readable references for the frequency-scaling position encodings, written from the papers' equations.
+"""Frequency-scaling functions the position encodings compute with, written from the papers' equations.
 
 Each function returns what a RoPE module needs: inverse frequencies ``inv_freq [d/2]`` (fp32) and, where the method
 has one, the factor transformers multiplies cos and sin by (``attention_factor``, YaRN's "mscale"; logits are scaled
 by its square). Notation follows METHODS.md §2: rotary dim ``d``, pair index ``i in [0, d/2)``, base ``b``,
 ``theta_i = b^(-2i/d)``, wavelength ``lambda_i = 2*pi/theta_i``, original (training) length ``L``, scale ``s``.
 
-Tests compare every function with transformers' ``ROPE_INIT_FUNCTIONS`` over many random parameter draws
-(``tests/posenc/test_frequency.py``); the methods themselves go through transformers' own rope types, so these
-functions are the specification, not the code path, of the static methods (PI, NTK, YaRN, Llama 3, LongRoPE), and the
-code path of the stateless dynamic ones (``lce.posenc.dynamic``). The last few functions are the parameter checks and
-model lookups (training length, base) those method configs share.
+The static methods (PI, NTK, YaRN, Llama 3, LongRoPE) run as transformers' own rope types, so that a saved checkpoint
+loads in vanilla transformers; what lce computes itself is here: RoPE's frequencies, the NTK base, YaRN's
+frequencies and temperature (also the code path of the stateless dynamic methods, ``lce.posenc.dynamic``) and
+LongRoPE's starting factors. Tests compare them with transformers' ``ROPE_INIT_FUNCTIONS`` over many random parameter
+draws (``tests/posenc/test_frequency.py``); the references for PI, Llama 3 and LongRoPE, which lce never computes
+itself, are in ``tests/posenc/references.py``. The last few functions are the parameter checks and model lookups
+(training length, base) those method configs share.
 
-Papers: RoPE, Su et al. 2021 (arXiv:2104.09864); PI, Chen et al. 2023 (arXiv:2306.15595); YaRN, Peng et al. 2023
-(arXiv:2309.00071), which also writes down NTK-aware and NTK-by-parts; Llama 3, Dubey et al. 2024 (arXiv:2407.21783);
-LongRoPE, Ding et al. 2024 (arXiv:2402.13753).
+Papers: RoPE, Su et al. 2021 (arXiv:2104.09864); YaRN, Peng et al. 2023 (arXiv:2309.00071), which also writes down
+NTK-aware and NTK-by-parts; LongRoPE, Ding et al. 2024 (arXiv:2402.13753).
 """
-
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -35,12 +34,6 @@ def rope_inv_freq(dim: int, base: float, device: torch.device | str | None = Non
     the frequencies unchanged is bit-identical to the unpatched model.
     """
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-
-
-def pi_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
-    """Position Interpolation: ``g(m) = m / s`` (PI paper §2.3). RoPE angles are ``m * theta_i``, so dividing the
-    positions is dividing the frequencies: ``theta_i / s`` (transformers' ``linear`` rope type)."""
-    return inv_freq / factor
 
 
 def ntk_base(base: float, factor: float, dim: int) -> float:
@@ -134,42 +127,6 @@ def yarn_inv_freq(dim: int, base: float, factor: float, original_length: int, be
     low, high = yarn_correction_range(beta_fast, beta_slow, dim, base, original_length, truncate)
     interpolate = yarn_ramp(low, high, dim // 2, device)  # 1 - gamma
     return theta / factor * interpolate + theta * (1 - interpolate), yarn_mscale(factor)
-
-
-def llama3_inv_freq(dim: int, base: float, factor: float, original_length: int, low_freq_factor: float = 1.0,
-                    high_freq_factor: float = 4.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """Llama 3.1's frequency scaling, ``[d/2]`` fp32 (no equation in the Llama 3 paper; the released reference is
-    transformers' ``_compute_llama3_parameters``, constants from Meta's Llama 3.1 release: 8, 1, 4, 8192).
-
-    Wavelengths shorter than ``L / high_freq_factor`` are kept, longer than ``L / low_freq_factor`` divided by ``s``,
-    and in between blended with ``smooth = (L / lambda - low) / (high - low)``:
-    ``theta' = (1 - smooth) * theta / s + smooth * theta`` -- NTK-by-parts with ``alpha = low_freq_factor``,
-    ``beta = high_freq_factor`` and no temperature (attention factor 1).
-    """
-    theta = rope_inv_freq(dim, base, device)
-    wavelength = 2 * math.pi / theta
-    smooth = (original_length / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * theta / factor + smooth * theta
-    out = torch.where(wavelength > original_length / low_freq_factor, theta / factor, blended)
-    return torch.where(wavelength < original_length / high_freq_factor, theta, out)
-
-
-def longrope_inv_freq(dim: int, base: float, rescale: Sequence[float],
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """LongRoPE: one searched rescale factor per pair, ``theta_i' = 1 / (lambda_i * b^(2i/d))``
-    (``_calc_inv_freq`` in microsoft/LongRoPE ``rope/longrope.py``), ``[d/2]`` fp32."""
-    factors = torch.tensor(list(rescale), dtype=torch.float32, device=device)
-    return 1.0 / (factors * base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-
-
-def longrope_mscale(factor: float, original_length: int) -> float:
-    """LongRoPE's default ("su") cos/sin multiplier ``sqrt(1 + ln s / ln L)``, 1 for ``s <= 1``.
-
-    Its square ``1 + ln s / ln L = log_L(s * L)`` is log-n scaling evaluated at the target length.
-    """
-    if factor <= 1:
-        return 1.0
-    return math.sqrt(1 + math.log(factor) / math.log(original_length))
 
 
 def longrope_init_factors(dim: int, base: float, factor: float, original_length: int, beta_fast: float = 32.0,

@@ -2,10 +2,11 @@
 
 NTK-by-parts by wavelength with ``alpha = low_freq_factor``, ``beta = high_freq_factor`` and no temperature:
 wavelengths shorter than ``L / high_freq_factor`` are kept, longer than ``L / low_freq_factor`` divided by ``s``,
-smoothly blended in between (``lce.posenc.frequencies.llama3_inv_freq``). Defaults are Llama 3.1's (factor 8, low 1,
-high 4; ``L = 8192`` there): for ``d = 128``, ``b = 5e5`` that keeps 29 pairs, scales 29 and blends 6. Applied as
-transformers' ``llama3`` rope type (a saved checkpoint loads in vanilla transformers; transformers logs a warning when
-``original_max_position_embeddings`` is not below ``max_position_embeddings``, which is harmless here).
+smoothly blended in between (the reference ``llama3_inv_freq`` in ``tests/posenc/references.py``). Defaults are
+Llama 3.1's (factor 8, low 1, high 4; ``L = 8192`` there): for ``d = 128``, ``b = 5e5`` that keeps 29 pairs, scales 29
+and blends 6. Applied as transformers' ``llama3`` rope type (a saved checkpoint loads in vanilla transformers;
+transformers logs a warning when ``original_max_position_embeddings`` is not below ``max_position_embeddings``,
+which is harmless here).
 """
 
 from dataclasses import dataclass

@@ -1,10 +1,10 @@
 """LongRoPE (Ding et al. 2024, arXiv:2402.13753; microsoft/LongRoPE; transformers ``longrope``, Phi-3).
 
-Every pair gets its own rescale factor, ``theta_i' = theta_i / lambda_i``
-(``lce.posenc.frequencies.longrope_inv_freq``), with one list for sequences up to ``L`` (``short_factor``) and one
-beyond (``long_factor``); the paper finds them by
-evolutionary search. cos and sin are multiplied by ``sqrt(1 + ln s / ln L)`` (the "su" policy) at every length.
-Applied as transformers' ``longrope`` rope type, which picks the list from ``max(position_ids) + 1`` in every forward
+Every pair gets its own rescale factor, ``theta_i' = theta_i / lambda_i`` (the reference ``longrope_inv_freq`` in
+``tests/posenc/references.py``), with one list for sequences up to ``L`` (``short_factor``) and one beyond
+(``long_factor``); the paper finds them by evolutionary search. cos and sin are multiplied by
+``sqrt(1 + ln s / ln L)`` (the "su" policy, ``longrope_mscale`` in the same test module) at every length. Applied
+as transformers' ``longrope`` rope type, which picks the list from ``max(position_ids) + 1`` in every forward
 (stateless), so a saved checkpoint loads in vanilla transformers.
 
 Without searched factors: ``short_factor`` null is all ones (RoPE within ``L``), ``long_factor`` null is the search's

@@ -1,8 +1,8 @@
 """Position Interpolation (Chen et al. 2023, arXiv:2306.15595, §2.3; kaiokendev's SuperHOT): positions ``m -> m / s``.
 
-RoPE angles are ``m * theta_i``, so dividing positions by ``s`` is dividing every frequency by ``s``
-(``lce.posenc.frequencies.pi_inv_freq``). Applied as transformers' own ``linear`` rope type, so a checkpoint saved
-with it loads in vanilla transformers. The paper fine-tunes about 1000 steps (200 already reach the full passkey
+RoPE angles are ``m * theta_i``, so dividing positions by ``s`` is dividing every frequency by ``s`` (the reference
+``pi_inv_freq`` in ``tests/posenc/references.py``). Applied as transformers' own ``linear`` rope type, so a checkpoint
+saved with it loads in vanilla transformers. The paper fine-tunes about 1000 steps (200 already reach the full passkey
 range); LongLoRA sets ``factor = ceil(L' / L)``.
 """
 

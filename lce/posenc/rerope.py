@@ -26,20 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
-# Module, not names: lce.attention.segments imports lce.posenc.rotation, whose package imports this module, so the
-# names may not exist yet while this module is imported; they are looked up when called.
 from lce.attention import segments
 from lce.config import check
-from lce.kernels.attention import segments as kernel_segments
-from lce.posenc.base import POSENCS, PosEnc
-from lce.posenc.rotation import Rotation
+from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
+from lce.kernels.rope import Rotation
+from lce.posenc.base import POSENCS, SegmentMethod
 
 
-def rerope_segments(window: int) -> list[segments.Segment]:
-    """The two segments of ReRoPE with window ``w``: exact positions below ``w``, query at ``w`` and key at 0 beyond."""
-    near = segments.Segment(segments.identity, segments.identity, lambda i, j: i - j < window)
-    far = segments.Segment(lambda p: torch.full_like(p, window), torch.zeros_like, lambda i, j: i - j >= window)
-    return [near, far]
+def rerope_segments(window: int) -> tuple[Segment, ...]:
+    """The two segments of ReRoPE with window ``w``: near pairs (``i - j < w``) at true positions; far pairs with the
+    query at ``w`` and the key at 0, so every distance beyond the window reads as ``w``."""
+    return (
+        Segment(IDENTITY, IDENTITY, PairSelect(hi=window)),
+        Segment(PositionMap.constant(window), PositionMap.constant(0), PairSelect(lo=window)),
+    )
 
 
 def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
@@ -59,14 +59,14 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     Returns:
         ``[B, Tq, H, D]``.
     """
-    return segments.segmented_attention(query, key, value, kernel_segments.rerope_segments(window), rotation, q_pos,
+    return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos,
                                         k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
                                         softcap=softcap)
 
 
 @POSENCS.register("rerope")
 @dataclass(frozen=True)
-class ReRope(PosEnc):
+class ReRope(SegmentMethod):
     """ReRoPE in every layer.
 
     Attributes:
@@ -85,9 +85,12 @@ class ReRope(PosEnc):
         check(self.window >= 1, "posenc.window", f"must be >= 1 (the clipping distance), got {self.window}")
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
+    def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
+        return rerope_segments(self.window)
+
     def apply(self, target) -> None:
         window, block_size = self.window, self.block_size
-        parts = kernel_segments.rerope_segments(window)
+        parts = rerope_segments(window)
 
         def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
             return rerope_attention(query, key, value, rotation, q_pos, k_pos, scaling, window, attention_mask,

@@ -27,17 +27,14 @@ Differences from the reference code, none of which changes a result it produces:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from lce.attention.segments import fused_segments, segmented_attention, use_segment_method
 from lce.config import check
-from lce.kernels.attention import segments as kernel_segments
-from lce.posenc.base import POSENCS, PosEnc
-
-if TYPE_CHECKING:
-    from lce.attention.segments import Segment
-    from lce.posenc.rotation import Rotation
+from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
+from lce.kernels.rope import Rotation
+from lce.posenc.base import POSENCS, SegmentMethod
 
 
 def self_extend_max_length(pretraining_length: int, neighbor_window: int, group_size: int) -> int:
@@ -45,22 +42,14 @@ def self_extend_max_length(pretraining_length: int, neighbor_window: int, group_
     return (pretraining_length - neighbor_window) * group_size + neighbor_window
 
 
-def self_extend_segments(group_size: int, neighbor_window: int) -> list[Segment]:
-    """The neighbor (``i - j < W``) and grouped (``i - j >= W``) segments."""
-    from lce.attention.segments import Segment, identity  # lce.attention imports lce.posenc: import on use
-
+def self_extend_segments(group_size: int, neighbor_window: int) -> tuple[Segment, ...]:
+    """The neighbor pairs (``i - j < W``) at true positions and the grouped pairs (``i - j >= W``) with the query at
+    ``i // G + W - W // G`` and the key at ``j // G``."""
     shift = neighbor_window - neighbor_window // group_size
-
-    def grouped_query(positions: torch.Tensor) -> torch.Tensor:
-        return torch.div(positions, group_size, rounding_mode="floor") + shift
-
-    def grouped_key(positions: torch.Tensor) -> torch.Tensor:
-        return torch.div(positions, group_size, rounding_mode="floor")
-
-    return [
-        Segment(identity, identity, lambda i, j: i - j < neighbor_window),
-        Segment(grouped_query, grouped_key, lambda i, j: i - j >= neighbor_window),
-    ]
+    return (
+        Segment(IDENTITY, IDENTITY, PairSelect(hi=neighbor_window)),
+        Segment(PositionMap(div=group_size, add=shift), PositionMap(div=group_size), PairSelect(lo=neighbor_window)),
+    )
 
 
 def self_extend_attention(
@@ -96,29 +85,14 @@ def self_extend_attention(
     Returns:
         ``[B, Tq, H, D]``.
     """
-    from lce.attention.segments import segmented_attention
-
-    return segmented_attention(query, key, value, kernel_segments.self_extend_segments(group_size, neighbor_window),
-                               rotation,
+    return segmented_attention(query, key, value, self_extend_segments(group_size, neighbor_window), rotation,
                                q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
                                softcap=softcap)
 
 
-def self_extend_relative_positions(group_size: int, neighbor_window: int, length: int) -> torch.Tensor:
-    """``[length, length]`` effective relative distances of causal pairs (-1 above the diagonal), read off the
-    segments ``self_extend_attention`` uses."""
-    positions = torch.arange(length)[None]
-    i, j = positions[:, :, None], positions[:, None, :]
-    out = torch.full((length, length), -1, dtype=torch.long)
-    for seg in self_extend_segments(group_size, neighbor_window):
-        distance = seg.q_map(positions)[:, :, None] - seg.k_map(positions)[:, None, :]
-        out = torch.where((seg.select(i, j) & (j <= i))[0], distance[0], out)
-    return out
-
-
 @POSENCS.register("self_extend")
 @dataclass(frozen=True)
-class SelfExtend(PosEnc):
+class SelfExtend(SegmentMethod):
     """Self-Extend grouped attention.
 
     Attributes:
@@ -142,16 +116,17 @@ class SelfExtend(PosEnc):
               f"must be smaller than the training length L = {pretraining_length} (max_position_embeddings), "
               f"got {self.neighbor_window}")
 
+    def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
+        return self_extend_segments(self.group_size, self.neighbor_window)
+
     def max_length(self, pretraining_length: int) -> int:
         """``(L - W) * G + W`` for this configuration."""
         return self_extend_max_length(pretraining_length, self.neighbor_window, self.group_size)
 
     def apply(self, target) -> None:
         self.check_length(int(target.config.max_position_embeddings))
-        from lce.attention.segments import fused_segments, use_segment_method  # lce.attention imports lce.posenc
-
         group_size, neighbor_window = self.group_size, self.neighbor_window
-        parts = kernel_segments.self_extend_segments(group_size, neighbor_window)
+        parts = self_extend_segments(group_size, neighbor_window)
 
         def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
             return self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,

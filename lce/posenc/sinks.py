@@ -34,22 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
-# Module, not names: lce.attention.segments imports lce.posenc.rotation, whose package imports this module, so the
-# names may not exist yet while this module is imported; they are looked up when called.
 from lce.attention import segments
 from lce.config import check
-from lce.kernels.attention import segments as kernel_segments
-from lce.posenc.base import POSENCS, PosEnc
-from lce.posenc.rotation import Rotation
+from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
+from lce.kernels.rope import Rotation
+from lce.posenc.base import POSENCS, SegmentMethod
 
 
-def sink_segments(start_size: int, recent_size: int) -> list[segments.Segment]:
-    """Recent keys at true positions; sink keys beyond the window with the query at cache position ``S + R - 1``."""
-    last = start_size + recent_size - 1
-    recent = segments.Segment(segments.identity, segments.identity, lambda i, j: i - j < recent_size)
-    sink = segments.Segment(lambda p: p.clamp(max=last), segments.identity,
-                            lambda i, j: (j < start_size) & (i - j >= recent_size))
-    return [recent, sink]
+def sink_segments(start_size: int, recent_size: int) -> tuple[Segment, ...]:
+    """Recent pairs (``i - j < R``) at true positions; sink keys (``j < S``) beyond the window with the query at its
+    cache position ``min(i, S + R - 1)`` (pairs neither selects are hidden)."""
+    return (
+        Segment(IDENTITY, IDENTITY, PairSelect(hi=recent_size)),
+        Segment(PositionMap(cap=start_size + recent_size - 1), IDENTITY, PairSelect(lo=recent_size,
+                                                                                    key_below=start_size)),
+    )
 
 
 def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation: Rotation,
@@ -72,7 +71,7 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Returns:
         ``[B, Tq, H, D]``.
     """
-    parts = kernel_segments.sink_segments(start_size, recent_size)
+    parts = sink_segments(start_size, recent_size)
     if segments.staircase_applies(parts, query, q_pos, k_pos, attention_mask, None, softcap):
         # Inference on CPU: the staircase path reads only the sinks and each block's window, without gathering keys.
         return segments.segmented_attention(query, key, value, parts, rotation, q_pos, k_pos, scaling)
@@ -95,7 +94,7 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 @POSENCS.register("sinks")
 @dataclass(frozen=True)
-class Sinks(PosEnc):
+class Sinks(SegmentMethod):
     """StreamingLLM attention sinks with pos-shift in every layer.
 
     Attributes:
@@ -116,9 +115,12 @@ class Sinks(PosEnc):
               f"must be >= 1 (the window includes the current token), got {self.recent_size}")
         check(self.block_size >= 1, "posenc.block_size", f"must be >= 1, got {self.block_size}")
 
+    def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
+        return sink_segments(self.start_size, self.recent_size)
+
     def apply(self, target) -> None:
         start_size, recent_size, block_size = self.start_size, self.recent_size, self.block_size
-        parts = kernel_segments.sink_segments(start_size, recent_size)
+        parts = sink_segments(start_size, recent_size)
 
         def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
             return sinks_attention(query, key, value, rotation, q_pos, k_pos, scaling, start_size, recent_size,

@@ -1,6 +1,6 @@
 """Train a causal LM at a short context or fine-tune it at a longer one: config, schedule, resumable data order
-(plain, packed or PoSE), LoRA, FSDP2 sharding, safetensors checkpoints, the training device, non-finite steps,
-loop."""
+(plain, packed or PoSE), LoRA, training strategies (one process, DDP, FSDP2, ZeRO-3), safetensors checkpoints, the
+training device, non-finite steps, loop."""
 
 from lce.train.batch import Batch, block_length, make_batch
 from lce.train.checkpoint import (

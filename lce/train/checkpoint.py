@@ -13,7 +13,8 @@ Everything is unsharded and keyed by parameter name, so a checkpoint written by 
 (``lce.train.fsdp``) or by DeepSpeed ZeRO-3 (``lce.train.zero3``) resumes under any of them: ``full_optimizer_state``
 gathers a sharded optimizer's state through ``torch.distributed.checkpoint.state_dict`` and ``load_optimizer_state``
 scatters it back (ZeRO-3 has its own gather and scatter, on the names ``read_optimizer_state`` gives).
-Checkpoints of format 1 (optimizer state keyed by the parameter's index in the optimizer) still load.
+``state.json`` records the layout's ``format`` so that a checkpoint of another layout is refused by name rather than
+misread.
 
 A checkpoint is written into a hidden temporary directory, ``state.json`` last, and then renamed into place with
 ``os.replace``; a process killed mid-save leaves only the temporary directory, which ``latest_checkpoint`` ignores
@@ -42,12 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from lce.errors import LceError
 from lce.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_PREFIX = ".tmp-"
-FORMAT = 2  # 1: optimizer state keyed by parameter index (no "format" in state.json); 2: by parameter name
+FORMAT = 2  # the optimizer state keyed by parameter name, the only layout lce reads
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -178,9 +180,7 @@ def load_optimizer_state(path: str | Path, model: nn.Module, optimizer: torch.op
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     full: dict[str, Any] = {}
     if not sharded or torch.distributed.get_rank() == 0:
-        names_by_id = {id(p): name for name, p in model.named_parameters()}
-        full = read_optimizer_state(path, [names_by_id[id(p)] for group in optimizer.param_groups
-                                           for p in group["params"]])
+        full = read_optimizer_state(path)
     set_optimizer_state_dict(model, optimizer, full,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
     # JSON, and torch.distributed.checkpoint's flattening of a full state, have no tuples; torch optimizers keep
@@ -189,20 +189,19 @@ def load_optimizer_state(path: str | Path, model: nn.Module, optimizer: torch.op
         group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list) and k != "params"})
 
 
-def read_optimizer_state(path: str | Path, names: list[str]) -> dict[str, Any]:
-    """The full optimizer state of checkpoint ``path`` keyed by parameter name, as ``full_optimizer_state`` returns it.
+def read_optimizer_state(path: str | Path) -> dict[str, Any]:
+    """The full optimizer state of checkpoint directory ``path`` keyed by parameter name, as ``full_optimizer_state``
+    returns it.
 
-    Args:
-        path: a checkpoint directory.
-        names: the names of the optimizer's parameters, group after group in order; used only to name the state of
-            a format-1 checkpoint (keyed by that order).
+    Raises:
+        LceError: the checkpoint's ``format`` is not ``FORMAT``.
     """
     state = read_state(path)
-    flat = load_file(Path(path) / "optimizer.safetensors")
-    groups = state["optimizer_param_groups"]
-    if state.get("format", 1) == 1:
-        return _named_legacy_state(flat, groups, names)
-    return {"state": _unflatten_optimizer_state(flat), "param_groups": groups}
+    if state.get("format") != FORMAT:
+        raise LceError(f"checkpoint {path} has format {state.get('format')!r}; this lce reads format {FORMAT} "
+                       "(optimizer state keyed by parameter name) only")
+    return {"state": _unflatten_optimizer_state(load_file(Path(path) / "optimizer.safetensors")),
+            "param_groups": state["optimizer_param_groups"]}
 
 
 def restore_rng_state(path: str | Path) -> None:
@@ -264,21 +263,6 @@ def _unflatten_optimizer_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[
         param_name, name = key.removeprefix("state.").rsplit(".", 1)
         state.setdefault(param_name, {})[name] = value
     return state
-
-
-def _named_legacy_state(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]],
-                        names: list[str]) -> dict[str, Any]:
-    """A format-1 optimizer state (``state.{index}.{name}``, groups listing indices) keyed by parameter name.
-
-    Index ``i`` is the ``i``-th parameter over the optimizer's groups in order (how torch numbers them in
-    ``Optimizer.state_dict``), which is the order the optimizer was saved with when it is built the same way.
-    """
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(names[int(index)], {})[name] = value
-    return {"state": state,
-            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups]}
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

@@ -34,8 +34,9 @@ def supported_length(model: nn.Module) -> tuple[int | None, str]:
     original = original_length(model.config)
     if spec is not None:
         posenc = POSENCS.build(spec["posenc"])
-        if hasattr(posenc, "max_length"):
-            return posenc.max_length(original), f"posenc={posenc.name} ({posenc!r})"
+        bound = posenc.max_length(original)
+        if bound is not None:
+            return bound, f"posenc={posenc.name} ({posenc!r})"
     rope = getattr(model.config, "rope_parameters", None) or {}
     if rope.get("rope_type") in STATIC_SCALED_ROPE_TYPES and rope.get("factor"):
         factor = float(rope["factor"])

@@ -1,14 +1,15 @@
 """The training loop: AdamW on the chunked next-token loss, with accelerate, exact resume and a JSONL step log.
 
 One optimizer step consumes ``grad_accum`` micro-batches per process. The loss is computed from the final hidden
-states with ``lce.eval.loss.token_nll`` so full ``[B, T, V]`` logits never exist. Resuming from the newest
-checkpoint under ``out_dir`` restores weights, AdamW state, RNG states and the data position; the learning rate is a
-pure function of the step (``lce.train.schedule``), so on CPU in fp32 a resumed run repeats the losses of an
-uninterrupted one bit for bit.
+states with ``lce.eval.loss.token_nll`` (``lce.train.objective``) so full ``[B, T, V]`` logits never exist. Resuming
+from the newest checkpoint under ``out_dir`` restores weights, AdamW state, RNG states and the data position; the
+learning rate is a pure function of the step (``lce.train.schedule``), so on CPU in fp32 a resumed run repeats the
+losses of an uninterrupted one bit for bit.
 
-Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parallel (DDP) or fully sharded (FSDP2,
-``lce.train.fsdp``), with the losses of one process with the same global batch and checkpoints that resume under
-any of them; DeepSpeed ZeRO-3 launches train a DeepSpeed engine lce builds itself (``lce.train.zero3``). With
+Runs under ``accelerate launch`` as they are (``conf/accelerate/``): data-parallel (DDP), fully sharded (FSDP2,
+``lce.train.fsdp``) or DeepSpeed ZeRO-3 (an engine lce builds itself, ``lce.train.zero3``), with the losses of one
+process with the same global batch and checkpoints that resume under any of them. The launch picks a training
+strategy once (``lce.train.strategy``); this loop is the same for all of them. With
 ``train.lora_rank > 0`` the model trains LoRA adapters (``lce.train.lora``) that are merged into its weights when
 training ends.
 
@@ -18,15 +19,14 @@ never checkpointed; ``train.max_nonfinite_steps`` of them in a row stop training
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,36 +36,21 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lce.config import check
 from lce.errors import ConfigError
-from lce.eval.loss import token_nll
-from lce.hf.adapters import adapter_for
-from lce.hf.lm import hidden_states, loss_head
 from lce.train import zero3
 from lce.train.batch import Batch, block_length, make_batch
-from lce.train.checkpoint import (
-    checkpoint_dir,
-    full_optimizer_state,
-    load_optimizer_state,
-    load_weights,
-    prune,
-    read_optimizer_state,
-    read_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from lce.train.checkpoint import checkpoint_dir, load_weights, prune, read_state, restore_rng_state, save_checkpoint
 from lce.train.config import RESUMABLE_CHANGES, TrainConfig
 from lce.train.data import TrainBlocks
 from lce.train.device import accelerator_cpu, check_device, claimed_device
-from lce.train.fsdp import fsdp_settings, gather_parameters, shard
 from lce.train.limits import check_positions, resolve_resume
 from lce.train.lora import apply_lora, merge_lora
 from lce.train.nonfinite import NonFiniteGuard, is_healthy, json_record
 from lce.train.schedule import lr_at
+from lce.train.strategy import TrainingStrategy, select_strategy
 
 LOG_NAME = "train_log.jsonl"
 
@@ -91,29 +76,6 @@ class TrainResult:
     resumed_from: int | None
     log_path: Path
     device: torch.device
-
-
-class NextTokenLoss(nn.Module):
-    """A causal LM and its chunked next-token loss as one module.
-
-    accelerate applies autocast and DDP by wrapping a module's ``forward``; computing the loss inside one keeps the
-    whole forward (hidden states and chunked logits) under those wrappers.
-    """
-
-    def __init__(self, model: nn.Module, chunk_size: int):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token NLL ``[B * T]`` float32 of ``inputs [B, T]`` predicting ``targets [B, T]`` (0 where a target is
-        ``IGNORE``), with explicit ``position_ids [B, T]`` and ``attention_mask`` when given (see ``Batch``)."""
-        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-        hidden = hidden_states(self.model, inputs, attention_mask, **kwargs)
-        return token_nll(
-            loss_head(self.model), hidden.flatten(0, 1), targets.flatten(), self.chunk_size
-        )
 
 
 def fresh_accelerator(cfg: TrainConfig, device: torch.device | str | None = None) -> Accelerator:
@@ -145,63 +107,6 @@ def fresh_accelerator(cfg: TrainConfig, device: torch.device | str | None = None
     return accelerator
 
 
-@dataclass
-class PreparedRun:
-    """The model as the loop trains it.
-
-    Attributes:
-        loss_module: what forward and backward go through: ``NextTokenLoss`` wrapped by accelerate (DDP, autocast),
-            sharded by FSDP2, or a DeepSpeed ZeRO-3 engine around it.
-        trained: the module whose parameters the optimizer updates: the caller's model, or its sharded copy.
-        optimizer: what the loop steps (accelerate's wrapper without sharding; DeepSpeed's around lce's AdamW).
-        sharded: whether ``trained`` is an FSDP2-sharded or ZeRO-3-partitioned copy (then the caller's model
-            receives its weights at each checkpoint and at the end).
-        group_names: under ZeRO-3, the parameter names of each AdamW group (DeepSpeed's flat partitions replace the
-            parameters in the groups); otherwise empty.
-    """
-
-    loss_module: nn.Module
-    trained: nn.Module
-    optimizer: torch.optim.Optimizer
-    sharded: bool
-    group_names: list[list[str]] = dataclasses.field(default_factory=list)
-
-    @property
-    def zero3(self) -> bool:
-        """Whether ``loss_module`` is a DeepSpeed ZeRO-3 engine."""
-        return zero3.is_engine(self.loss_module)
-
-    @property
-    def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The torch optimizer itself (inside accelerate's ``AcceleratedOptimizer`` when there is one)."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
-
-
-def prepare(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig) -> PreparedRun:
-    """Wrap ``model`` and its AdamW for this launch: accelerate's ``prepare`` (one process, DDP), or FSDP2 or
-    DeepSpeed ZeRO-3 on a copy when the launch config asks for it (``lce.train.fsdp``, ``lce.train.zero3``; the
-    caller's model waits on the CPU meanwhile)."""
-    zero3_settings = zero3.zero3_settings(accelerator.mixed_precision)
-    if zero3_settings is not None:
-        trained = copy.deepcopy(model.cpu())
-        optimizer = build_optimizer(trained, cfg)
-        names = {id(p): name for name, p in trained.named_parameters()}
-        group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-        engine = zero3.initialize(NextTokenLoss(trained, cfg.loss_chunk_size), optimizer, cfg, zero3_settings,
-                                  trained.config.hidden_size)
-        zero3.set_master_weights(engine, trained, model)
-        return PreparedRun(engine, trained, engine.optimizer, sharded=True, group_names=group_names)
-    settings = fsdp_settings(accelerator, accelerator.mixed_precision)
-    if settings is None:
-        loss_module, optimizer = accelerator.prepare(NextTokenLoss(model, cfg.loss_chunk_size),
-                                                     build_optimizer(model, cfg))
-        return PreparedRun(loss_module, model, optimizer, sharded=False)
-    trained = copy.deepcopy(model.cpu())
-    loss_module = shard(NextTokenLoss(trained, cfg.loss_chunk_size), adapter_for(trained).layers(trained), settings)
-    # Built on the sharded parameters, so each process keeps AdamW state for its shards only.
-    return PreparedRun(loss_module, trained, build_optimizer(trained, cfg), sharded=True)
-
-
 def resolve_mixed_precision(mode: str, device: torch.device | None = None) -> str:
     """``auto`` -> ``bf16`` when training on a CUDA device that supports it, else ``no``; other modes pass through.
 
@@ -212,16 +117,6 @@ def resolve_mixed_precision(mode: str, device: torch.device | None = None) -> st
         return mode
     cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) only, not on norms or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -268,8 +163,9 @@ def train(
 
     Raises:
         ConfigError: if ``device`` does not exist here, the blocks do not match ``cfg``, ``cfg.seq_len`` (or PoSE's
-            target) is longer than the model's position encoding supports, ``cfg.resume_from`` does not exist, or the
-            checkpoint to resume was trained with settings that change the loss trajectory.
+            target) is longer than the model's position encoding supports, ``cfg.resume_from`` does not exist, the
+            checkpoint to resume was trained with settings that change the loss trajectory, or the launch config asks
+            for what lce does not do (``lce.train.strategy.launch_strategy``).
         NonFiniteLossError: the loss or gradient norm was not finite for ``cfg.max_nonfinite_steps`` steps in a row,
             or on the last steps of the run; the model then holds the weights of the last finite step (see
             ``lce.train.nonfinite``), and the newest checkpoint is the last good one.
@@ -277,15 +173,11 @@ def train(
     out_dir = Path(out_dir)
     check_device(device)  # before any work
     run_seed = cfg.seed if cfg.seed is not None else seed
-    data = blocks if isinstance(blocks, TrainBlocks) else TrainBlocks(blocks, cfg.micro_batch_size, run_seed)
-    check(data.seq_len + 1 == block_length(cfg), "train.seq_len",
-          f"is {cfg.seq_len} but the blocks hold {data.seq_len + 1} tokens, not {block_length(cfg)}"
-          + (" (PoSE: pose_source_factor x (seq_len + 1))" if cfg.pose_target_len else " (seq_len + 1)"))
-    check(data.micro_batch_size == cfg.micro_batch_size, "train.micro_batch_size",
-          f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
+    data = training_blocks(blocks, cfg, run_seed)
     check_positions(model, cfg)
     resume = resolve_resume(out_dir, cfg.resume_from)
     accelerator = fresh_accelerator(cfg, device)
+    strategy = select_strategy(accelerator, cfg)
     run_info = {"seed": run_seed, "data_seed": data.seed, "num_blocks": len(data),
                 "micro_batches_per_step": cfg.grad_accum * accelerator.num_processes}
     if resume is not None:
@@ -296,230 +188,231 @@ def train(
     lora = apply_lora(model, cfg) if cfg.lora_rank else None
     if resume is not None:
         load_weights(resume, model)
-    run = prepare(accelerator, model, cfg)
-
-    start_step, data_position, final_loss = 0, 0, None
-    if resume is not None:
-        state = read_state(resume)
-        if run.zero3:
-            names = [name for group in run.group_names for name in group]
-            zero3.load_optimizer_state(run.loss_module, run.trained, read_optimizer_state(resume, names)["state"])
-        else:
-            load_optimizer_state(resume, run.trained, run.torch_optimizer)
-        restore_rng_state(resume)
-        start_step, data_position, final_loss = state["global_step"], state["data_position"], state["extra"].get("loss")
-        if accelerator.scaler is not None and "grad_scaler" in state["extra"]:
-            accelerator.scaler.load_state_dict(state["extra"]["grad_scaler"])
-        if accelerator.is_main_process:
-            tqdm.write(f"resumed from step {start_step} ({resume})", file=sys.stderr)  # keeps a progress bar intact
-    loss_module, optimizer = run.loss_module, run.optimizer
-
-    log_path = out_dir / LOG_NAME
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(log_path, start_step)
-
-    per_step = cfg.grad_accum * accelerator.num_processes  # global micro-batches per optimizer step
-    step_tokens = per_step * cfg.micro_batch_size * cfg.seq_len
+    strategy.prepare(model)
+    done = resume_progress(resume, strategy) if resume is not None else Progress()
+    start_step = done.step
     batches = (
         make_batch(rows, index, cfg, model, seed=run_seed, eos_id=eos_id)
-        for index, rows in data.indexed_batches(data_position, rank=accelerator.process_index,
+        for index, rows in data.indexed_batches(done.data_position, rank=accelerator.process_index,
                                                 num_processes=accelerator.num_processes)
     )
-    train_seconds, train_tokens = 0.0, 0
+    validate = None if val_blocks is None else (lambda: validation_loss(strategy, val_blocks, cfg, model, eos_id))
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, resume, loss_scaling=accelerator.scaler is not None)
     checkpoint_due = False  # a checkpoint falls due at a non-finite step: taken at the next finite one instead
-
-    loss_module.train()
-    bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="train", dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
     stop = None
-    with bar:
+    strategy.loss_module.train()
+    with StepLog.open(out_dir, start_step, cfg.steps, logger, accelerator.is_main_process, progress) as log:
         for step in range(start_step + 1, cfg.steps + 1):
-            if accelerator.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(accelerator.device)
-            started = time.perf_counter()
-            lr = lr_at(step, cfg)
-            final_loss, grad_norm, applied = optimizer_step(accelerator, loss_module, optimizer, batches, lr, cfg)
-            seconds = time.perf_counter() - started
-            data_position += per_step
-            train_seconds += seconds
-            train_tokens += step_tokens
-
-            record = {
-                "step": step, "loss": final_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": data_position * cfg.micro_batch_size * cfg.seq_len,
-                "tokens_per_s": step_tokens / seconds, "seconds": seconds, **memory_stats(accelerator.device),
-            }
-            if val_blocks is not None and cfg.val_every and step % cfg.val_every == 0:
-                record["val_loss"] = validation_loss(loss_module, val_blocks, cfg, accelerator.device, model,
-                                                     eos_id=eos_id)
-            healthy = is_healthy(final_loss, grad_norm, guard.loss_scaling)
-            report = step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record or not healthy
-            if accelerator.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(json_record(record)) + "\n")
-                if report and logger is not None:
-                    logger.log_metrics(_metric_names(record), step=step)
-            if report:
-                bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-
-            stop = guard.update(step, final_loss, grad_norm, applied)
+            record, applied = train_step(step, strategy, batches, done, validate)
+            healthy = is_healthy(done.loss, done.grad_norm, guard.loss_scaling)
+            log.write(record, report=step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record
+                      or not healthy)
+            stop = guard.update(step, done.loss, done.grad_norm, applied)
             if stop is not None:
                 break
             checkpoint_due = checkpoint_due or step % cfg.checkpoint_every == 0 or step == cfg.steps
             if checkpoint_due and healthy:
-                guard.saved(_save_checkpoint(accelerator, run, model, out_dir, step, data_position, data, cfg,
-                                             {"run": run_info, "loss": final_loss}))
+                guard.saved(save_progress(strategy, model, out_dir, done, data, run_info))
                 checkpoint_due = False
     if stop is None and cfg.steps > start_step:
-        stop = guard.finish(cfg.steps, final_loss, grad_norm)
-    _finish(accelerator, run, model, lora)  # also before a NonFiniteLossError: the weights of the last finite step
+        stop = guard.finish(cfg.steps, done.loss, done.grad_norm)
+    strategy.finish(model)  # also before a NonFiniteLossError: the weights of the last finite step
+    model.eval()
+    if lora is not None:
+        merge_lora(lora)
     if stop is not None:
         raise stop
     return TrainResult(
         steps=max(start_step, cfg.steps),
-        final_loss=final_loss,
-        tokens_seen=data_position * cfg.micro_batch_size * cfg.seq_len,
-        tokens_per_s=train_tokens / train_seconds if train_seconds else 0.0,
+        final_loss=done.loss,
+        tokens_seen=done.tokens_seen(cfg),
+        tokens_per_s=done.train_tokens / done.train_seconds if done.train_seconds else 0.0,
         resumed_from=start_step if resume is not None else None,
-        log_path=log_path,
+        log_path=out_dir / LOG_NAME,
         device=claimed_device(None, accelerator.device),
     )
 
 
-def _save_checkpoint(accelerator: Accelerator, run: PreparedRun, model: nn.Module, out_dir: Path, step: int,
-                     data_position: int, data: TrainBlocks, cfg: TrainConfig, extra: dict[str, Any]) -> Path:
-    """Checkpoint step ``step`` from the main process and prune older checkpoints; returns its directory.
+def training_blocks(blocks: TrainBlocks | torch.Tensor, cfg: TrainConfig, run_seed: int) -> TrainBlocks:
+    """``blocks`` as ``TrainBlocks`` (ordered with ``run_seed``), checked to match ``cfg``."""
+    data = blocks if isinstance(blocks, TrainBlocks) else TrainBlocks(blocks, cfg.micro_batch_size, run_seed)
+    check(data.seq_len + 1 == block_length(cfg), "train.seq_len",
+          f"is {cfg.seq_len} but the blocks hold {data.seq_len + 1} tokens, not {block_length(cfg)}"
+          + (" (PoSE: pose_source_factor x (seq_len + 1))" if cfg.pose_target_len else " (seq_len + 1)"))
+    check(data.micro_batch_size == cfg.micro_batch_size, "train.micro_batch_size",
+          f"is {cfg.micro_batch_size} but the TrainBlocks serve {data.micro_batch_size}")
+    return data
 
-    Gathering the state of a sharded model is a collective: every process calls this.
+
+@dataclass
+class Progress:
+    """Where a run stands after its last optimizer step.
+
+    Attributes:
+        step: global optimizer steps taken.
+        data_position: global micro-batches consumed (where the data order resumes).
+        loss: the last step's training loss (from the checkpoint until a step runs).
+        grad_norm: the last step's global gradient norm before clipping (None until a step runs in this call).
+        train_seconds: time spent in optimizer steps in this call (validation and saving excluded).
+        train_tokens: training tokens of all processes in this call.
     """
-    keeper = model if accelerator.is_main_process else None
-    if run.zero3:
-        optimizer_state = zero3.full_optimizer_state(run.loss_module, run.trained, run.group_names)
-        zero3.gather_parameters(run.loss_module, run.trained, keeper)
-    else:
-        optimizer_state = full_optimizer_state(run.trained, run.torch_optimizer)
-        if run.sharded:
-            gather_parameters(run.trained, keeper)
-    if accelerator.is_main_process:
-        if accelerator.scaler is not None:
-            extra = {**extra, "grad_scaler": accelerator.scaler.state_dict()}
-        save_checkpoint(
-            out_dir, step, model, optimizer_state, data_position=data_position,
-            epoch=data_position // data.batches_per_epoch, config=cfg, extra=extra,
-        )
-        # Steps only grow within a run directory (its own newest checkpoint is always the one resumed), so the
-        # checkpoint just written is the newest and survives any keep_checkpoints >= 1.
-        prune(out_dir, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return checkpoint_dir(out_dir, step)
+
+    step: int = 0
+    data_position: int = 0
+    loss: float | None = None
+    grad_norm: float | None = None
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+
+    def tokens_seen(self, cfg: TrainConfig) -> int:
+        """Training tokens consumed by all processes over the whole run."""
+        return self.data_position * cfg.micro_batch_size * cfg.seq_len
 
 
-def _finish(accelerator: Accelerator, run: PreparedRun, model: nn.Module, lora: Any) -> None:
-    """Hand the trained weights back to the caller's ``model`` (a collective when sharded), in eval mode on the
-    accelerator's device, LoRA adapters merged."""
-    if run.zero3:
-        zero3.gather_parameters(run.loss_module, run.trained, model)
-        run.loss_module.destroy()  # removes DeepSpeed's hooks from the trained copy, so that it can be freed
-    elif run.sharded:
-        gather_parameters(run.trained, model)
-    if run.sharded:
-        model.to(accelerator.device)
-    model.eval()
-    if lora is not None:
-        merge_lora(lora)
+def resume_progress(path: Path, strategy: TrainingStrategy) -> Progress:
+    """Restore the optimizer state, RNG states and gradient scaler of checkpoint ``path`` (into a prepared
+    ``strategy``; the weights are loaded before it is prepared); returns where the checkpoint stood."""
+    state = read_state(path)
+    strategy.load_optimizer_state(path)
+    restore_rng_state(path)
+    scaler = strategy.accelerator.scaler
+    if scaler is not None and "grad_scaler" in state["extra"]:
+        scaler.load_state_dict(state["extra"]["grad_scaler"])
+    if strategy.accelerator.is_main_process:
+        # tqdm.write keeps a progress bar intact.
+        tqdm.write(f"resumed from step {state['global_step']} ({path})", file=sys.stderr)
+    return Progress(step=state["global_step"], data_position=state["data_position"], loss=state["extra"].get("loss"))
 
 
-def optimizer_step(
-    accelerator: Accelerator,
-    loss_module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[Batch],
-    lr: float,
-    cfg: TrainConfig,
-) -> tuple[float, float, bool]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches per process, skipped when it is not finite.
+def train_step(step: int, strategy: TrainingStrategy, batches: Iterator[Batch], done: Progress,
+               validate: Callable[[], float] | None) -> tuple[dict[str, Any], bool]:
+    """Take optimizer step ``step`` and advance ``done`` past it.
 
-    A step whose loss or gradient norm is not finite (``lce.train.nonfinite.is_healthy``) does not update the weights:
-    its gradients are cleared instead (every process decides alike: both values are global). Under ZeRO-3 the engine
-    has stepped inside the last micro-batch, skipping a non-finite gradient norm itself (``zero3.step_skipped``).
+    Returns:
+        ``(record, applied)``: the step's log record (with ``val_loss`` when validation falls due and ``validate``
+        is given), and whether its update reached the weights.
+    """
+    cfg, device = strategy.cfg, strategy.accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    lr = lr_at(step, cfg)
+    done.loss, done.grad_norm, applied = optimizer_step(strategy, batches, lr)
+    seconds = time.perf_counter() - started
+    per_step = cfg.grad_accum * strategy.accelerator.num_processes  # global micro-batches per optimizer step
+    step_tokens = per_step * cfg.micro_batch_size * cfg.seq_len
+    done.step = step
+    done.data_position += per_step
+    done.train_seconds += seconds
+    done.train_tokens += step_tokens
+    record = {
+        "step": step, "loss": done.loss, "lr": lr, "grad_norm": done.grad_norm, "tokens": done.tokens_seen(cfg),
+        "tokens_per_s": step_tokens / seconds, "seconds": seconds, **memory_stats(device),
+    }
+    if validate is not None and cfg.val_every and step % cfg.val_every == 0:
+        record["val_loss"] = validate()
+    return record, applied
+
+
+def optimizer_step(strategy: TrainingStrategy, batches: Iterator[Batch], lr: float) -> tuple[float, float, bool]:
+    """One optimizer step over ``grad_accum`` micro-batches per process, skipped when it is not finite
+    (``TrainingStrategy.update``).
 
     Returns:
         ``(loss, grad_norm, applied)``: mean NLL per scored token over every token of the step on all processes, the
         global gradient norm before clipping, and whether the update reached the weights.
     """
-    for group in optimizer.param_groups:
+    accelerator, grad_accum = strategy.accelerator, strategy.cfg.grad_accum
+    for group in strategy.optimizer.param_groups:
         group["lr"] = lr
     nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = 0
-    for micro in range(cfg.grad_accum):
+    for micro in range(grad_accum):
         batch = next(batches).to(accelerator.device)
-        scored = batch.scored
-        if zero3.is_engine(loss_module):
-            nll = loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask)
-            # DeepSpeed divides by grad_accum like accelerate, and steps (clipping first) after the last micro-batch.
-            loss_module.backward(nll.sum() / max(scored, 1))
-            loss_module.step()
-            nll_sum += nll.detach().double().sum()
-            count += scored
-            continue
-        if isinstance(loss_module, FSDPModule):
-            # Reduce-scatter gradients after the last micro-batch only. accelerate.accumulate does the same when its
-            # distributed type is FSDP, which it never is on CPU processes (lce.train.fsdp).
-            loss_module.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-        with accelerator.accumulate(loss_module):
-            nll = loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask)
-            # accelerate divides by grad_accum: with every token scored, the step's mean over its tokens (packing
-            # leaves a few unscored, and then micro-batches weigh by their own scored count).
-            accelerator.backward(nll.sum() / max(scored, 1))
+        nll = strategy.forward_backward(batch, last=micro == grad_accum - 1)
         nll_sum += nll.detach().double().sum()
-        count += scored
+        count += batch.scored
     # Summed over every token of the step and divided once, not a mean of per-micro-batch means.
     total = accelerator.reduce(torch.stack([nll_sum, nll_sum.new_tensor(count)]), "sum")
     loss = (total[0] / total[1]).item()
-    if zero3.is_engine(loss_module):
-        # Before clipping, over all partitions; inf when DeepSpeed skipped the step.
-        return loss, float(loss_module.get_global_grad_norm()), not zero3.step_skipped(loss_module)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by exactly 1
-    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_norm)
-    if isinstance(grad_norm, DTensor):  # the norm over sharded gradients, replicated on every process
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = float(grad_norm)
-    applied = is_healthy(loss, grad_norm, loss_scaling=accelerator.scaler is not None)
-    if applied:
-        optimizer.step()
-        # fp16: the GradScaler skips a step whose gradients overflowed (and lowers its scale).
-        applied = not getattr(optimizer, "step_was_skipped", False)
-    elif accelerator.scaler is not None:
-        # clip_grad_norm_ unscaled the gradients for this step; the scaler must close it (lowering its scale when
-        # they overflowed) before it unscales the next.
-        accelerator.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, applied
+    return (loss, *strategy.update(loss))
 
 
-def validation_loss(loss_module: nn.Module, val_blocks: torch.Tensor, cfg: TrainConfig, device: torch.device,
-                    model: nn.Module, eos_id: int | None = None) -> float:
+def validation_loss(strategy: TrainingStrategy, val_blocks: torch.Tensor, cfg: TrainConfig, model: nn.Module,
+                    eos_id: int | None = None) -> float:
     """Mean NLL per scored token over the first ``val_batches`` micro-batches of ``val_blocks`` ``[M, S + 1]``
     (packed like the training blocks; PoSE's position skips are not applied)."""
-    loss_module.eval()
+    device = strategy.accelerator.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    with torch.no_grad():
+    with strategy.evaluating() as loss_module, torch.no_grad():
         for start in range(0, min(len(val_blocks), cfg.val_batches * cfg.micro_batch_size), cfg.micro_batch_size):
             rows = val_blocks[start : start + cfg.micro_batch_size]
             batch = make_batch(rows, 0, cfg, model, seed=0, eos_id=eos_id, pose=False).to(device)
             total += loss_module(batch.inputs, batch.targets, batch.position_ids, batch.attention_mask).double().sum()
             count += batch.scored
-    # FSDP2 keeps the root unit gathered from a forward to its backward; without a backward, shard it again here so
-    # that the registered parameters are the optimizer's shards when the next step or checkpoint looks for them.
-    for module in loss_module.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-    loss_module.train()
     return (total / count).item()
+
+
+def save_progress(strategy: TrainingStrategy, model: nn.Module, out_dir: Path, done: Progress, data: TrainBlocks,
+                  run_info: dict[str, Any]) -> Path:
+    """Checkpoint step ``done.step`` from the main process and prune older checkpoints; returns its directory.
+
+    Gathering the state of a sharded model is a collective: every process calls this.
+    """
+    accelerator, cfg = strategy.accelerator, strategy.cfg
+    optimizer_state = strategy.optimizer_state()
+    strategy.gather_into(model if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        extra = {"run": run_info, "loss": done.loss}
+        if accelerator.scaler is not None:
+            extra["grad_scaler"] = accelerator.scaler.state_dict()
+        save_checkpoint(
+            out_dir, done.step, model, optimizer_state, data_position=done.data_position,
+            epoch=done.data_position // data.batches_per_epoch, config=cfg, extra=extra,
+        )
+        # Steps only grow within a run directory (its own newest checkpoint is always the one resumed), so the
+        # checkpoint just written is the newest and survives any keep_checkpoints >= 1.
+        prune(out_dir, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return checkpoint_dir(out_dir, done.step)
+
+
+@dataclass
+class StepLog:
+    """Where each step's record goes: the JSONL log and the logger (from the main process only), and the progress
+    bar."""
+
+    path: Path
+    logger: Any
+    main_process: bool
+    bar: tqdm
+
+    @classmethod
+    @contextmanager
+    def open(cls, out_dir: Path, start_step: int, steps: int, logger: Any, main_process: bool,
+             progress: bool) -> Iterator[StepLog]:
+        """The log of a run resumed after ``start_step`` (0: a fresh one) of ``steps``: lines of later steps are
+        dropped from ``out_dir/train_log.jsonl``; the progress bar (when ``progress``) closes on exit."""
+        path = out_dir / LOG_NAME
+        if main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            truncate_log(path, start_step)
+        with tqdm(total=steps, initial=min(start_step, steps), desc="train", dynamic_ncols=True,
+                  disable=not (progress and main_process)) as bar:
+            yield cls(path, logger, main_process, bar)
+
+    def write(self, record: dict[str, Any], report: bool) -> None:
+        """Append ``record`` to the JSONL log; when ``report``, also to the logger and the progress bar."""
+        if self.main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(json_record(record)) + "\n")
+            if report and self.logger is not None:
+                self.logger.log_metrics(_metric_names(record), step=record["step"])
+        if report:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.update(1)
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -541,18 +434,15 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, run_info: dict[str,
     (``micro_batches_per_step``, ``grad_accum`` x processes), so a run may resume on another number of processes.
     """
     saved_cfg, saved_run = state["config"], state["extra"].get("run", {})
-    # Checkpoints written before lce recorded micro_batches_per_step compare grad_accum itself, as lce did then.
-    legacy = "micro_batches_per_step" not in saved_run
-    resumable = RESUMABLE_CHANGES - {"grad_accum"} if legacy else RESUMABLE_CHANGES
     diffs = [
         f"train.{name}: checkpoint {saved_cfg.get(name)!r}, now {value!r}"
         for name, value in dataclasses.asdict(cfg).items()
-        if name not in resumable and name != "seed" and saved_cfg.get(name) != value
+        if name not in RESUMABLE_CHANGES and name != "seed" and saved_cfg.get(name) != value
     ]
     diffs += [
         f"{name}: checkpoint {saved_run.get(name)!r}, now {value!r}"
         for name, value in run_info.items()
-        if saved_run.get(name) != value and not (legacy and name == "micro_batches_per_step")
+        if saved_run.get(name) != value
     ]
     if diffs:
         raise ConfigError(

@@ -91,12 +91,6 @@ def zero3_settings(mixed_precision: str) -> Zero3Settings | None:
     return Zero3Settings(bf16=mixed_precision == "bf16")
 
 
-def is_engine(module: nn.Module) -> bool:
-    """Whether ``module`` is a DeepSpeed engine (without importing deepspeed when nothing has)."""
-    deepspeed = sys.modules.get("deepspeed")
-    return deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine)
-
-
 def step_skipped(engine: nn.Module) -> bool:
     """Whether the last optimizer step of ``engine`` left the weights alone.
 

@@ -14,7 +14,6 @@ from lce.attention.block_sparse import BlockSparsePattern
 from lce.attention.blockwise import blockwise_attention, key_columns, masked_attention_eager, merge_ranges
 from lce.attention.dilated import DilatedPattern
 from lce.attention.local_global import LocalGlobalPattern
-from lce.attention.plan import accepts_visible
 from lce.attention.s2_attn import ShiftedGroups
 from lce.attention.sliding_window import SlidingWindowPattern
 
@@ -152,17 +151,6 @@ def test_block_map_skips_keys_and_slices_without_copying():
     blocks = sorted({int(c) // 32 for c in columns})
     assert len(columns) == 3 * 32 and blocks[-1] == 20 and len(blocks) == 3
     assert merge_ranges([(5, 9), (0, 3), (8, 12), (3, 4), (20, 20)]) == [(0, 4), (5, 12)]
-
-
-def test_kernels_must_declare_visible():
-    def takes(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, visible=None, **kwargs): ...
-
-    def swallows(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs): ...
-
-    def keyword_only(*args, visible, **kwargs): ...
-
-    assert accepts_visible(takes) and accepts_visible(keyword_only)
-    assert not accepts_visible(swallows)
 
 
 class PeakMemory(TorchDispatchMode):

@@ -8,7 +8,7 @@ import torch
 
 import lce
 from lce.attention.block_sparse import BlockSparsePattern
-from lce.attention.plan import Restriction
+from lce.attention.plan import RESTRICTION, Restriction
 from lce.attention.s2_attn import ShiftedGroups
 from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindow, SlidingWindowPattern
@@ -146,7 +146,7 @@ def patch_dca_with_visible(model, attention):
         return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
                                    attention_mask, block_size=8, visible=visible), None
 
-    target.use_kernel("dca", lambda index, module: kernel)
+    target.use_kernel("dca", lambda index, module: kernel, handles={RESTRICTION})
     lce.attention.ATTENTIONS.build(attention).apply(target)
     target.finalize()
     return model
@@ -180,10 +180,10 @@ def test_segment_methods_compose_with_sliding_window(posenc, params):
 
 # The mechanism's guards.
 
-def test_kernels_without_visible_are_refused_at_patch_time():
+def test_kernels_that_do_not_handle_restrictions_are_refused_at_patch_time():
     model = make_tiny_llama()
     with pytest.raises(LceError, match=r"attention=sliding_window restricts which keys each query sees, but the "
-                                       r"attention kernel of posenc=sinks takes no `visible` argument"):
+                                       r"attention kernel of posenc=sinks does not honour restrictions"):
         lce.patch(model, "sinks", start_size=2, recent_size=8, attention=WINDOW)
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.model.layers[0].self_attn, "lce_plan")
     assert torch.equal(logits(model, IDS), logits(make_tiny_llama(), IDS))

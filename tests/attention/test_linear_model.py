@@ -9,6 +9,8 @@ chunked form under activation checkpointing vs the materialised reference withou
 summation order through two layers, a loss and its backward (observed differences ~1e-6 relative).
 """
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -16,6 +18,8 @@ import transformers
 import lce
 from lce.attention import linear
 from lce.errors import ConfigError, LceError, UnsupportedModelError
+from lce.hf import cache as hf_cache
+from lce.hf.cache import RecurrentStateLayer
 from lce.train.loop import enable_activation_checkpointing
 from tests.conftest import (
     assert_decode_matches_full,
@@ -58,11 +62,28 @@ def test_decode_matches_full_forward_with_a_constant_size_state(name, prefix_rec
     assert prefix_recomputes == []  # every decoding step continued from the saved state
 
 
+def test_the_state_lives_on_the_cache_layers(prefix_recomputes):
+    """Each linear layer keeps its state on its own KV cache layer (``lce.hf.cache.RecurrentStateLayer``), so a
+    state dies with its cache; a copy of the cache starts without states, recomputes them once per layer and decodes
+    as the original does."""
+    model = linearized("retention")
+    with torch.no_grad():
+        cache = forward_cached(model, IDS[:, :12])[1]
+        assert all(isinstance(layer, RecurrentStateLayer) and layer.recurrent_state(12) is not None
+                   for layer in cache.layers)
+        copied = copy.deepcopy(cache)
+        original = forward_cached(model, IDS[:, 12:13], cache)[0].logits
+        assert prefix_recomputes == []
+        again = forward_cached(model, IDS[:, 12:13], copied)[0].logits
+        assert len(prefix_recomputes) == 2
+    torch.testing.assert_close(again, original, atol=2e-5, rtol=2e-5)  # fp32 summation order
+
+
 def test_a_cache_lce_cannot_find_is_an_error_not_a_recomputation(monkeypatch):
     """If transformers hands the attention module its cache under a name lce does not know (as 5.24 did when it
     renamed ``past_key_values`` to ``cache``), decoding fails loudly instead of recomputing the prefix every token."""
     model = linearized("linear_elu")
-    monkeypatch.setattr(linear, "cache_from_call", lambda kwargs: None)
+    monkeypatch.setattr(hf_cache, "CACHE_ARGUMENTS", ("a_name_this_transformers_does_not_use",))
     with torch.no_grad():
         _, cache = forward_cached(model, IDS[:, :8])  # a prefill has no cached keys: fine
         with pytest.raises(LceError, match="found no KV cache among the attention module's arguments"):

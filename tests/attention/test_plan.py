@@ -5,14 +5,13 @@ import torch
 
 import lce
 from lce.attention.plan import AttentionPlan, key_positions
-from lce.attention.segments import Segment, identity, segmented_attention
+from lce.attention.segments import segmented_attention
 from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
+from lce.kernels.attention.spec import IDENTITY, PairSelect, Segment
 from tests.conftest import assert_close_to_reference, assert_decode_matches_full, fp64_logits, logits, make_tiny_llama
 
-
-def everything(i, j):
-    return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+ROPE = [Segment(IDENTITY, IDENTITY, PairSelect())]  # every pair at its true positions
 
 
 def rope_in_attention(model):
@@ -21,7 +20,7 @@ def rope_in_attention(model):
     rotation = target.rotate_in_attention("test")
 
     def kernel(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
-        return segmented_attention(query, key, value, [Segment(identity, identity, everything)], rotation, q_pos,
+        return segmented_attention(query, key, value, ROPE, rotation, q_pos,
                                    k_pos, scaling, mask, block_size=5), None
 
     target.use_kernel("test_rope", lambda index, module: kernel)
@@ -74,7 +73,7 @@ def test_segmented_attention_gradients_match_sdpa():
     k = torch.randn(1, 2, 13, 16, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 13, 16, dtype=torch.float64, requires_grad=True)
     pos = torch.arange(13)[None]
-    out = segmented_attention(q, k, v, [Segment(identity, identity, everything)], rotation, pos, pos, 0.25,
+    out = segmented_attention(q, k, v, ROPE, rotation, pos, pos, 0.25,
                               block_size=4)
     qr, kr = rotation.apply(q, pos), rotation.apply(k, pos)
     ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, v, is_causal=True, scale=0.25, enable_gqa=True)
@@ -99,7 +98,7 @@ def test_segmented_attention_training_keeps_one_block_of_scores():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = segmented_attention(q, k, v, [Segment(identity, identity, everything)], rotation, pos, pos, 0.25,
+        out = segmented_attention(q, k, v, ROPE, rotation, pos, pos, 0.25,
                                   block_size=block)
     full_scores = heads * t * t * 4
     total = sum(saved.values())

@@ -6,8 +6,8 @@ import torch
 
 from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.kernels.rope import Rotation
 from lce.posenc.dca import DcaGeometry
-from lce.posenc.rotation import Rotation
 from lce.posenc.self_extend import self_extend_segments
 from lce.posenc.sinks import sink_segments
 

@@ -24,10 +24,12 @@ from lce.eval.retrieval import (
     NeedleConfig,
     PasskeyConfig,
     PromptBuilder,
+    PromptTexts,
     build_retrieval,
     cell_accuracy,
     corpus_text,
     greedy_generate,
+    is_correct,
     model_generate_fn,
     ordinal,
     parse_integer,
@@ -114,6 +116,24 @@ def test_prompts_are_deterministic_and_vary_by_trial():
     answers = {PromptBuilder(PasskeyConfig(seed=3), TOKENIZER).prompt(500, 0.5, t).answer for t in range(6)}
     assert len(answers) == 6
     assert PromptBuilder(PasskeyConfig(seed=4), TOKENIZER).prompt(500, 0.5, 2).answer != a.answer
+
+
+def test_a_task_is_its_config_class():
+    """Prompt building asks the task, never its type: a new task needs only its lines (and may judge answers)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Echo(PasskeyConfig):
+        def texts(self, keys, asked):
+            return PromptTexts("", [f"Remember {keys[0]}."], "Repeat it:", "")
+
+        def is_correct(self, output, answer):
+            return output.strip().startswith(str(answer))
+
+    config = Echo(key_digits=3)
+    prompt = PromptBuilder(config, TOKENIZER).prompt(300, 0.5, trial=0)
+    assert f"\nRemember {prompt.answer}.\n" in prompt.text and prompt.text.endswith("\nRepeat it:")
+    assert is_correct(config, f" {prompt.answer}!", prompt.answer) and not is_correct(config, "no", prompt.answer)
 
 
 def test_too_short_length_is_a_config_error():

@@ -13,7 +13,7 @@ from lce.hf.adapters import ADAPTERS, NO_ROTATION, adapter_for
 from lce.hf.lm import hidden_states, logits_from_hidden
 from lce.hf.patch import PatchTarget
 from lce.hf.rotary import NeutralRotary
-from lce.posenc.rotation import Rotation
+from lce.kernels.rope import Rotation
 from tests.conftest import assert_close_to_reference, assert_decode_matches_full, fp64_logits, logits
 
 # Per family: the config class name and what makes its tiny model exercise the family's particulars. Sliding windows

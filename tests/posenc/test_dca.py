@@ -17,9 +17,9 @@ from transformers import LlamaConfig
 
 import lce
 from lce.errors import ConfigError, LceError
-from lce.posenc.dca import Dca, DcaGeometry, dca_attention, dca_mscale, dca_relative_positions
+from lce.kernels.rope import Rotation
+from lce.posenc.dca import Dca, DcaGeometry, dca_attention, dca_mscale
 from lce.posenc.logn import logn_scale
-from lce.posenc.rotation import Rotation
 from tests.conftest import (
     assert_checkpointed_training_step,
     assert_close_to_reference,
@@ -29,6 +29,7 @@ from tests.conftest import (
     make_tiny_llama,
     scale_queries,
 )
+from tests.posenc.relative import relative_positions
 
 # ---------------------------------------------------------------------------------------------------------------
 # The independent reference
@@ -217,7 +218,7 @@ def lower_triangle(rows) -> torch.Tensor:
 def test_relative_distances_by_hand(convention, rows):
     geometry = Dca(chunk_size=4, local_window=1, pretraining_length=6, convention=convention).geometry(6)
     expected = lower_triangle(rows)
-    assert torch.equal(dca_relative_positions(geometry, 10), expected)
+    assert torch.equal(relative_positions(geometry.segments(), 10), expected)
     assert torch.equal(loop_matrix(distance_for(geometry), 10), expected)
 
 
@@ -237,7 +238,7 @@ def test_largest_relative_distance(geometry, largest):
     ``2(s - w) - 1`` (code, wider windows) or ``c - 1`` (paper), never beyond the pre-training range; the reference
     loop and the segments agree on every pair."""
     length = 5 * geometry.chunk_size + 3
-    matrix = dca_relative_positions(geometry, length)
+    matrix = relative_positions(geometry.segments(), length)
     assert torch.equal(matrix, loop_matrix(distance_for(geometry), length))
     assert matrix.max().item() == largest == geometry.max_relative_position
     assert matrix.max().item() < geometry.pretraining_length
@@ -247,9 +248,9 @@ def test_largest_relative_distance(geometry, largest):
 def test_successive_chunk_keeps_exact_local_distances():
     """Code: the first ``w + 1`` queries of a chunk see the previous chunk at true distance; paper: the first ``w``."""
     true = torch.arange(40)[:, None] - torch.arange(40)[None]
-    code = dca_relative_positions(DcaGeometry(64, 12, 4, "code"), 40)  # stride 8
+    code = relative_positions(DcaGeometry(64, 12, 4, "code").segments(), 40)  # stride 8
     assert torch.equal(code[8:13, :8], true[8:13, :8]) and not torch.equal(code[13, :8], true[13, :8])
-    paper = dca_relative_positions(DcaGeometry(64, 12, 4, "paper"), 40)
+    paper = relative_positions(DcaGeometry(64, 12, 4, "paper").segments(), 40)
     assert torch.equal(paper[12:16, :12], true[12:16, :12]) and not torch.equal(paper[16, :12], true[16, :12])
 
 
@@ -309,7 +310,7 @@ def test_gradient_flows_through_every_segment():
     (grad_k,) = torch.autograd.grad(out[:, -1].sum(), (k,))
     per_key = grad_k.abs().sum(dim=(0, 1, 3))
     intra, successive, inter = [12], [9, 10, 11], list(range(9))  # stride 3, query 12 in chunk 4
-    assert torch.equal(dca_relative_positions(geometry, 13)[12, 9:12], torch.tensor([3, 2, 1]))
+    assert torch.equal(relative_positions(geometry.segments(), 13)[12, 9:12], torch.tensor([3, 2, 1]))
     for keys in (intra, successive, inter):
         assert (per_key[keys] > 0).all()
 

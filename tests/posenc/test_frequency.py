@@ -1,4 +1,5 @@
-"""Frequency-scaling references (``lce.posenc.frequencies``): parity with transformers' ``ROPE_INIT_FUNCTIONS`` over
+"""Frequency-scaling references (``lce.posenc.frequencies`` and, for the methods lce applies only as transformers'
+rope types, ``tests.posenc.references``): parity with transformers' ``ROPE_INIT_FUNCTIONS`` over
 random parameter draws, the patched model's rotary module == the reference, golden constants (METHODS §2.13), and
 bad parameters as ConfigErrors naming the field.
 
@@ -19,6 +20,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import lce
 from lce.errors import ConfigError
 from lce.posenc import frequencies as F
+from tests.posenc import references as R
 
 YARN_RTOL = 3e-7  # ~2 fp32 ulp: same formula, different association of the blend (see module docstring)
 DIMS = [8, 16, 20, 32, 48, 64, 72, 80, 96, 128, 160, 256]
@@ -71,7 +73,7 @@ def hf_config(p: dict, max_position_embeddings: int | None = None, **rope) -> Ll
 @pytest.mark.parametrize("p", DRAWS, ids=IDS)
 def test_pi_matches_transformers_linear(p):
     expected, scaling = ROPE_INIT_FUNCTIONS["linear"](hf_config(p, rope_type="linear", factor=p["factor"]))
-    assert torch.equal(F.pi_inv_freq(F.rope_inv_freq(p["dim"], p["base"]), p["factor"]), expected)
+    assert torch.equal(R.pi_inv_freq(F.rope_inv_freq(p["dim"], p["base"]), p["factor"]), expected)
     assert scaling == 1.0
 
 
@@ -92,7 +94,7 @@ def test_llama3_matches_transformers_llama3(p):
     config = hf_config(p, 2 * p["length"], rope_type="llama3", factor=p["factor"], low_freq_factor=p["low"],
                        high_freq_factor=p["high"], original_max_position_embeddings=p["length"])
     expected, scaling = ROPE_INIT_FUNCTIONS["llama3"](config)
-    assert torch.equal(F.llama3_inv_freq(p["dim"], p["base"], p["factor"], p["length"], p["low"], p["high"]), expected)
+    assert torch.equal(R.llama3_inv_freq(p["dim"], p["base"], p["factor"], p["length"], p["low"], p["high"]), expected)
     assert scaling == 1.0
 
 
@@ -102,9 +104,9 @@ def test_longrope_matches_transformers_longrope(p):
                        original_max_position_embeddings=p["length"])
     short, scaling = ROPE_INIT_FUNCTIONS["longrope"](config)
     long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, seq_len=p["length"] + 1)
-    assert torch.equal(F.longrope_inv_freq(p["dim"], p["base"], p["short"]), short)
-    assert torch.equal(F.longrope_inv_freq(p["dim"], p["base"], p["long"]), long)
-    assert F.longrope_mscale(p["factor"], p["length"]) == scaling
+    assert torch.equal(R.longrope_inv_freq(p["dim"], p["base"], p["short"]), short)
+    assert torch.equal(R.longrope_inv_freq(p["dim"], p["base"], p["long"]), long)
+    assert R.longrope_mscale(p["factor"], p["length"]) == scaling
 
 
 @pytest.mark.parametrize("p", DRAWS, ids=IDS)
@@ -173,7 +175,7 @@ def test_patched_rotary_equals_reference(p):
 
     lce.patch(model, "pi", factor=s)
     inv_freq, scaling = rotary_state(model, beyond)
-    assert torch.equal(inv_freq, F.pi_inv_freq(theta, s)) and scaling == 1.0
+    assert torch.equal(inv_freq, R.pi_inv_freq(theta, s)) and scaling == 1.0
 
     lce.patch(model, "ntk", factor=s)
     inv_freq, scaling = rotary_state(model, beyond)
@@ -188,13 +190,13 @@ def test_patched_rotary_equals_reference(p):
 
     lce.patch(model, "llama3", factor=s, low_freq_factor=p["low"], high_freq_factor=p["high"])
     inv_freq, scaling = rotary_state(model, beyond)
-    assert torch.equal(inv_freq, F.llama3_inv_freq(dim, base, s, length, p["low"], p["high"])) and scaling == 1.0
+    assert torch.equal(inv_freq, R.llama3_inv_freq(dim, base, s, length, p["low"], p["high"])) and scaling == 1.0
 
     lce.patch(model, "longrope", factor=s, short_factor=p["short"], long_factor=p["long"])
     for n, factors in ((length, p["short"]), (beyond, p["long"])):
         inv_freq, scaling = rotary_state(model, n)
-        assert torch.equal(inv_freq, F.longrope_inv_freq(dim, base, factors))
-        assert scaling == F.longrope_mscale(s, length)
+        assert torch.equal(inv_freq, R.longrope_inv_freq(dim, base, factors))
+        assert scaling == R.longrope_mscale(s, length)
 
     lce.patch(model, "dynamic_ntk", factor=s)
     for n in (length, beyond):
@@ -211,7 +213,7 @@ def test_patched_rotary_equals_reference(p):
 
 def test_cos_sin_of_patched_rotary_equal_the_reference_rotation():
     """End to end through the module's forward: cos/sin == Rotation(reference).cos_sin at every position."""
-    from lce.posenc.rotation import Rotation
+    from lce.kernels.rope import Rotation
 
     model = tiny_model(16, 1e4, 32)
     positions = torch.arange(80)[None]
@@ -281,9 +283,9 @@ def test_yarn_mscale_and_logit_scale():
 
 def test_longrope_su_mscale():
     expected = [1.0408, 1.0801, 1.1180, 1.1547, 1.1902, 1.2247]
-    assert [round(F.longrope_mscale(s, 4096), 4) for s in (2, 4, 8, 16, 32, 64)] == expected
+    assert [round(R.longrope_mscale(s, 4096), 4) for s in (2, 4, 8, 16, 32, 64)] == expected
     # su^2 = log_L(s * L): log-n scaling evaluated at the target length
-    assert F.longrope_mscale(8, 4096) ** 2 == pytest.approx(math.log(8 * 4096, 4096))
+    assert R.longrope_mscale(8, 4096) ** 2 == pytest.approx(math.log(8 * 4096, 4096))
 
 
 def test_ntk_bases():
@@ -293,7 +295,7 @@ def test_ntk_bases():
 def test_llama3_bands():
     """Llama 3.1 (d=128, b=5e5, factor 8, low 1, high 4, L=8192): 29 pairs unchanged, 29 scaled, 6 smoothed."""
     theta = F.rope_inv_freq(128, 5e5)
-    scaled = F.llama3_inv_freq(128, 5e5, 8.0, 8192, 1.0, 4.0)
+    scaled = R.llama3_inv_freq(128, 5e5, 8.0, 8192, 1.0, 4.0)
     unchanged, divided = scaled == theta, scaled == theta / 8
     assert (int(unchanged.sum()), int(divided.sum()), int((~unchanged & ~divided).sum())) == (29, 29, 6)
     assert unchanged[:29].all() and divided[-29:].all()  # high frequencies first

@@ -8,13 +8,13 @@ import torch
 
 import lce
 from lce.errors import ConfigError, LceError
+from lce.kernels.rope import Rotation
 from lce.posenc.logn import logn_scale
-from lce.posenc.rotation import Rotation
 from lce.posenc.self_extend import (
     SelfExtend,
     self_extend_attention,
     self_extend_max_length,
-    self_extend_relative_positions,
+    self_extend_segments,
 )
 from tests.conftest import (
     assert_checkpointed_training_step,
@@ -25,6 +25,7 @@ from tests.conftest import (
     make_tiny_llama,
     scale_queries,
 )
+from tests.posenc.relative import relative_positions
 from tests.posenc.test_dca import (
     IDS,
     assert_left_padding_is_invisible,
@@ -67,7 +68,7 @@ def test_max_length_is_the_longest_input_within_the_training_range(length, windo
     """With G dividing W, every effective distance stays <= L - 1 up to ``(L - W) G + W`` tokens, and one more token
     reaches distance L."""
     longest = self_extend_max_length(length, window, group)
-    matrix = self_extend_relative_positions(group, window, longest + 1)
+    matrix = relative_positions(self_extend_segments(group, window), longest + 1)
     assert matrix[:longest, :longest].max().item() == length - 1
     assert matrix.max().item() == length
 
@@ -87,13 +88,13 @@ def test_relative_distances_by_hand():
         [6, 6, 5, 5, 4, 4, 3, 2, 1, 0],
     ]
     expected = torch.tensor([row + [-1] * (10 - len(row)) for row in rows])
-    assert torch.equal(self_extend_relative_positions(2, 3, 10), expected)
+    assert torch.equal(relative_positions(self_extend_segments(2, 3), 10), expected)
     assert torch.equal(loop_matrix(self_extend_distance(2, 3), 10), expected)
 
 
 @pytest.mark.parametrize("group,window", [(2, 4), (4, 8), (3, 4), (1, 3)])
 def test_segments_match_the_definition_and_meet_at_the_window(group, window):
-    matrix = self_extend_relative_positions(group, window, 60)
+    matrix = relative_positions(self_extend_segments(group, window), 60)
     assert torch.equal(matrix, loop_matrix(self_extend_distance(group, window), 60))
     at_window = torch.diagonal(matrix, offset=-window)  # pairs with i - j == W, the first grouped ones
     if window % group == 0:

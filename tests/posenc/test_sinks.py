@@ -11,9 +11,8 @@ import lce
 from lce.attention import segments
 from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
-from lce.kernels.attention.segments import sink_segments as segments_of_sinks
 from lce.posenc.logn import logn_scale
-from lce.posenc.sinks import sinks_attention
+from lce.posenc.sinks import sink_segments, sinks_attention
 from tests.conftest import (
     assert_checkpointed_training_step,
     assert_close_to_reference,
@@ -175,7 +174,7 @@ def test_inference_blocks_read_only_the_sinks_and_their_window(monkeypatch):
         out = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60)
         reference = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, attention_mask=torch.ones(
             1, 1, 2048, 2048, dtype=torch.bool))  # a mask: the masked path, which gathers each block's columns
-    rows = segments.staircase_rows(segments_of_sinks(4, 60))
+    rows = segments.staircase_rows(sink_segments(4, 60))
     # Blocks of `rows` queries, two segments each: per block, recent + sinks pieces.
     assert len(widths) == 2 * (2048 // rows) and max(widths) <= 4 + 60 + rows - 1
     torch.testing.assert_close(out, reference, atol=3e-6, rtol=3e-6)  # fp32, per-piece softmaxes reweighted

@@ -1,5 +1,5 @@
-"""Checkpoints: exact round trip of weights, AdamW state and RNG; optimizer state by parameter name (and format-1
-checkpoints by index still load); atomic naming; pruning; no pickle on load."""
+"""Checkpoints: exact round trip of weights, AdamW state and RNG; optimizer state by parameter name (a checkpoint of
+another format is refused by name); atomic naming; pruning; no pickle on load."""
 
 import json
 import pickle
@@ -8,11 +8,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lce.errors import LceError
 from lce.train import TrainConfig, latest_checkpoint, load_checkpoint, prune, read_state, save_checkpoint
 from lce.train.checkpoint import checkpoint_dir, full_optimizer_state
-from lce.train.loop import build_optimizer
+from lce.train.objective import build_optimizer
 from tests.conftest import make_tiny_llama
 
 CFG = TrainConfig(steps=10, seq_len=16)
@@ -88,25 +89,19 @@ def test_optimizer_state_is_stored_by_parameter_name(tmp_path):
     assert set(stored) == {f"state.{n}.{key}" for n in names for key in ("step", "exp_avg", "exp_avg_sq")}
 
 
-def write_format_1(path, optimizer):
-    """Rewrite checkpoint ``path`` as lce wrote it before format 2: state by index in the optimizer's parameter
-    order (``state.{index}.{name}``), parameter groups listing indices, no ``format`` in state.json."""
-    packed = optimizer.state_dict()
-    save_file({f"state.{i}.{name}": value.contiguous() for i, values in packed["state"].items()
-               for name, value in values.items()}, str(path / "optimizer.safetensors"))
-    state = read_state(path)
-    del state["format"]
-    state["optimizer_param_groups"] = packed["param_groups"]
-    (path / "state.json").write_text(json.dumps(state))
-
-
-def test_format_1_checkpoint_loads(tmp_path):
+@pytest.mark.parametrize("stored", [1, None, 3], ids=["format-1", "no-format", "format-3"])
+def test_a_checkpoint_of_another_format_is_refused_by_name(tmp_path, stored):
+    """Only the name-keyed layout is read; any other ``format`` (or none) is an error naming it, never a misread."""
     model, optimizer = trained_pair(seed=0)
     path = save(tmp_path, 2, model, optimizer)
-    write_format_1(path, optimizer)
+    state = read_state(path)
+    state.pop("format")
+    if stored is not None:
+        state["format"] = stored
+    (path / "state.json").write_text(json.dumps(state))
     other, other_opt = trained_pair(seed=1, steps=1)
-    load_checkpoint(path, other, other_opt)
-    assert_same_optimizer_state(optimizer, other_opt)
+    with pytest.raises(LceError, match=rf"checkpoint .*step_00000002 has format {stored!r}; this lce reads format 2"):
+        load_checkpoint(path, other, other_opt)
 
 
 def test_latest_picks_highest_complete_step(tmp_path):

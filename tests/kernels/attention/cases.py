@@ -7,12 +7,39 @@ import dataclasses
 import torch
 
 from lce.attention.block_sparse import BlockSparsePattern
-from lce.kernels.attention import segments
-from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, Rotary, Segment
+from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, Segment
+from lce.kernels.rope import Rotation
+from lce.posenc import POSENCS, SegmentMethod
 from lce.posenc.alibi import alibi_slopes
 from lce.posenc.frequencies import rope_inv_freq
 
 ROPE = (Segment(IDENTITY, IDENTITY, PairSelect()),)
+
+#: Every segment method (``lce.posenc.SegmentMethod``) at settings whose segments all act within the test lengths:
+#: ``case -> (posenc config, training length L)``. ``test_every_segment_method_has_a_case`` holds the registry to it,
+#: so a new method is tested by the reference, fused-path and kernel tests once it is listed here.
+SEGMENT_CASES = {
+    "dca_code": ({"name": "dca", "chunk_size": 12, "local_window": 4}, 16),
+    "dca_paper": ({"name": "dca", "chunk_size": 8, "local_window": 3, "convention": "paper"}, 16),
+    "self_extend": ({"name": "self_extend", "group_size": 3, "neighbor_window": 4}, 16),
+    "rerope": ({"name": "rerope", "window": 6}, 16),
+    "sinks": ({"name": "sinks", "start_size": 2, "recent_size": 6}, 16),
+}
+
+
+def segment_methods() -> list[str]:
+    """The names of the registered segment methods."""
+    return [name for name in POSENCS.names() if issubclass(POSENCS.get(name), SegmentMethod)]
+
+
+def method_segments(config: dict, pretraining_length: int) -> tuple[Segment, ...]:
+    """The segments of the segment method ``config`` (a posenc dict) for a model trained on ``pretraining_length``."""
+    params = dict(config)
+    return POSENCS.get(params.pop("name"))(**params).segments(pretraining_length)
+
+
+def case_segments(case: str) -> tuple[Segment, ...]:
+    return method_segments(*SEGMENT_CASES[case])
 
 # Kernel tests run on CUDA where there is one (compiled kernels), else on CPU in Triton's interpreter: the interpreter
 # is chosen when kernels are defined (tests/conftest.py), so a CUDA machine cannot interpret CPU tensors.
@@ -24,7 +51,7 @@ def on_device(spec: AttentionSpec, device=DEVICE) -> AttentionSpec:
     moved = {name: getattr(spec, name).to(device) for name in ("alibi_slopes", "block_mask")
              if getattr(spec, name) is not None}
     if spec.rotary is not None:
-        moved["rotary"] = Rotary(spec.rotary.inv_freq.to(device), spec.rotary.attention_scaling, spec.rotary.style)
+        moved["rotary"] = Rotation(spec.rotary.inv_freq.to(device), spec.rotary.attention_scaling, spec.rotary.style)
     return dataclasses.replace(spec, **moved)
 
 
@@ -54,8 +81,8 @@ def positions(batch: int, tq: int, tk: int, layout: str = "contiguous") -> tuple
     return k_pos[:, tk - tq:].contiguous(), k_pos.contiguous()
 
 
-def rotary(dim: int, rotary_dim: int | None = None, **kwargs) -> Rotary:
-    return Rotary(rope_inv_freq(rotary_dim or dim, 10000.0).float(), **kwargs)
+def rotary(dim: int, rotary_dim: int | None = None, **kwargs) -> Rotation:
+    return Rotation(rope_inv_freq(rotary_dim or dim, 10000.0).float(), **kwargs)
 
 
 def block_sparse_mask(length: int, block: int, **kwargs) -> torch.Tensor:
@@ -85,12 +112,9 @@ def spec_for(case: str, heads: int = 4, dim: int = 16, length: int = 64) -> Atte
         "partial_rotary": lambda: AttentionSpec(scale, ROPE, rotary(dim, dim // 2)),
         "interleaved": lambda: AttentionSpec(scale, ROPE, rotary(dim, style="interleaved")),
         "attention_scaling": lambda: AttentionSpec(scale, ROPE, rotary(dim, attention_scaling=1.3)),
-        "dca_code": lambda: AttentionSpec(scale, segments.dca_code_segments(12, 4), rope),
-        "dca_paper": lambda: AttentionSpec(scale, segments.dca_paper_segments(8, 3, 16), rope),
-        "self_extend": lambda: AttentionSpec(scale, segments.self_extend_segments(3, 4), rope),
-        "rerope": lambda: AttentionSpec(scale, segments.rerope_segments(6), rope, logn_length=16),
-        "sinks": lambda: AttentionSpec(scale, segments.sink_segments(2, 6), rope),
-        "dca_window_alibi": lambda: AttentionSpec(scale, segments.dca_code_segments(12, 4),
+        **{case: (lambda case=case: AttentionSpec(scale, case_segments(case), rope)) for case in SEGMENT_CASES},
+        "rerope": lambda: AttentionSpec(scale, case_segments("rerope"), rope, logn_length=16),
+        "dca_window_alibi": lambda: AttentionSpec(scale, case_segments("dca_code"),
                                                   rotary(dim, dim // 2, style="interleaved", attention_scaling=0.9),
                                                   alibi_slopes=alibi_slopes(heads), window=20, sink_tokens=2,
                                                   logn_length=10),

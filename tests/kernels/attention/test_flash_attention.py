@@ -12,12 +12,15 @@ import functools
 import pytest
 import torch
 
-from lce.kernels.attention import flash_attention, segments, triton_backward, triton_forward
+from lce.kernels.attention import flash_attention, triton_backward, triton_forward
 from lce.kernels.attention.function import decode_splits, tile_sizes
 from lce.kernels.attention.reference import attention_reference
-from lce.kernels.attention.segments import self_extend_segments
 from lce.kernels.attention.spec import AttentionSpec
 from lce.posenc.alibi import alibi_slopes
+from lce.posenc.dca import DcaGeometry
+from lce.posenc.rerope import rerope_segments
+from lce.posenc.self_extend import self_extend_segments
+from lce.posenc.sinks import sink_segments
 from tests.kernels.attention.cases import (
     CASES,
     DEVICE,
@@ -143,11 +146,11 @@ def real_spec(case: str, heads: int, dim: int) -> AttentionSpec:
         "alibi_logn": lambda: AttentionSpec(scale, alibi_slopes=alibi_slopes(heads), logn_length=1024),
         "window_sinks": lambda: AttentionSpec(scale, window=256, sink_tokens=4),
         "block_sparse": lambda: spec_for("block_sparse", heads, dim, length=4096),
-        "dca_code": lambda: AttentionSpec(scale, segments.dca_code_segments(768, 128), rope),
-        "dca_paper": lambda: AttentionSpec(scale, segments.dca_paper_segments(768, 128, 1024), rope),
-        "self_extend": lambda: AttentionSpec(scale, segments.self_extend_segments(8, 256), rope),
-        "rerope_logn": lambda: AttentionSpec(scale, segments.rerope_segments(512), rope, logn_length=1024),
-        "sinks": lambda: AttentionSpec(scale, segments.sink_segments(4, 508), rope),
+        "dca_code": lambda: AttentionSpec(scale, DcaGeometry(1024, 768, 128).segments(), rope),
+        "dca_paper": lambda: AttentionSpec(scale, DcaGeometry(1024, 768, 128, "paper").segments(), rope),
+        "self_extend": lambda: AttentionSpec(scale, self_extend_segments(8, 256), rope),
+        "rerope_logn": lambda: AttentionSpec(scale, rerope_segments(512), rope, logn_length=1024),
+        "sinks": lambda: AttentionSpec(scale, sink_segments(4, 508), rope),
         "partial_interleaved": lambda: AttentionSpec(scale, ROPE, rotary(dim, dim // 2, style="interleaved",
                                                                                    attention_scaling=1.1)),
     }

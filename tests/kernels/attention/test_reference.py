@@ -8,17 +8,20 @@ from lce.attention.blockwise import masked_attention_eager
 from lce.attention.local_global import LocalGlobalPattern
 from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindowPattern
-from lce.kernels.attention import segments as spec_segments
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import AttentionSpec
 from lce.posenc.alibi import alibi_attention_eager, alibi_slopes
-from lce.posenc.dca import DcaGeometry
 from lce.posenc.logn import logn_scale
-from lce.posenc.rerope import rerope_segments
-from lce.posenc.rotation import Rotation
-from lce.posenc.self_extend import self_extend_segments
-from lce.posenc.sinks import sink_segments
-from tests.kernels.attention.cases import ROPE, block_sparse_mask, positions, random_qkv, rotary
+from tests.kernels.attention.cases import (
+    ROPE,
+    SEGMENT_CASES,
+    block_sparse_mask,
+    case_segments,
+    positions,
+    random_qkv,
+    rotary,
+    segment_methods,
+)
 from tests.kernels.attention.cases import spec_for as case_spec
 
 SCALE = 0.25
@@ -39,28 +42,22 @@ def assert_same_with_grads(ours, theirs, inputs):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-METHODS = {
-    "dca_code": (lambda: spec_segments.dca_segments(DcaGeometry(16, 12, 4, "code")),
-                 lambda: DcaGeometry(16, 12, 4, "code").segments()),
-    "dca_paper": (lambda: spec_segments.dca_segments(DcaGeometry(16, 8, 3, "paper")),
-                  lambda: DcaGeometry(16, 8, 3, "paper").segments()),
-    "self_extend": (lambda: spec_segments.self_extend_segments(3, 4), lambda: self_extend_segments(3, 4)),
-    "rerope": (lambda: spec_segments.rerope_segments(6), lambda: rerope_segments(6)),
-    "sinks": (lambda: spec_segments.sink_segments(2, 6), lambda: sink_segments(2, 6)),
-}
+def test_every_segment_method_has_a_case():
+    """A registered segment method without a shared case would go untested by the reference and kernel tests."""
+    assert {config["name"] for config, _ in SEGMENT_CASES.values()} == set(segment_methods())
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "left_pad", "gaps"])
 @pytest.mark.parametrize("style", ["half", "interleaved"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(SEGMENT_CASES))
 def test_segments_match_segmented_attention(method, style, layout):
+    """The kernels' reference (all scores at once, last selecting segment wins) and lce's segmented attention (query
+    blocks, segment logits merged before one softmax) compute the same method from the same segments."""
     q, k, v = qkv64()
     q_pos, k_pos = positions(2, 29, 37, layout)
-    ours_segments, theirs_segments = METHODS[method]
     rope = rotary(16, 12, style=style, attention_scaling=1.2)  # partial rotary: 4 dims pass through
-    rotation = Rotation(rope.inv_freq, rope.attention_scaling, style)
-    ours = attention_reference(q, k, v, AttentionSpec(SCALE, ours_segments(), rope), q_pos, k_pos)
-    theirs = segmented_attention(q, k, v, theirs_segments(), rotation, q_pos, k_pos, SCALE, block_size=64)
+    ours = attention_reference(q, k, v, AttentionSpec(SCALE, case_segments(method), rope), q_pos, k_pos)
+    theirs = segmented_attention(q, k, v, case_segments(method), rope, q_pos, k_pos, SCALE, block_size=16)
     assert_same_with_grads(ours, theirs, (q, k, v))
 
 
@@ -111,9 +108,8 @@ def test_identity_segment_is_rope_at_true_positions(style):
     q, k, v = qkv64()
     q_pos, k_pos = positions(2, 29, 37, "gaps")
     rope = rotary(16, 8, style=style, attention_scaling=0.8)
-    rotation = Rotation(rope.inv_freq, rope.attention_scaling, style)
     ours = attention_reference(q, k, v, AttentionSpec(SCALE, ROPE, rope), q_pos, k_pos)
-    theirs = masked_attention_eager(rotation.apply(q, q_pos), rotation.apply(k, k_pos), v, q_pos, k_pos, SCALE)
+    theirs = masked_attention_eager(rope.apply(q, q_pos), rope.apply(k, k_pos), v, q_pos, k_pos, SCALE)
     assert_same_with_grads(ours, theirs, (q, k, v))
 
 

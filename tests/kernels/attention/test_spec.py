@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lce.errors import ConfigError
-from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Rotary, Segment
+from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Segment
+from lce.kernels.rope import Rotation
 
 
 def test_position_map_floor_semantics_on_negative_positions():
@@ -27,7 +28,7 @@ def test_pair_select_bounds():
 
 
 def rotary():
-    return Rotary(torch.ones(2))
+    return Rotation(torch.ones(2))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -57,9 +58,11 @@ def test_bad_specs_are_config_errors(kwargs, match):
     (lambda: PositionMap(add=2**40), "within"),
     (lambda: PairSelect(lo=3, hi=3), "selects nothing"),
     (lambda: PairSelect(div=-1), "PairSelect.div must be >= 1"),
-    (lambda: Rotary(torch.ones(0)), "non-empty 1-D"),
-    (lambda: Rotary(torch.ones(2, dtype=torch.long)), "float tensor"),
-    (lambda: Rotary(torch.ones(2), style="neox"), "style must be one of half, interleaved"),
+    (lambda: Rotation(torch.ones(2, 2)), "1-D tensor"),
+    (lambda: Rotation(torch.ones(2, dtype=torch.long)), "float tensor"),
+    (lambda: Rotation(torch.ones(2), style="neox"), "style must be one of half, interleaved"),
+    (lambda: AttentionSpec(0.5, (Segment(IDENTITY, IDENTITY, PairSelect()),), Rotation(torch.ones(0))),
+     "rotates nothing"),
 ])
 def test_bad_maps_are_config_errors(build, match):
     with pytest.raises(ConfigError, match=match):

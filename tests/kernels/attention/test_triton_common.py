@@ -8,9 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lce.kernels.attention import segments
 from lce.kernels.attention.spec import AttentionSpec
 from lce.kernels.attention.triton_common import SEG_FIELDS, segment_table, tile_offsets
+from lce.posenc.dca import DcaGeometry
 from tests.kernels.attention.cases import DEVICE, rotary
 
 
@@ -35,7 +35,7 @@ def test_tile_offsets_do_not_wrap_past_2_31(row0, row_stride):
 
 def test_segment_table_is_built_once_per_spec_and_device():
     """Equal segments share one table (specs are rebuilt per layer and call); other segments get their own."""
-    table = segment_table(AttentionSpec(0.25, segments.dca_code_segments(8, 2), rotary(16)), DEVICE)
+    table = segment_table(AttentionSpec(0.25, DcaGeometry(16, 8, 2).segments(), rotary(16)), DEVICE)
     assert table.shape == (3, SEG_FIELDS) and table.dtype == torch.int32 and table.device.type == DEVICE.type
-    assert segment_table(AttentionSpec(0.5, segments.dca_code_segments(8, 2), rotary(16)), DEVICE) is table
-    assert segment_table(AttentionSpec(0.25, segments.dca_code_segments(8, 3), rotary(16)), DEVICE) is not table
+    assert segment_table(AttentionSpec(0.5, DcaGeometry(16, 8, 2).segments(), rotary(16)), DEVICE) is table
+    assert segment_table(AttentionSpec(0.25, DcaGeometry(16, 8, 3).segments(), rotary(16)), DEVICE) is not table

@@ -16,10 +16,9 @@ import triton.language as tl
 
 from lce.errors import ConfigError, LceError
 from lce.hf.adapters import adapter_for
-from lce.kernels.rope import apply_rope, rope, rope_reference
+from lce.kernels.rope import Rotation, apply_rope, rope, rope_reference
 from lce.kernels.rope import function as dispatch
 from lce.kernels.rope.triton_rope import head_offsets
-from lce.posenc.rotation import Rotation
 from tests.conftest import make_tiny_llama
 
 FP32 = {"atol": 2e-6, "rtol": 1e-6}

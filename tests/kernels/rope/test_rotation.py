@@ -1,9 +1,9 @@
-"""``Rotation`` reproduces the model's own rotary embedding at any positions."""
+"""``Rotation``, the one rotation type, reproduces the model's own rotary embedding at any positions."""
 
 import torch
 
 from lce.hf.adapters import adapter_for
-from lce.posenc.rotation import Rotation
+from lce.kernels.rope import Rotation
 from tests.conftest import make_tiny_llama
 
 
@@ -47,3 +47,41 @@ def test_attention_rotating_at_remapped_positions_runs_the_triton_kernel():
             out = rerope_attention(query, key, value, rotation, positions, positions, 0.25, 4, block_size=4)
             results[backend] = (out, *torch.autograd.grad(out.square().sum(), (query, key)))
     torch.testing.assert_close(results["triton"], results["ref"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_specs_former_rotary_name_is_a_deprecated_alias():
+    import pytest
+
+    from lce.kernels import attention
+
+    with pytest.warns(DeprecationWarning, match="lce.kernels.rope.Rotation"):
+        assert attention.Rotary is Rotation
+
+
+def test_a_layer_without_rotation_is_an_empty_rotation():
+    """SmolLM3's NoPE layers: ``rotary_dim`` 0, and the rotation leaves every dim alone."""
+    rotation = Rotation(torch.zeros(0))
+    x = torch.randn(1, 2, 3, 8)
+    assert rotation.rotary_dim == 0 and torch.equal(rotation.apply(x, torch.arange(3)[None]), x)
+
+
+def test_apply_consecutive_equals_apply_at_the_mapped_positions_and_keeps_its_tables():
+    """Bit for bit what ``apply`` gives at ``map(start, start + 1, ...)``, for maps of each kind; the cos/sin tables
+    are computed once per (map, start, length, dtype) and at most TABLES_KEPT are kept."""
+    from lce.kernels.attention.spec import IDENTITY, PositionMap
+    from lce.kernels.rope import rotation as module
+
+    rotation = Rotation(1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8), attention_scaling=1.0)
+    x = torch.randn(2, 3, 11, 12, dtype=torch.bfloat16)
+    maps = [IDENTITY, PositionMap(div=3, add=5), PositionMap(mod=4), PositionMap.constant(7), PositionMap.constant(0)]
+    for position_map in maps:
+        expected = rotation.apply(x, position_map(torch.arange(20, 31))[None].expand(2, -1))
+        assert torch.equal(rotation.apply_consecutive(x, position_map, 20), expected), position_map
+    assert len(rotation._tables) == len(maps)
+    again = rotation.apply_consecutive(x, IDENTITY, 20)
+    assert torch.equal(again, rotation.apply(x, torch.arange(20, 31))) and len(rotation._tables) == len(maps)
+    for start in range(module.TABLES_KEPT + 3):
+        rotation.apply_consecutive(x, IDENTITY, start)
+    assert len(rotation._tables) == module.TABLES_KEPT
+    warm = Rotation(rotation.inv_freq, attention_scaling=1.2)  # a temperature: position 0 still scales
+    assert not torch.equal(warm.apply_consecutive(x.float(), PositionMap.constant(0), 0), x.float())
