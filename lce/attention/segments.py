@@ -216,10 +216,6 @@ def _block_merged(query, q_pos, k_pos, keys, values, mask, segments, rotation, s
 # Query rows per call of the staircase path: large enough that a call amortises its overhead, small enough that the
 # ragged pieces' biases (at most rows x rows floats) stay small.
 STAIRCASE_ROWS = 1024
-# Query rows per block under a band (Self-Extend's and ReRoPE's neighbours, the sinks' window): each block's own keys
-# and the band's back edge are triangles, which the fused kernel computes at about 1.5x the cost per pair of a full
-# tile at 1024 rows and near 1x at 256 (2 threads, bfloat16, 2026-12-05), and their area grows with the rows.
-BAND_ROWS = 256
 
 
 def staircase_applies(segments, query, q_pos, k_pos, attention_mask, visible, softcap) -> bool:
@@ -249,8 +245,6 @@ def staircase_rows(segments) -> int:
         for width in (select.lo, select.hi):
             if width is not None and width > 0:
                 rows = min(rows, max(width, 64))  # narrower bands: ragged pieces with a bias, still exact
-        if select.hi is not None:
-            rows = min(rows, BAND_ROWS)
     return rows
 
 
@@ -393,11 +387,11 @@ class StaircasePlan:
 def staircase_plan(segments: tuple, q0: int, k0: int, tq: int, tk: int, dtype: torch.dtype) -> StaircasePlan:
     """The plan of a call with ``tq`` queries at ``q0, ...`` and ``tk`` keys at ``k0, ...``, computed once and kept
     (it depends on the geometry only, not on the layer: the layers of a forward share it)."""
-    return _plan(segments, q0, k0, tq, tk, dtype, STAIRCASE_ROWS, BAND_ROWS)
+    return _plan(segments, q0, k0, tq, tk, dtype, STAIRCASE_ROWS)
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(segments, q0, k0, tq, tk, dtype, *block_rows) -> StaircasePlan:  # block_rows: part of the key only
+def _plan(segments, q0, k0, tq, tk, dtype, block_rows) -> StaircasePlan:  # block_rows: part of the key only
     whole = _whole_causal_segment(segments, q0, tq, k0, tk)
     if whole is not None:
         return StaircasePlan(whole, {}, ())

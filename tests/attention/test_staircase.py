@@ -132,7 +132,7 @@ def test_the_real_model_settings_run_without_any_mask(name, segments, length, mo
     assert plan.far == ({1: window[name]} if name in window else {})
     biased = [piece for _, _, chosen in plan.blocks for _, pieces in chosen for piece in pieces
               if piece.bias is not None]
-    assert all(piece.bias.shape[0] <= segs.BAND_ROWS for piece in biased)
+    assert all(piece.bias.shape[0] <= 1024 for piece in biased)
     assert len(biased) == (1 if name == "sinks" else 0)
 
 
@@ -140,10 +140,10 @@ def test_block_rows_follow_chunk_strides_and_band_widths(monkeypatch):
     monkeypatch.setattr(segs, "STAIRCASE_ROWS", 1024)
     assert segs.staircase_rows(DcaGeometry(8192, 6144, 1024).segments()) == 1024  # 5120 = 5 x 1024
     assert segs.staircase_rows(DcaGeometry(96, 72, 12).segments()) == 60
-    assert segs.staircase_rows(self_extend_segments(3, 1024)[:1]) == segs.BAND_ROWS  # the neighbour band
-    assert segs.staircase_rows(rerope_segments(512)[:1]) == segs.BAND_ROWS
-    assert segs.staircase_rows(rerope_segments(40)[:1]) == 64  # a band narrower than BAND_ROWS sets the rows
-    assert segs.staircase_rows(sink_segments(4, 8188)) == segs.BAND_ROWS
+    assert segs.staircase_rows(self_extend_segments(3, 1024)[:1]) == 1024  # the neighbour band: tile + back edge
+    assert segs.staircase_rows(rerope_segments(512)[:1]) == 512
+    assert segs.staircase_rows(rerope_segments(40)[:1]) == 64  # narrower bands: ragged pieces with a bias
+    assert segs.staircase_rows(sink_segments(4, 8188)) == 1024
 
 
 def test_a_far_segment_is_one_square_only_where_it_starts_inside_the_call():
