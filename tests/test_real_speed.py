@@ -1,5 +1,5 @@
-"""experiments/benchmarks/real_speed.py end to end on a tiny local model: one CSV row per (impl, length, metric), the
-time split adding up to the total, and the plot written."""
+"""experiments/benchmarks/real_speed.py end to end on a tiny local model: one CSV row per (impl, length, metric), every
+part of the time split measured and none counted twice, and the plot written."""
 
 import csv
 import os
@@ -28,7 +28,8 @@ def test_speed_benchmark_writes_its_csv_and_plot(tmp_path):
     assert {(r["impl"], int(r["length"])) for r in rows} == {(i, n) for i in impls for n in (64, 96)}
     for impl in impls:
         value = {r["metric"]: float(r["value"]) for r in rows if r["impl"] == impl and r["length"] == "96"}
-        parts = sum(value[f"{part}_ms"] for part in ("attention", "mlp", "loss", "other"))
-        assert value["ms"] > 0 and abs(parts - value["ms"]) <= 1e-6 * value["ms"]
+        # "other" is the remainder: negative only if the hooks double-counted (nested modules, a hook left behind).
+        assert value["attention_ms"] > 0 and value["mlp_ms"] > 0 and value["loss_ms"] > 0
+        assert 0 <= value["other_ms"] < value["ms"]
     assert (out / "speed.png").stat().st_size > 10_000
     assert "time / plain transformers" in result.stdout

@@ -79,12 +79,8 @@ class Rotation:
         key = (position_map, start, length, x.dtype, x.device)
         if key not in self._tables:
             positions = position_map(torch.arange(start, start + length, device=x.device))
-            # Every position 0 without temperature (ReRoPE's far keys): cos 1, sin 0, the rotation is the identity
-            # (up to the sign of zeros), so it is skipped.
-            unmoved = self.attention_scaling == 1.0 and not bool(positions.any())
-            self._tables[key] = None if unmoved else self.cos_sin(positions, x.dtype)
+            self._tables[key] = self.cos_sin(positions, x.dtype)
             while len(self._tables) > TABLES_KEPT:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(key)
-        tables = self._tables[key]
-        return x if tables is None else rotate(x, *tables, self.style)
+        return rotate(x, *self._tables[key], self.style)

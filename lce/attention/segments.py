@@ -233,10 +233,10 @@ def _consecutive(positions: torch.Tensor) -> bool:
     return bool((positions == first + steps).all())
 
 
-def staircase_rows(segments) -> int:
-    """Query rows per block: at most ``STAIRCASE_ROWS`` and at most a band's width (so a block's own keys form one
-    causal tile), dividing every chunk stride (so a chunk-aligned block stays inside one chunk)."""
-    rows = STAIRCASE_ROWS
+def staircase_rows(segments, most_rows: int | None = None) -> int:
+    """Query rows per block: at most ``most_rows`` (``STAIRCASE_ROWS``) and at most a band's width (so a block's own
+    keys form one causal tile), dividing every chunk stride (so a chunk-aligned block stays inside one chunk)."""
+    rows = most_rows or STAIRCASE_ROWS
     for seg in segments:
         select = seg.select
         if select.div > 1:  # lo and hi count chunks: the chunk stride sets the rows
@@ -391,7 +391,7 @@ def staircase_plan(segments: tuple, q0: int, k0: int, tq: int, tk: int, dtype: t
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(segments, q0, k0, tq, tk, dtype, block_rows) -> StaircasePlan:  # block_rows: part of the key only
+def _plan(segments, q0, k0, tq, tk, dtype, most_rows: int) -> StaircasePlan:
     whole = _whole_causal_segment(segments, q0, tq, k0, tk)
     if whole is not None:
         return StaircasePlan(whole, {}, ())
@@ -399,7 +399,7 @@ def _plan(segments, q0, k0, tq, tk, dtype, block_rows) -> StaircasePlan:  # bloc
     # square: queries from row W - (q0 - k0) on against keys from 0, one call for all blocks (no triangle per block).
     far = {index: start for index, seg in enumerate(segments)
            if (start := _far_square_start(seg.select, q0 - k0, tq)) is not None}
-    rows = staircase_rows([seg for index, seg in enumerate(segments) if index not in far])
+    rows = staircase_rows([seg for index, seg in enumerate(segments) if index not in far], most_rows)
     blocks = []
     for first in range(0, tq, rows):
         last = min(first + rows, tq)
@@ -444,7 +444,7 @@ def _staircase_attention(query, key, value, q0: int, k0: int, segments, rotation
                                                 Piece(0, tq - start, causal=True), scaling)))
     out = query.new_empty(query.shape[0], tq, query.shape[1], value.shape[-1])  # [B, Tq, H, D]: no cat, no copy
     for first, last, chosen in plan.blocks:
-        parts = [(slice(lo - first, last - first), far_out[:, :, lo - start:last - start],
+        parts = [(slice(lo - first, None), far_out[:, :, lo - start:last - start],
                   far_lse[..., lo - start:last - start])
                  for start, far_out, far_lse in far_parts if (lo := max(first, start)) < last]
         for index, pieces in chosen:
@@ -461,7 +461,7 @@ def _far_square_start(select: spec.PairSelect, offset: int, tq: int) -> int | No
     ``W - offset`` from which, with keys from index 0, its selection is the lower triangle of a square (row ``r``
     sees keys ``[0, r - W + offset]``); None when the rule has other bounds or the square would not start at a
     row of this call (``offset = q0 - k0``: queries continuing a cache further than ``W``)."""
-    if select.div != 1 or select.hi is not None or select.key_below is not None or not select.lo or select.lo < 1:
+    if select.div != 1 or select.hi is not None or select.key_below is not None or (select.lo or 0) < 1:
         return None
     start = select.lo - offset
     return start if 0 <= start < tq else None
@@ -503,7 +503,7 @@ def _merge_by_lse(parts: list, query: torch.Tensor, dim: int) -> torch.Tensor:
     for rows, out, lse in parts:
         weight = torch.exp(lse - top[..., rows])
         if merged is None and rows == slice(0, None):  # the first part over every row starts the sums (no zeros)
-            merged, total = out.float().mul_(weight[..., None]), weight
+            merged, total = out * weight[..., None], weight  # fp32 (the weight's dtype), a new tensor
             continue
         if merged is None:
             merged = query.new_zeros(*query.shape[:3], dim, dtype=torch.float32)

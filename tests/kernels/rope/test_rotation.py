@@ -83,5 +83,3 @@ def test_apply_consecutive_equals_apply_at_the_mapped_positions_and_keeps_its_ta
     for start in range(module.TABLES_KEPT + 3):
         rotation.apply_consecutive(x, IDENTITY, start)
     assert len(rotation._tables) == module.TABLES_KEPT
-    warm = Rotation(rotation.inv_freq, attention_scaling=1.2)  # a temperature: position 0 still scales
-    assert not torch.equal(warm.apply_consecutive(x.float(), PositionMap.constant(0), 0), x.float())
