@@ -89,6 +89,12 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def device_capability(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The CUDA compute capability of ``tensor``'s device (``(9, 0)`` on an H100/H200), or None off CUDA (the
+    interpreter): launch configurations are chosen per target, as ``lce.kernels.inspect`` checks them."""
+    return tuple(torch.cuda.get_device_capability(tensor.device)) if tensor.is_cuda else None
+
+
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """``ref`` or ``triton`` for an op on ``tensors``.
 

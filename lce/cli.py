@@ -94,6 +94,27 @@ def quiet_cpu_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+#: Nodes that were plain values before they became config groups (``eval/protocol=yarn``,
+#: ``eval/retrieval=[passkey,needle]``), each with the group override that makes sure the node exists for ``~`` to
+#: delete (Hydra cannot delete a null, and ``eval.retrieval`` is null while no task is selected).
+LEGACY_NODES = {"eval.protocol": [], "eval.retrieval": ["eval/retrieval=[passkey]"]}
+
+
+def legacy_overrides(args: list[str]) -> list[str]:
+    """``args`` with each ``eval.protocol={...}`` / ``eval.retrieval=[...]`` (the forms before these nodes were config
+    groups) as ``~key +key=value``: Hydra would merge the value into the selected options, and refuse their keys,
+    where the old form replaced the whole node (``lce.eval.config`` reads the value, a list with a deprecation
+    warning)."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in LEGACY_NODES and value.lstrip().startswith(("{", "[")):
+            out += [*LEGACY_NODES[key], f"~{key}", f"+{key}={value}"]
+        else:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     """``lce report ...`` merges result files (``lce.eval.compare``); ``lce --version`` prints the versions lce runs
     with; anything else is the Hydra app."""
@@ -105,6 +126,7 @@ def main() -> None:
     if sys.argv[1:] in (["--version"], ["-V"]):
         print(version_line())
         return
+    sys.argv[1:] = legacy_overrides(sys.argv[1:])
     app()
 
 

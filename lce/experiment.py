@@ -180,15 +180,10 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
     finally:
         logger.finish()
     if main and progress:
+        from lce.eval.report import print_outputs
+
         print_outputs(outputs)
     return rows if main else []
-
-
-def print_outputs(outputs: dict[str, list[Path]]) -> None:
-    """Say where a run left what it made: results, CSV, plots, model."""
-    width = max(map(len, outputs), default=0)
-    for kind, paths in outputs.items():
-        print(f"{kind:>{width}}: {', '.join(str(p) for p in paths)}")
 
 
 #: Below this many parameters ``threads=auto`` trains and evaluates on one CPU thread: the operations are too small to
@@ -253,12 +248,12 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, devi
            outputs: dict[str, list[Path]], progress: bool) -> list[dict]:
     """Perplexity vs length (and retrieval, when configured) of each evaluated series; then the report. The files
     written are added to ``outputs``."""
-    from lce.eval.report import write_report
+    from lce.eval.compare import report_outputs
 
     ev = run_cfg.eval
     lengths = list(ev.lengths)
     train_length = run_cfg.train.seq_len
-    protocol = ev.protocol_config().with_bucket_size(ev.bucket_size or train_length)
+    protocol = ev.protocol.with_bucket_size(ev.bucket_size or train_length)
     if protocol.input == "documents":
         data = eval_documents(run_cfg.data, tokenizer, ev.min_doc_tokens or max(lengths), ev.n_docs, ev.split,
                               ev.documents)
@@ -293,39 +288,32 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, devi
         rows += run_sweep(model, data, lengths, store, meta={**meta, **identity}, protocol=protocol,
                           bos_id=tokenizer.bos_id, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
                           device=device, progress=progress)
-        heatmaps = _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
-        if heatmaps:
-            outputs.setdefault("retrieval heatmaps", []).extend(heatmaps)
+        _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
     if not current_shard().is_main:
         return rows
-    experiment_rows = [r for r in store.rows() if r.get("experiment") == run_cfg.experiment_name]
-    paths = write_report(experiment_rows, results_dir, train_length=train_length,
-                         title=f"{run_cfg.experiment_name}: perplexity vs length")
-    logger.log_sweep(rows, paths.get("png"))
-    outputs.update({"results": [store.path], "table": [paths["csv"]], "plots": [paths["png"], paths["position_png"]]})
-    if run_cfg.eval.retrieval:
-        outputs["retrieval results"] = [results_dir / "retrieval.jsonl"]
+    outputs["results"] = [store.path, *([results_dir / "retrieval.jsonl"] if ev.retrieval else [])]
+    paths = report_experiment(results_dir, run_cfg.experiment_name, train_length)
+    logger.log_sweep(rows, paths.get("ppl_png"))
+    outputs.update(report_outputs(paths))
     return rows
 
 
-def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device,
-               progress: bool) -> list[Path]:
-    """Run each configured retrieval task on the current series and redraw its heatmaps (their paths)."""
-    from lce.eval.heatmap import write_heatmaps
-    from lce.eval.retrieval import build_retrieval, cell_accuracy, corpus_text, model_generate_fn, run_retrieval
+def report_experiment(results_dir: Path, experiment: str, train_length: int) -> dict[str, Path]:
+    """The end of a sweep's report of ``experiment``: what ``lce report <results_dir> --out <results_dir>`` prints
+    and writes, by the same code (``lce.eval.compare.report``). Returns the paths written by kind."""
+    from lce.eval.compare import report, selected_rows
+
+    return report(selected_rows([results_dir], [experiment]), results_dir, train_length=train_length)
+
+
+def _retrieval(run_cfg: RunConfig, model, tokenizer, results_dir: Path, meta: dict, device, progress: bool) -> None:
+    """Run each configured retrieval task on the current series (its heatmaps are drawn by the report)."""
+    from lce.eval.retrieval import corpus_text, model_generate_fn, run_retrieval
 
     ev = run_cfg.eval
-    heatmaps = []
-    for i, spec in enumerate(ev.retrieval):
-        task = build_retrieval(spec, f"eval.retrieval[{i}]")
+    for task in ev.retrieval.values():
         haystack = corpus_text(run_cfg.data, tokenizer, max(task.lengths), ev.split) if task.needs_corpus else None
-        rows = run_retrieval(model_generate_fn(model, tokenizer.eos_id, device), tokenizer, task,
-                             results_dir / "retrieval.jsonl", haystack_text=haystack, bos_id=tokenizer.bos_id,
-                             meta={**meta, "protocol": {"data": run_cfg.data.name, "split": ev.split}},
-                             device=device, progress=progress)
-        if not current_shard().is_main:
-            continue
-        # Drawn by the code lce report draws heatmaps with, so file names and pictures agree.
-        cells = {(meta["run"], task.name): cell_accuracy(rows)}
-        heatmaps.extend(write_heatmaps(cells, results_dir, run_cfg.train.seq_len).values())
-    return heatmaps
+        run_retrieval(model_generate_fn(model, tokenizer.eos_id, device), tokenizer, task,
+                      results_dir / "retrieval.jsonl", haystack_text=haystack, bos_id=tokenizer.bos_id,
+                      meta={**meta, "protocol": {"data": run_cfg.data.name, "split": ev.split}}, device=device,
+                      progress=progress)

@@ -169,6 +169,10 @@ def test_protocol_retrieval_and_report(multirun):
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "sliding" in text and "rope-full" in text
+    # One report pipeline: the end of the last sweep wrote the same files into the experiment's directory.
+    for path in (tmp_path / "report").iterdir():
+        assert path.suffix == ".png" or path.read_text() == (tmp_path / "e2e" / path.name).read_text(), path.name
+        assert (tmp_path / "e2e" / path.name).is_file()
 
 
 @pytest.mark.parametrize("chosen,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])

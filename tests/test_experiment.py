@@ -134,3 +134,41 @@ def test_a_model_without_tokenizer_is_named_before_any_work(tmp_path):
     with pytest.warns(UserWarning, match="no tokenizer"), pytest.raises(
             ConfigError, match=r"^model\.tokenizer: the model at .*bare' holds no tokenizer"):
         experiment.run(cfg, tmp_path / "run", progress=False)
+
+
+def test_the_end_of_a_sweep_and_lce_report_write_the_same_report(tmp_path, capsys):
+    """One report pipeline: the files a run writes at the end of its sweep (perplexity and retrieval) are those
+    ``lce report <results dir> --out <dir>`` writes, with the same contents (plots: the same names), and the two
+    print the same table and the paths of the same files."""
+    import re
+
+    import lce
+    from lce.eval.compare import main as lce_report
+
+    model, tokenizer = lce.load_model("tiny_llama", hidden_size=32, num_hidden_layers=1)
+    lce.save_model(model, tokenizer, tmp_path / "model")
+    passkey = {"name": "passkey", "lengths": [320], "depths": [0.0, 1.0], "trials": 1, "key_digits": 2}
+    evaluation = {"lengths": [16, 32], "n_docs": 1, "batch_size": 1, "retrieval": {"passkey": passkey}}
+    cfg = _config(model={"name": "hf", "path": str(tmp_path / "model")}, task="eval", eval=evaluation)
+    results, out = tmp_path / "run", tmp_path / "report"
+    experiment.run(cfg, results, progress=True)
+    by_run = capsys.readouterr().out
+    assert lce_report([str(results), "--out", str(out)]) == 0
+    by_report = capsys.readouterr().out
+
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["nll_vs_position.png", "ppl_vs_length.csv", "ppl_vs_length.png", "report.md", "retrieval.csv",
+                       "retrieval_run_passkey.png"]
+    for name in written:
+        assert (results / name).is_file()
+        if not name.endswith(".png"):
+            assert (results / name).read_text() == (out / name).read_text(), name
+    table = (out / "report.md").read_text()
+    assert table in by_run and table in by_report
+
+    def printed(text: str, directory) -> dict[str, list[str]]:
+        lines = re.findall(r"^ *(report|tables|plots): (.*)$", text, re.MULTILINE)
+        return {kind: [p.replace(str(directory), "DIR") for p in paths.split(", ")] for kind, paths in lines}
+
+    assert printed(by_run, results) == printed(by_report, out)
+    assert printed(by_report, out)["report"] == ["DIR/report.md"]

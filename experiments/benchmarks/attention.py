@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Impl, Point, add_common_arguments, check, environment, measure, report
 
-from lce.attention.blockwise import blockwise_attention
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.core.blockwise import blockwise_attention
 from lce.kernels.rope import Rotation
 from lce.posenc.alibi import alibi_attention, alibi_slopes
 from lce.posenc.dca import DcaGeometry, dca_attention

@@ -1,8 +1,10 @@
 """Perplexity-evaluation speed of a real model on CPU: lce's path under each method against plain transformers.
 
-For each length, one process times (after a warm-up call on 256 tokens) the forward + next-token loss of one
-random sequence, ``--repeats`` times, keeping the fastest call (on a shared CPU the minimum is the statistic that
-other processes disturb least; every call does the same work):
+For each length, one process times the forward + next-token loss of one random sequence (each call after a warm-up
+call on 256 tokens) in ``--repeats`` rounds, each round timing every implementation once in turn, and keeps each
+implementation's fastest call (on a shared CPU the minimum is the statistic that other processes disturb least;
+every call does the same work, and interleaving the implementations exposes them to the same drifts of the
+machine's speed, which on the 2-core machine reach 20% between minutes):
 
 - ``transformers``: the unpatched model as a new user runs it, ``model(ids, labels=ids).loss`` under
   ``torch.inference_mode`` with transformers' default attention (SDPA);
@@ -82,28 +84,51 @@ class Stopwatch:
             handle.remove()
 
 
-def timed(fn, warm, watch: Stopwatch, repeats: int = 1) -> dict[str, float]:
-    """``warm()`` (the same call on a short input: kernels and caches initialised), then ``repeats`` timed ``fn()``:
-    the fastest call's total, attention, mlp, loss and other milliseconds, and the peak MiB of all calls."""
+def timed(fn, warm, watch: Stopwatch) -> dict[str, float]:
+    """``warm()`` (the same call on a short input: kernels and caches initialised), then one timed ``fn()``: its total,
+    attention, mlp, loss and other milliseconds, and its peak MiB."""
     from lce.eval.memory import measure_peak_memory
 
     warm()
-    best, parts, peak_mib = float("inf"), {}, 0.0
-    for _ in range(repeats):
-        watch.reset()
-        with measure_peak_memory(torch.device("cpu"), interval_s=0.005) as peak:
-            start = time.perf_counter()
-            fn()
-            total = time.perf_counter() - start
-        peak_mib = max(peak_mib, peak.peak_mb)
-        if total < best:
-            best, parts = total, dict(watch.totals)
-    total = best
+    watch.reset()
+    with measure_peak_memory(torch.device("cpu"), interval_s=0.005) as peak:
+        start = time.perf_counter()
+        fn()
+        total = time.perf_counter() - start
+    parts = dict(watch.totals)
     ms = {"ms": total * 1e3, "attention_ms": parts.get("attention", 0.0) * 1e3, "mlp_ms": parts.get("mlp", 0.0) * 1e3}
     ms["loss_ms"] = (total - parts.get("model", 0.0)) * 1e3
     ms["other_ms"] = ms["ms"] - ms["attention_ms"] - ms["mlp_ms"] - ms["loss_ms"]
-    ms["peak_mib"] = peak_mib
+    ms["peak_mib"] = peak.peak_mb
     return ms
+
+
+def fastest(calls: list[dict[str, float]]) -> dict[str, float]:
+    """The fastest call's times, with the peak memory of all calls."""
+    best = dict(min(calls, key=lambda call: call["ms"]))
+    best["peak_mib"] = max(call["peak_mib"] for call in calls)
+    return best
+
+
+def implementation(model, impl: str):
+    """``run(ids)``, one forward + loss of ``model`` as ``impl`` computes it: plain transformers, or ``lce <method>``
+    (``model`` patched with the method, then lce's evaluation path). Patches replace each other, so every call
+    patches first; one model serves every impl (copies would multiply the memory the allocator juggles, and with it
+    the timing noise)."""
+    import lce
+    from lce.eval.perplexity import model_nll_fn
+
+    if impl == "transformers":
+        if lce.patch_spec(model) is not None:
+            lce.unpatch(model)
+
+        def run(ids):
+            with torch.inference_mode():
+                return model(ids, labels=ids).loss
+
+        return run
+    lce.patch(model, METHODS[impl.removeprefix("lce ")])
+    return model_nll_fn(model)
 
 
 def main() -> None:
@@ -113,12 +138,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per point; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over all implementations; each one's fastest call is kept")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/real_speed"))
     args = parser.parse_args()
 
     import lce
-    from lce.eval.perplexity import model_nll_fn
 
     torch.set_num_threads(args.threads)
     model, _ = lce.load_model(args.model, **({} if args.dtype == "float32" else {"dtype": args.dtype}))
@@ -127,25 +152,18 @@ def main() -> None:
            "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "lce": lce.__version__, "model": args.model,
            "dtype": args.dtype}
-    points: list[Point] = []
+    impls = ["transformers", *(f"lce {name}" for name in args.methods)]
     watch = Stopwatch(model)
+    points: list[Point] = []
     for length in args.lengths:
         ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
-        short = ids[:, :256]
-
-        def plain(x):
-            with torch.inference_mode():
-                return model(x, labels=x).loss
-
-        for impl in ["transformers", *(f"lce {name}" for name in args.methods)]:
-            if impl == "transformers":
-                run = plain
-            else:
-                lce.patch(model, METHODS[impl.removeprefix("lce ")])
-                run = model_nll_fn(model)
-            result = timed(functools.partial(run, ids), functools.partial(run, short), watch, args.repeats)
-            if impl != "transformers":
-                lce.unpatch(model)
+        calls = defaultdict(list)
+        for _ in range(args.repeats):  # rounds over every impl: drifts of the machine's speed hit all of them alike
+            for impl in impls:
+                run = implementation(model, impl)
+                calls[impl].append(timed(functools.partial(run, ids), functools.partial(run, ids[:, :256]), watch))
+        for impl in impls:
+            result = fastest(calls[impl])
             points += [Point("forward+loss", impl, length, metric, value) for metric, value in result.items()]
             print(f"{length:>6} {impl:<18} {result['ms'] / 1e3:7.2f} s  attention {result['attention_ms'] / 1e3:6.2f}"
                   f"  mlp {result['mlp_ms'] / 1e3:6.2f}  loss {result['loss_ms'] / 1e3:5.2f}  other "

@@ -4,8 +4,9 @@
 ``AttentionSpec``: RoPE segments at remapped positions (DCA, Self-Extend, ReRoPE, StreamingLLM sinks), ALiBi, log-n
 query scaling, a sliding window with sinks, a block-sparse mask. Files: ``spec.py`` (the data; each method writes its
 segments in its own ``lce.posenc`` module), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key tiles each
-query tile visits), ``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``function.py`` (autograd and the
-public function).
+query tile visits), ``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``launch.py`` (tiles, warps and
+stages per GPU; ``python -m lce.kernels.inspect`` compiles them for sm_90 without a GPU), ``function.py`` (autograd
+and the public function).
 
 Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
 """

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from lce.errors import LceError
+from lce.kernels.attention.launch import launch_options, tile_sizes
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import MAX_POSITION, AttentionSpec
-from lce.kernels.backend import MAX_GRID_YZ, resolve_backend
+from lce.kernels.backend import MAX_GRID_YZ, device_capability, resolve_backend
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)  # fp64 for exact checks on the reference only
@@ -89,15 +90,6 @@ def _check_spec_tensors(spec: AttentionSpec, q: torch.Tensor) -> None:
                        f"the head dim D = {q.shape[3]}")
 
 
-def tile_sizes(tq: int, device: torch.device) -> tuple[int, int]:
-    """``(block_m, block_n)`` on CUDA: 16-row query tiles for decode-sized inputs (flash-decoding splits the keys
-    instead), 64 x 64 otherwise. In the interpreter 32 x 32: tiny test inputs still span several tiles, and each
-    tile costs interpreter overhead per operation whatever its size (16 x 16 tiles made the tests 4x slower)."""
-    if device.type != "cuda":
-        return 32, 32
-    return (16 if tq <= 16 else 64), 64
-
-
 def decode_splits(n_qt: int, n_kt: int, programs: int, device: torch.device) -> int:
     """Key splits per query tile: > 1 only when one query tile faces several key tiles (decode), enough to give
     every streaming multiprocessor about two programs."""
@@ -116,8 +108,12 @@ class FlashAttentionFunction(torch.autograd.Function):
         from lce.kernels.attention.triton_forward import attention_forward
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if any(ctx.needs_input_grad[:3]):  # refuse a backward that cannot launch before running the forward
+            for kernel in ("backward_dq", "backward_dk_dv"):
+                launch_options(kernel, q.dtype, max(q.shape[-1], v.shape[-1]), device_capability(q),
+                               logn=spec.logn_length is not None)
         q_pos32, k_pos32 = q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
-        block_m, block_n = tile_sizes(q.shape[2], q.device)
+        block_m, block_n = tile_sizes(q.shape[2], q.device, q.dtype, max(q.shape[-1], v.shape[-1]))
         schedule = build_schedule(spec, q_pos32, k_pos32, block_m, block_n)
         n_splits = decode_splits(schedule.kv_count.shape[1], schedule.kv_index.shape[2], q.shape[0] * q.shape[1],
                                  q.device)

@@ -8,13 +8,13 @@ A spec is plain integers, floats and tensors (no callables), so a kernel can eva
 - ``Segment``: a pair it selects has logit ``R(q_map(i)) q_i . R(k_map(j)) k_j`` (``R`` the RoPE rotation of
   ``lce.kernels.rope.Rotation``; Su et al., arXiv:2104.09864, eq. 34). Each position-remapping method writes its
   segments once, in its own module (``lce.posenc.dca``, ``self_extend``, ``rerope``, ``sinks``), and the reference,
-  the fused CPU path (``lce.attention.segments``) and the Triton kernel all read them;
+  the fused CPU path (``lce.core.staircase``) and the Triton kernel all read them;
 - ``AttentionSpec``: the softmax scale, the segments and their rotary embedding, and the modifiers every method
   combines with (ALiBi slopes, log-n query scaling, a sliding window with sink tokens, a block-sparse mask).
 
 Semantics (all combine): a pair ``(i, j)`` of absolute positions is visible iff ``j <= i`` (causal), the window and
 block mask allow it, and, when segments exist, some segment selects it (if several do, the last one listed wins, as
-in ``lce.attention.segments.segmented_attention``). A query with no visible key outputs 0.
+in ``lce.core.segments.segmented_attention``). A query with no visible key outputs 0.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lce.kernels.attention.launch import launch_options
 from lce.kernels.attention.schedule import TileSchedule
 from lce.kernels.attention.spec import AttentionSpec
 from lce.kernels.attention.triton_common import (
@@ -32,7 +33,7 @@ from lce.kernels.attention.triton_common import (
     visible_pairs,
 )
 from lce.kernels.attention.triton_forward import allocate, kernel_config, spec_arguments
-from lce.kernels.backend import on_device_of
+from lce.kernels.backend import device_capability, on_device_of
 
 
 @triton.jit
@@ -221,10 +222,36 @@ def attention_bwd_dk_dv_kernel(
     store_tile(DV_OUT + kv_base * DV, dv.to(DV_OUT.dtype.element_ty), cols, col_ok, offs_dv, dv_ok, DV)
 
 
+def backward_launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+                      delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, spec: AttentionSpec,
+                      q_pos: torch.Tensor, k_pos: torch.Tensor, schedule: TileSchedule,
+                      capability: tuple[int, int] | None) -> dict[str, tuple[tuple[int, int], dict]]:
+    """``{"dq": (grid, kwargs), "dk_dv": (grid, kwargs)}``: every argument of the two backward launches (tensors,
+    scalars, constexprs, ``num_warps``/``num_stages``). ``attention_backward`` launches with them and
+    ``lce.kernels.inspect`` compiles with them (on meta tensors), so the compile check sees exactly what runs."""
+    batch, heads, tq, d = q.shape
+    kv_heads, tk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
+    n_qt, n_kt = schedule.kv_count.shape[1], schedule.kv_index.shape[2]
+    common = dict(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, Q_POS=q_pos, K_POS=k_pos,
+                  H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv_dim, n_qt=n_qt, n_kt=n_kt,
+                  BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+                  **spec_arguments(spec, q), **kernel_config(spec, q, v))
+    head_dim = max(d, dv_dim)
+    return {
+        "dq": ((n_qt, batch * heads),
+               dict(common, DQ=dq, KV_COUNT=schedule.kv_count, KV_INDEX=schedule.kv_index,
+                    **launch_options("backward_dq", q.dtype, head_dim, capability))),
+        "dk_dv": ((n_kt, batch * kv_heads),
+                  dict(common, DK=dk, DV_OUT=dv, Q_COUNT=schedule.q_count, Q_INDEX=schedule.q_index,
+                       **launch_options("backward_dk_dv", q.dtype, head_dim, capability,
+                                        logn=spec.logn_length is not None))),
+    }
+
+
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, spec: AttentionSpec, q_pos: torch.Tensor,
-                       k_pos: torch.Tensor, schedule: TileSchedule,
-                       num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       k_pos: torch.Tensor,
+                       schedule: TileSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``attention_forward``.
 
     Args:
@@ -235,19 +262,15 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     Returns:
         ``dq [B, H, Tq, D]``, ``dk [B, HKV, Tk, D]``, ``dv [B, HKV, Tk, Dv]`` in the inputs' dtype.
     """
-    batch, heads, tq, d = q.shape
-    kv_heads, tk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
-    n_qt, n_kt = schedule.kv_count.shape[1], schedule.kv_index.shape[2]
     delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
     dq = allocate(q.shape, q.dtype, q.device)
     dk = allocate(k.shape, k.dtype, k.device)
     dv = allocate(v.shape, v.dtype, v.device)
-    common = dict(H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv_dim, n_qt=n_qt, n_kt=n_kt,
-                  BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, num_warps=num_warps,
-                  **spec_arguments(spec, q), **kernel_config(spec, q, v))
+    launches = backward_launches(q, k, v, grad_out, lse, delta, dq, dk, dv, spec, q_pos, k_pos, schedule,
+                                 device_capability(q))
     with on_device_of(q):
-        attention_bwd_dq_kernel[(n_qt, batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, q_pos, k_pos, schedule.kv_count, schedule.kv_index, **common)
-        attention_bwd_dk_dv_kernel[(n_kt, batch * kv_heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, q_pos, k_pos, schedule.q_count, schedule.q_index, **common)
+        grid, kwargs = launches["dq"]
+        attention_bwd_dq_kernel[grid](**kwargs)
+        grid, kwargs = launches["dk_dv"]
+        attention_bwd_dk_dv_kernel[grid](**kwargs)
     return dq, dk, dv

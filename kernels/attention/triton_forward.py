@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lce.kernels.attention.launch import launch_options
 from lce.kernels.attention.schedule import TileSchedule
 from lce.kernels.attention.spec import AttentionSpec
 from lce.kernels.attention.triton_common import (
@@ -32,7 +33,7 @@ from lce.kernels.attention.triton_common import (
     tile_scores,
     visible_pairs,
 )
-from lce.kernels.backend import on_device_of
+from lce.kernels.backend import device_capability, on_device_of
 
 
 def allocate(shape, dtype, device) -> torch.Tensor:
@@ -186,9 +187,31 @@ def combine_splits(m_part: torch.Tensor, l_part: torch.Tensor, acc_part: torch.T
     return out.transpose(1, 2).to(dtype).contiguous(), lse
 
 
+def forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   m_part: torch.Tensor, l_part: torch.Tensor, spec: AttentionSpec, q_pos: torch.Tensor,
+                   k_pos: torch.Tensor, schedule: TileSchedule, n_splits: int,
+                   capability: tuple[int, int] | None) -> tuple[tuple[int, int, int], dict]:
+    """The grid and every keyword argument of one ``attention_fwd_kernel`` launch (tensors, scalars, constexprs,
+    ``num_warps``/``num_stages``). ``attention_forward`` launches with it and ``lce.kernels.inspect`` compiles with it
+    (on meta tensors), so the compile check sees exactly what runs."""
+    batch, heads, tq, d = q.shape
+    kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    n_qt, n_kt = schedule.kv_count.shape[1], schedule.kv_index.shape[2]
+    split = n_splits > 1
+    kwargs = dict(
+        Q=q, K=k, V=v, OUT=out, LSE=lse, M_PART=m_part, L_PART=l_part, Q_POS=q_pos, K_POS=k_pos,
+        KV_COUNT=schedule.kv_count, KV_INDEX=schedule.kv_index,
+        H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv, n_qt=n_qt, n_kt=n_kt,
+        tiles_per_split=-(-n_kt // n_splits), n_splits=n_splits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+        SPLIT=split, **spec_arguments(spec, q), **kernel_config(spec, q, v),
+        **launch_options("forward", q.dtype, max(d, dv), capability),
+    )
+    return (n_qt, batch * heads, n_splits), kwargs
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, q_pos: torch.Tensor,
-                      k_pos: torch.Tensor, schedule: TileSchedule, n_splits: int = 1,
-                      num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                      k_pos: torch.Tensor, schedule: TileSchedule,
+                      n_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     Args:
@@ -201,10 +224,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     Returns:
         ``out [B, Tq, H, Dv]`` in ``q.dtype`` and ``lse [B, H, Tq]`` fp32.
     """
-    batch, heads, tq, d = q.shape
-    kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    n_qt, n_kt = schedule.kv_count.shape[1], schedule.kv_index.shape[2]
-    tiles_per_split = -(-n_kt // n_splits)
+    batch, heads, tq, _ = q.shape
+    dv = v.shape[-1]
     split = n_splits > 1
     lse = allocate((batch, heads, tq), torch.float32, q.device)
     if split:
@@ -214,14 +235,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     else:
         out = allocate((batch, tq, heads, dv), q.dtype, q.device)
         m_part = l_part = lse
-    grid = (n_qt, batch * heads, n_splits)
+    grid, kwargs = forward_launch(q, k, v, out, lse, m_part, l_part, spec, q_pos, k_pos, schedule, n_splits,
+                                  device_capability(q))
     with on_device_of(q):
-        attention_fwd_kernel[grid](
-            q, k, v, out, lse, m_part, l_part, q_pos, k_pos, schedule.kv_count, schedule.kv_index,
-            H=heads, GROUPS=heads // kv_heads, Tq=tq, Tk=tk, D=d, DV=dv, n_qt=n_qt, n_kt=n_kt,
-            tiles_per_split=tiles_per_split, n_splits=n_splits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-            SPLIT=split, num_warps=num_warps, **spec_arguments(spec, q), **kernel_config(spec, q, v),
-        )
+        attention_fwd_kernel[grid](**kwargs)
     if split:
         return combine_splits(m_part, l_part, out, q.dtype)
     return out, lse

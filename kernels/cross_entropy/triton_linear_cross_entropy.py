@@ -183,6 +183,11 @@ def lce_bwd_dw_kernel(h_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, grad_ptr, dw_pt
         tl.store(db_ptr + cols, db, mask=col_in)
 
 
+#: Warps and pipeline stages of the three kernels (Triton's defaults, stated so ``lce.kernels.inspect`` compiles what
+#: runs).
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 3}
+
+
 def _meta(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, blocks: tuple[int, int, int]) -> dict:
     block_n, block_v, block_c = blocks
     return {
@@ -190,7 +195,7 @@ def _meta(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
         # tf32 would cost fp32 inputs ~1e-3 relative error in the logits; bf16/fp16 products are exact anyway.
         "DOT_PRECISION": "ieee" if hidden.dtype == torch.float32 else "tf32",
         "UPCAST": hidden.dtype == torch.bfloat16 and interpreting(),
-        "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_C": block_c,
+        "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_C": block_c, **LAUNCH_OPTIONS,
     }
 
 

@@ -217,6 +217,11 @@ def chunk_dqk_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, do_ptr, dh_ptr, dq_p
     _store_rows(dk_ptr, dk, n, i_k, T, F, C, BK)
 
 
+#: Warps and pipeline stages of every chunk kernel launch (Triton's defaults, stated so ``lce.kernels.inspect``
+#: compiles what runs).
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 3}
+
+
 def _tiles(features: int, channels: int) -> tuple[int, int]:
     """Feature and value block sizes: powers of two in [16, 64] (``tl.dot`` needs >= 16)."""
     return (min(64, max(16, triton.next_power_of_2(features))), min(64, max(16, triton.next_power_of_2(channels))))
@@ -235,7 +240,7 @@ def chunk_states(k, v, b, h0, chunk_size: int, store_states: bool):
         chunk_state_fwd_kernel[grid](
             k, v, b if b is not None else k, h0 if h0 is not None else final, states if store_states else final,
             final, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None,
-            HAS_INITIAL=h0 is not None, STORE_STATES=store_states)
+            HAS_INITIAL=h0 is not None, STORE_STATES=store_states, **LAUNCH_OPTIONS)
     return states, final
 
 
@@ -256,7 +261,8 @@ def chunk_forward(q, k, v, b, h0, chunk_size: int):
     grid = (triton.cdiv(channels, bv), states.shape[2], batch * heads)
     with on_device_of(q):
         chunk_output_fwd_kernel[grid](q, k, v, b if b is not None else q, states, out, length, features, channels,
-                                      states.shape[2], C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None)
+                                      states.shape[2], C=chunk_size, BK=bk, BV=bv, USE_DECAY=b is not None,
+                                      **LAUNCH_OPTIONS)
     return out, final
 
 
@@ -281,11 +287,11 @@ def chunk_backward(q, k, v, b, h0, do, dht, chunk_size: int):
     with on_device_of(q):
         chunk_state_bwd_kernel[(triton.cdiv(features, bk) * triton.cdiv(channels, bv), batch * heads)](
             q, do, decays, dht, state_grads, dh0, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
-            USE_DECAY=b is not None)
+            USE_DECAY=b is not None, **LAUNCH_OPTIONS)
         chunk_dv_bwd_kernel[(triton.cdiv(channels, bv), chunks, batch * heads)](
             q, k, decays, do, state_grads, dv, length, features, channels, chunks, C=chunk_size, BK=bk, BV=bv,
-            USE_DECAY=b is not None)
+            USE_DECAY=b is not None, **LAUNCH_OPTIONS)
         chunk_dqk_bwd_kernel[(triton.cdiv(features, bk), chunks, batch * heads)](
             q, k, v, decays, states, do, state_grads, dq, dk, length, features, channels, chunks, C=chunk_size,
-            BK=bk, BV=bv, USE_DECAY=b is not None)
+            BK=bk, BV=bv, USE_DECAY=b is not None, **LAUNCH_OPTIONS)
     return dq, dk, dv, dh0

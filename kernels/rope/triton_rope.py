@@ -73,8 +73,33 @@ def rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, inv_freq_ptr, T
                       HALF, DK, INTERLEAVED, BLOCK_HKV, BLOCK_HALF, BLOCK_PASS_K)
 
 
+#: Warps and pipeline stages of the launch (Triton's defaults, stated so ``lce.kernels.inspect`` compiles what runs).
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 3}
+
+
 def _block(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
+
+
+def rope_launch(q: torch.Tensor, k: torch.Tensor | None, q_out: torch.Tensor, k_out: torch.Tensor,
+                positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, style: str,
+                inverse: bool) -> tuple[tuple[int], dict]:
+    """The grid and keyword arguments of one ``rope_fwd_kernel`` launch (``lce.kernels.inspect`` compiles them)."""
+    batch, heads, length, dim_q = q.shape
+    kv_heads, dim_k = (k.shape[1], k.shape[3]) if k is not None else (0, 0)
+    half = inv_freq.numel()
+    k_in = k if k is not None else q
+    stride_pb = positions.stride(0) if positions.shape[0] > 1 else 0
+    names = ("stride_qb", "stride_qh", "stride_qt", "stride_qd", "stride_kb", "stride_kh", "stride_kt", "stride_kd")
+    kwargs = dict(
+        q_ptr=q, k_ptr=k_in, q_out_ptr=q_out, k_out_ptr=k_out, pos_ptr=positions, inv_freq_ptr=inv_freq, T=length,
+        H=heads, HKV=kv_heads, **dict(zip(names, (*q.stride(), *k_in.stride()))), stride_pb=stride_pb,
+        stride_pt=positions.stride(1), scaling=float(attention_scaling), sign=-1.0 if inverse else 1.0,
+        HALF=half, DQ=dim_q, DK=dim_k, INTERLEAVED=style == "interleaved", HAS_K=k is not None,
+        BLOCK_H=_block(heads), BLOCK_HKV=_block(kv_heads), BLOCK_HALF=_block(half),
+        BLOCK_PASS_Q=_block(dim_q - 2 * half), BLOCK_PASS_K=_block(dim_k - 2 * half), **LAUNCH_OPTIONS,
+    )
+    return (batch * length,), kwargs
 
 
 def rope_triton(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -91,18 +116,9 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor
     """
     batch, heads, length, dim_q = q.shape
     kv_heads, dim_k = (k.shape[1], k.shape[3]) if k is not None else (0, 0)
-    half = inv_freq.numel()
     q_out = torch.empty((batch, heads, length, dim_q), dtype=q.dtype, device=q.device)
     k_out = torch.empty((batch, kv_heads, length, dim_k), dtype=k.dtype, device=k.device) if k is not None else q_out
-    k_in = k if k is not None else q
-    stride_pb = positions.stride(0) if positions.shape[0] > 1 else 0
+    grid, kwargs = rope_launch(q, k, q_out, k_out, positions, inv_freq, attention_scaling, style, inverse)
     with on_device_of(q):
-        rope_fwd_kernel[(batch * length,)](
-            q, k_in, q_out, k_out, positions, inv_freq, length, heads, kv_heads,
-            *q.stride(), *k_in.stride(), stride_pb, positions.stride(1), float(attention_scaling),
-            -1.0 if inverse else 1.0,
-            HALF=half, DQ=dim_q, DK=dim_k, INTERLEAVED=style == "interleaved", HAS_K=k is not None,
-            BLOCK_H=_block(heads), BLOCK_HKV=_block(kv_heads), BLOCK_HALF=_block(half),
-            BLOCK_PASS_Q=_block(dim_q - 2 * half), BLOCK_PASS_K=_block(dim_k - 2 * half),
-        )
+        rope_fwd_kernel[grid](**kwargs)
     return (q_out, k_out) if k is not None else (q_out,)

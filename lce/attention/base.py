@@ -14,7 +14,7 @@ from lce.errors import ConfigError
 from lce.registry import Registry
 
 if TYPE_CHECKING:
-    from lce.hf.patch import PatchTarget
+    from lce.core.target import PatchTarget
 
 ATTENTIONS: Registry = Registry("attention")
 

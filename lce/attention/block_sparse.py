@@ -18,7 +18,7 @@ is reproducible across platforms and versions; a torch generator's stream is not
 per layer and head (``bigbird_block_rand_mask``); here every layer and head shares the pattern of its seed.
 
 With ``window_blocks`` or ``random_blocks`` at least the number of blocks, every block is visible: full causal
-attention. lce's block-wise kernel scores a block of queries against the key blocks it selects only:
+attention. lce's block-wise attention scores a block of queries against the key blocks it selects only:
 ``O(T * block_size * (window_blocks + global_blocks + random_blocks))``.
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.blockwise import SparseVariant
-from lce.attention.plan import KeyRanges, Restriction
+from lce.attention.sparse import SparseVariant
 from lce.config import check
+from lce.core.plan import KeyRanges, Restriction
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -115,7 +115,7 @@ class BlockSparse(SparseVariant):
 
     Attributes:
         block_size: positions per block. It and ``query_block`` must divide one another, so that each block of
-            queries the kernel scores lies in one attention block or covers whole ones.
+            queries the block-wise attention scores lies in one attention block or covers whole ones.
         window_blocks: key blocks of the local window, the query's own block included (>= 1).
         global_blocks: leading blocks every query attends.
         random_blocks: random earlier key blocks per query block.

@@ -11,7 +11,7 @@ Transformers (Child et al. 2019, arXiv:1904.10509, §4.2: every ``l``-th earlier
 dilation per head (no dilation on some heads to keep local context); here every head of a selected layer shares one
 dilation: use ``layers`` to mix dilated and undilated layers.
 
-lce's block-wise kernel scores a block of queries against the span ``(window - 1) * dilation + query_block`` before
+lce's block-wise attention scores a block of queries against the span ``(window - 1) * dilation + query_block`` before
 it and masks the holes: memory and time ``O(T * window * dilation)``, linear in ``T``.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.blockwise import SparseVariant
-from lce.attention.plan import KeyRanges, Restriction
+from lce.attention.sparse import SparseVariant
 from lce.config import check
+from lce.core.plan import KeyRanges, Restriction
 
 
 @dataclass(frozen=True)

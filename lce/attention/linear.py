@@ -10,8 +10,8 @@ then turns ``(num, den)`` into the output: ``num / den`` (Katharopoulos et al.'s
 linear_relu add ``eps`` to ``den``, performer divides exactly) or a norm of ``num`` (transnormer, retention). The
 decay is retention's ``γ^(i-j)`` and also carries performer's numerical stabiliser (see ``lce.attention.performer``).
 
-Decoding keeps the recurrent state on the KV cache layer, which ``lce.hf.cache`` finds and provides (the only code
-here that touches the cache is ``_capture_cache``, a forward pre-hook that asks it for the layer of each call).
+Decoding keeps the recurrent state on the KV cache layer, which ``lce.hf`` finds and hands to each call (the layer's
+computation declares ``RECURRENT_STATE``); nothing here knows a cache class or argument.
 
 Three forms of one op; the first two are ``lce.kernels.linear_attention`` (reference, Triton kernels, dispatch):
 
@@ -23,7 +23,7 @@ Three forms of one op; the first two are ``lce.kernels.linear_attention`` (refer
 - ``linear_attention_recurrent``: the RNN form ``S_t = e^{a_t} S_{t-1} + φ(k_t) v_tᵀ``, ``z_t = e^{a_t} z_{t-1} +
   φ(k_t)``, ``num_t = φ(q_t)ᵀ S_t``, ``den_t = φ(q_t)·z_t`` (Katharopoulos et al. §3.4; RetNet eq. 6); used to decode.
 
-Integration (``LinearKernel``, the per-layer kernel registered through ``PatchTarget.use_kernel``):
+Integration (``LinearLayerAttention``, each layer's computation, installed through ``PatchTarget.compute_attention``):
 
 - Initialisation: only how attention is computed from the model's q/k/v changes; its q/k/v/o projections (pretrained
   weights) are used as they are. No parameter is added (norms have no gain: ``o_proj`` absorbs a per-channel gain),
@@ -58,8 +58,9 @@ from torch import nn
 
 from lce.attention.base import AttentionVariant, select_layers
 from lce.config import check
-from lce.errors import LceError, UnsupportedModelError
-from lce.hf.cache import CACHE_ARGUMENTS, NoStateKept, RecurrentStateLayer, partial_cache_layers, recurrent_state_layer
+from lce.core.plan import RECURRENT_STATE, LayerAttention, NoCache
+from lce.deprecated import renamed
+from lce.errors import LceError
 from lce.kernels.linear_attention import linear_attention, linear_attention_parallel
 
 Form = Literal["chunked", "parallel", "recurrent"]
@@ -159,50 +160,33 @@ def key_validity(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tens
     return visible.any(dim=(1, 2))[:, -kv_len:]
 
 
-#: What the pre-hook hands the kernel when the attention module was called without a KV cache.
-NO_CACHE = object()
+class LinearLayerAttention(LayerAttention):
+    """The attention computation of one linear-attention layer, with its memoised constants (``memo``). It keeps the
+    recurrent state in the KV cache: each call through the attention module receives its cache layer as ``state``
+    (``lce.hf.cache``: a layer with ``recurrent_state``/``keep_recurrent_state``, or ``NoCache``); a direct call (no
+    ``state``) recomputes the state of any cached prefix."""
 
+    handles = frozenset({RECURRENT_STATE})
 
-def _capture_cache(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook on an attention module: hand its cache layer to its linear kernel (inert for any other plan).
-    It runs before the module updates the cache, so that ``lce.hf.cache`` can put a layer there that keeps states."""
-    kernel = getattr(getattr(module, "lce_plan", None), "kernel", None)
-    if isinstance(kernel, LinearKernel):
-        layer = recurrent_state_layer(kwargs, getattr(module, "layer_idx", kernel.layer_index))
-        kernel.cache_layer = NO_CACHE if layer is None else layer
-
-
-class LinearKernel:
-    """The attention kernel of one layer (``lce.attention.plan`` signature) with its memoised constants.
-
-    Attributes:
-        cache_layer: the cache layer of the coming call, set by the pre-hook (``_capture_cache``) and taken by the
-            call: a ``RecurrentStateLayer`` or ``NoStateKept``, ``NO_CACHE``, or None when the kernel is called
-            directly, not through its attention module (queries after a prefix then recompute its state).
-    """
-
-    def __init__(self, variant: LinearAttention, layer_index: int, module: nn.Module):
+    def __init__(self, variant: LinearAttention, layer_index: int):
         self.variant = variant
         self.layer_index = layer_index
         self.memo: dict = {}
-        self.cache_layer: RecurrentStateLayer | NoStateKept | object | None = None
-        if not getattr(module, "lce_hooks", None):  # removed by lce.unpatch
-            module.lce_hooks = [module.register_forward_pre_hook(_capture_cache, with_kwargs=True)]
 
-    def __call__(self, module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout, *, q_pos, k_pos, state=None,
+                 **kwargs):
         variant = self.variant
-        layer, self.cache_layer = self.cache_layer, None
         _, heads, tq, dim = query.shape
         tk = key.shape[2]
         start = tk - tq
-        if layer is NO_CACHE:
-            layer = None
+        if isinstance(state, NoCache):
             if start > 0:
                 raise LceError(
                     f"linear attention layer {self.layer_index} received {start} cached keys but found no KV cache "
-                    f"among the attention module's arguments ({', '.join(CACHE_ARGUMENTS)}): this transformers passes "
-                    "it differently, and the state of the whole prefix would be recomputed at every token"
+                    f"{state.why}, and the state of the whole prefix would be recomputed at every token"
                 )
+            state = None
+        layer = state
         dtype = torch.promote_types(query.dtype, torch.float32)
         groups = heads // key.shape[1]
         valid = key_validity(attention_mask, tk)
@@ -248,26 +232,12 @@ def _part(valid: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | N
     return None if valid is None else valid[:, start:stop]
 
 
-def _refuse_windowed_layers(target, method: str, layers: list[int]) -> None:
-    """Linear attention sees every past token; a layer whose KV cache keeps only a window could not be decoded."""
-    windowed = partial_cache_layers(target.config, layers)
-    if windowed:
-        _, kind, kw = windowed[0]
-        window = ", ".join(f"{key}={value}" for key, value in kw.items())
-        raise UnsupportedModelError(
-            f"attention={method} attends to every past token, but {target.adapter.family} layers "
-            f"{[i for i, _, _ in windowed]} are {kind} layers ({window}): transformers' KV cache keeps only their "
-            "window, so decoding could not see older tokens. Load the model with sliding_window=None, or leave those "
-            "layers out with attention.layers"
-        )
-
-
 @dataclass(frozen=True)
 class LinearAttention(AttentionVariant):
     """Base of the linear attention variants: the form used for ``Tq > 1`` and the chunk size.
 
-    Subclasses define the feature maps, the decay and the output rule; ``apply`` installs one ``LinearKernel`` per
-    selected layer (the others keep the model's attention).
+    Subclasses define the feature maps, the decay and the output rule; ``apply`` installs one
+    ``LinearLayerAttention`` per selected layer (the others keep the model's attention).
 
     Attributes:
         chunk_size: positions per chunk of the chunked form (memory ``O(T * chunk_size)``).
@@ -289,12 +259,11 @@ class LinearAttention(AttentionVariant):
     def apply(self, target) -> None:
         layers = select_layers(self.layers, target.config.num_hidden_layers)
         chosen = set(layers)
-        target.use_kernel(self.name,
-                          lambda index, module: LinearKernel(self, index, module) if index in chosen else None)
-        _refuse_windowed_layers(target, self.name, layers)
+        target.compute_attention(self.name,
+                                 lambda index, module: LinearLayerAttention(self, index) if index in chosen else None)
 
-    def context(self, kernel: LinearKernel, query: torch.Tensor, module: nn.Module) -> Any:
-        """Per-call constants (Performer's random features, retention's decays), memoised in ``kernel.memo``."""
+    def context(self, layer: LinearLayerAttention, query: torch.Tensor, module: nn.Module) -> Any:
+        """Per-call constants (Performer's random features, retention's decays), memoised in ``layer.memo``."""
         return None
 
     def query_features(self, query: torch.Tensor, scaling: float, context: Any) -> torch.Tensor:
@@ -313,7 +282,7 @@ class LinearAttention(AttentionVariant):
 
 
 @dataclass(frozen=True)
-class KernelizedAttention(LinearAttention):
+class FeatureMapAttention(LinearAttention):
     """Linear attention with a fixed feature map and Katharopoulos et al.'s normalisation (arXiv:2006.16236 §3.2-3.3)::
 
         out_i = φ(q_i)ᵀ Σ_{j<=i} φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_{j<=i} φ(k_j) + eps)
@@ -342,3 +311,6 @@ class KernelizedAttention(LinearAttention):
     def output(self, num, den):
         return divide(num, den, self.eps)
 
+
+__getattr__ = renamed(__name__, {"KernelizedAttention": "lce.attention.linear.FeatureMapAttention",
+                                 "LinearKernel": "lce.attention.linear.LinearLayerAttention"})

@@ -1,5 +1,5 @@
 """Linear attention with ``φ(x) = relu(x)`` (the ReLU feature map studied with Katharopoulos et al.'s linear attention,
-arXiv:2006.16236 §3.2; e.g. cosFormer, Qin et al. 2022, arXiv:2202.08791, uses it as its base kernel).
+arXiv:2006.16236 §3.2; e.g. cosFormer, Qin et al. 2022, arXiv:2202.08791, uses it as its base feature map).
 
 Same recurrence and normalisation as ``linear_elu``::
 
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.linear import KernelizedAttention
+from lce.attention.linear import FeatureMapAttention
 
 
 @ATTENTIONS.register("linear_relu")
 @dataclass(frozen=True)
-class LinearRelu(KernelizedAttention):
+class LinearRelu(FeatureMapAttention):
     """Linear attention with ``φ(x) = relu(x)``."""
 
     name: str = "linear_relu"

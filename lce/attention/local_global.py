@@ -12,7 +12,7 @@ the ``window`` keys up to and including the query, as its character-level LM doe
 absolute positions (Longformer marks task tokens such as ``[CLS]`` or the question); the default ``[0]`` makes the
 first token a global "sink". Longformer's per-head dilation (§3.1 "Dilated Sliding Window") is ``dilated``.
 
-lce's block-wise kernel scores a block of queries against its window and the global keys before it, or against
+lce's block-wise attention scores a block of queries against its window and the global keys before it, or against
 every earlier key when the block holds a global query: ``O(T * (window + |G| + query_block) + |G| * T)``.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.blockwise import SparseVariant
-from lce.attention.plan import KeyRanges, Restriction
+from lce.attention.sparse import SparseVariant
 from lce.config import check
+from lce.core.plan import KeyRanges, Restriction
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class LocalGlobalPattern(Restriction):
     def kernel_pattern(self, max_position: int) -> dict | None:
         """Global positions ``0 .. g-1`` (the default ``[0]``) are the fused kernel's sink tokens: a global key is a
         sink, and a global query ``i < g`` sees only keys ``j <= i < g``, all of them sinks. Other layouts have no
-        kernel form."""
+        form in the fused kernel."""
         if self.global_tokens != tuple(range(len(self.global_tokens))):
             return None
         return {"window": self.window, "sink_tokens": len(self.global_tokens)}

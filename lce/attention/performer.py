@@ -1,7 +1,7 @@
 """Performer / FAVOR+: softmax attention estimated with positive orthogonal random features (Choromanski et al. 2021,
 "Rethinking Attention with Performers", arXiv:2009.14794; reference: google-research ``performer/fast_attention``).
 
-The softmax kernel is an expectation over Gaussian ``ω`` (Lemma 1, positive random features)::
+The softmax similarity ``exp(x·y)`` is an expectation over Gaussian ``ω`` (Lemma 1, positive random features)::
 
     exp(x·y) = E_ω[ exp(ω·x - |x|²/2) exp(ω·y - |y|²/2) ],   ω ~ N(0, I_d)
 
@@ -106,16 +106,16 @@ class Performer(LinearAttention):
               f"{self.redraw!r} is not one of fixed, every_forward")
         check(isinstance(self.seed, int) and self.seed >= 0, "attention.seed", f"must be >= 0, got {self.seed!r}")
 
-    def context(self, kernel, query, module) -> torch.Tensor:
+    def context(self, layer, query, module) -> torch.Tensor:
         dim = query.shape[-1]
         m = self.num_features or default_num_features(dim)
         if self.redraw == "every_forward" and module.training:
             return orthogonal_features(m, dim, device=query.device).to(query.dtype)
         key = ("omega", m, dim, query.device, query.dtype)
-        if key not in kernel.memo:
-            generator = torch.Generator().manual_seed(layer_seed(self.seed, kernel.layer_index))
-            kernel.memo[key] = orthogonal_features(m, dim, generator).to(query.device, query.dtype)
-        return kernel.memo[key]
+        if key not in layer.memo:
+            generator = torch.Generator().manual_seed(layer_seed(self.seed, layer.layer_index))
+            layer.memo[key] = orthogonal_features(m, dim, generator).to(query.device, query.dtype)
+        return layer.memo[key]
 
     def query_features(self, query, scaling, omega):
         w = log_features(query * math.sqrt(scaling), omega)

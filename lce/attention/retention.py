@@ -69,11 +69,11 @@ class Retention(LinearAttention):
         check(self.norm in ("groupnorm", "rmsnorm"), "attention.norm", f"{self.norm!r} is not groupnorm or rmsnorm")
         check(self.norm_eps > 0, "attention.norm_eps", f"must be > 0, got {self.norm_eps}")
 
-    def context(self, kernel, query, module) -> torch.Tensor:
+    def context(self, layer, query, module) -> torch.Tensor:
         key = ("log_gamma", query.shape[1], query.device, query.dtype)
-        if key not in kernel.memo:
-            kernel.memo[key] = retention_log_decays(query.shape[1], self.decay).to(query.device, query.dtype)
-        return kernel.memo[key]
+        if key not in layer.memo:
+            layer.memo[key] = retention_log_decays(query.shape[1], self.decay).to(query.device, query.dtype)
+        return layer.memo[key]
 
     def query_features(self, query, scaling, log_gamma):
         return query * scaling

@@ -22,8 +22,8 @@ the first ``H // 2`` heads (after GQA's key/value heads are shared out, as its `
 sequence from its first token, which is the same).
 
 With one group (``group_size_ratio: 1``) nothing is shifted (a shift would cut the only group in two) and attention
-is full. lce computes S²-Attn with the pattern below through the layer's kernel (block-wise, ALiBi, DCA, ...), so it
-composes with position encodings; a block of queries scores about ``2G`` keys.
+is full. lce computes S²-Attn with the pattern below through the layer's attention computation (block-wise, ALiBi,
+DCA, ...), so it composes with position encodings; a block of queries scores about ``2G`` keys.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.blockwise import SparseVariant
-from lce.attention.plan import KeyRanges, Restriction
+from lce.attention.sparse import SparseVariant
 from lce.config import check
+from lce.core.plan import KeyRanges, Restriction
 from lce.errors import LceError, UnsupportedModelError
 
 

@@ -9,7 +9,7 @@ Mistral 7B (arXiv:2310.06825, §2; transformers' ``sliding_window`` counts the c
 are StreamingLLM's (Xiao et al. 2024, arXiv:2309.17453, §3.2), without its cache-local re-positioning: keys keep their
 true positions, so this pattern composes with any position encoding (``posenc=sinks`` is the pos-shifted original).
 
-lce's block-wise kernel scores each block of ``query_block`` queries against the sinks and the ``window +
+lce's block-wise attention scores each block of ``query_block`` queries against the sinks and the ``window +
 query_block - 1`` keys before it only: ``O(T * (window + sinks + query_block))`` time and memory.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.blockwise import SparseVariant
-from lce.attention.plan import KeyRanges, Restriction
+from lce.attention.sparse import SparseVariant
 from lce.config import check
+from lce.core.plan import KeyRanges, Restriction
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 "The Devil in Linear Transformer", arXiv:2210.10340 §4; reference: OpenNLPLab/Transnormer, and the first author's
 transnormer-v2-pytorch ``NormLinearAttention``).
 
-The paper shows that the scaling ``1 / φ(q_i)ᵀ Σ_j φ(k_j)`` of kernelized linear attention makes gradients unbounded,
+The paper shows that the scaling ``1 / φ(q_i)ᵀ Σ_j φ(k_j)`` of feature-map linear attention makes gradients unbounded,
 and drops it for a normalisation of the attention output (``O = XNorm(Q(KᵀV))``; causal: ``(φ(Q)φ(K)ᵀ ⊙ M) V``)::
 
     out_i = Norm( Σ_{j<=i} (φ(q_i)·φ(k_j)) v_j )

@@ -1,4 +1,5 @@
-"""``lce report``: merge result files of any set of runs into one comparison (markdown or CSV) and plots.
+"""``lce report``: merge result files of any set of runs into one comparison (markdown or CSV) and plots; the same
+report, by the same code (``write_report``), is what the end of a sweep writes into its results directory.
 
     lce report outputs/ multirun/2025-01-01/ --out report/
     lce report a/results.jsonl b/results.jsonl --format csv --run 'rope*' --experiment quickstart
@@ -10,10 +11,12 @@ directly and through its directory, or a point a file holds twice, counts once. 
 protocol) triple, labelled by the parts that differ between the selected rows. Perplexities whose protocol does not
 average token-weighted (``yarn``, ``longlora_stream``: see ``lce.eval.protocols``) are marked with a dagger.
 
-Output: the report on stdout; with ``--out DIR`` also ``report.md``, ``ppl.csv``, ``retrieval.csv``,
-``ppl_vs_length.png`` and one ``retrieval_<series>_<task>.png`` heatmap per series and task. The output depends
-only on the rows, never on file order, paths or the time. ``--wandb`` logs the tables and plots to Weights & Biases:
-offline unless an API key is configured (``WANDB_MODE`` is respected), never prompting.
+Output: the report on stdout; with ``--out DIR`` also the files of ``write_report`` (``report.md``,
+``ppl_vs_length.csv``, ``ppl_vs_length.png``, ``nll_vs_position.png``, ``retrieval.csv`` and one
+``retrieval_<series>_<task>.png`` heatmap per series and task), whose paths are printed after it. The title is the
+rows' experiment when they hold one. The output depends only on the rows, never on file order, paths or the time.
+``--wandb`` logs the tables and plots to Weights & Biases: offline unless an API key is configured (``WANDB_MODE`` is
+respected), never prompting.
 """
 
 from __future__ import annotations
@@ -30,14 +33,25 @@ from pathlib import Path
 from lce.errors import ConfigError, LceError
 from lce.eval.heatmap import slug, write_heatmaps  # noqa: F401 - slug: callers import it from here
 from lce.eval.protocols import TOKEN_MEAN
-from lce.eval.report import STATUS_NOTES, STATUS_TEXT, best_per_length, csv_text, format_ppl, plot, series_table
+from lce.eval.report import (
+    STATUS_NOTES,
+    STATUS_TEXT,
+    best_per_length,
+    csv_text,
+    format_ppl,
+    plot,
+    plot_position_nll,
+    print_outputs,
+    series_table,
+)
 from lce.eval.retrieval import KIND, cell_accuracy, retrieval_key
 from lce.eval.store import NONFINITE, OK, OOM, ResultStore, first_finished, point_key
 
 RESULT_FILES = ("results.jsonl", "retrieval.jsonl")
+# The columns a single run's table always had come first, so that readers of its columns by position keep working.
 PPL_COLUMNS = (
-    "series", "experiment", "run", "method", "protocol", "length", "status", "ppl", "ppl_low", "ppl_high", "nll",
-    "aggregation", "tokens", "tokens_per_s", "peak_mem_mb", "mem_kind", "seconds",
+    "run", "method", "params", "model", "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb",
+    "seed", "series", "experiment", "protocol", "aggregation", "ppl_low", "ppl_high", "mem_kind", "seconds",
 )
 RETRIEVAL_COLUMNS = ("series", "task", "length", "depth", "trials", "correct", "accuracy", "status")
 
@@ -233,17 +247,42 @@ def _train_length(rows: list[dict]) -> int | None:
     return lengths.pop() if len(lengths) == 1 and None not in lengths else None
 
 
-def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_length: int | None) -> dict[str, Path]:
-    """Write the report files (see the module docstring) and return their paths by kind."""
+def default_title(rows: list[dict]) -> str | None:
+    """The rows' experiment when they hold exactly one (the end of a sweep's report), else None."""
+    experiments = {r.get("experiment") for r in rows}
+    return str(experiments.pop()) if len(experiments) == 1 and None not in experiments else None
+
+
+def write_report(rows: list[dict], out_dir: Path, title: str | None = None,
+                 train_length: int | None = None) -> dict[str, Path]:
+    """Write the report of ``rows`` into ``out_dir``: what ``lce report --out`` and the end of a sweep write.
+
+    ``report.md`` (``markdown``), ``ppl_vs_length.csv`` (``ppl_csv``), ``ppl_vs_length.png`` (``plot``) and
+    ``nll_vs_position.png`` (``plot_position_nll``) when there are perplexity rows, ``retrieval.csv`` and one
+    ``retrieval_<series>_<task>.png`` heatmap per series and task when there are retrieval rows.
+
+    Args:
+        rows: result rows (``load_rows``), perplexity points and retrieval trials.
+        title: of the markdown and the plots; None: ``default_title``.
+        train_length: the length marked in the plots; None: the rows' ``train_length`` when they agree.
+
+    Returns:
+        The paths written by kind: ``md``, ``ppl_csv``, ``ppl_png``, ``position_png``, ``retrieval_csv`` and
+        ``heatmap:<series>:<task>``.
+    """
+    title = title or default_title(rows)
+    train_length = train_length if train_length is not None else _train_length(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / "report.md", "ppl_csv": out_dir / "ppl.csv"}
+    paths = {"md": out_dir / "report.md"}
     paths["md"].write_text(markdown(rows, title) + "\n", encoding="utf-8")
-    paths["ppl_csv"].write_text(ppl_csv(rows), encoding="utf-8")
     label = Labeller(rows)
     ppl_rows = [{**r, "run": label(r)} for r in unique_rows(rows) if r.get("kind") != KIND]
     if ppl_rows:
+        paths["ppl_csv"] = out_dir / "ppl_vs_length.csv"
+        paths["ppl_csv"].write_text(ppl_csv(rows), encoding="utf-8")
         paths["ppl_png"] = plot(ppl_rows, out_dir / "ppl_vs_length.png", train_length=train_length,
                                 title=f"{title}: perplexity vs length" if title else None)
+        paths["position_png"] = plot_position_nll(ppl_rows, out_dir / "nll_vs_position.png", train_length)
     cells = retrieval_cells(rows, label)
     if cells:
         paths["retrieval_csv"] = out_dir / "retrieval.csv"
@@ -251,6 +290,15 @@ def write_outputs(rows: list[dict], out_dir: Path, title: str | None, train_leng
     for (name, task), path in write_heatmaps(cells, out_dir, train_length).items():
         paths[f"heatmap:{name}:{task}"] = path
     return paths
+
+
+def report_outputs(paths: dict[str, Path]) -> dict[str, list[Path]]:
+    """``write_report``'s paths grouped as ``lce report`` and the end of a run print them (``print_outputs``)."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths.values():
+        kind = {".md": "report", ".csv": "tables"}.get(path.suffix, "plots")
+        groups.setdefault(kind, []).append(path)
+    return groups
 
 
 def log_wandb(rows: list[dict], paths: dict[str, Path], project: str, name: str | None, out_dir: Path) -> None:
@@ -292,27 +340,52 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def selected_rows(paths: list[str | Path], experiments: list[str] | None = None,
+                  runs: list[str] | None = None) -> list[dict]:
+    """The finished rows under ``paths`` (``load_rows``) that ``select`` keeps.
+
+    Raises:
+        ConfigError: if there are none.
+    """
+    rows = select(load_rows(paths), experiments, runs)
+    if not rows:
+        raise ConfigError("report: no finished rows in the given paths (after --experiment / --run filters)")
+    return rows
+
+
+def report_text(rows: list[dict], title: str | None = None, fmt: str = "md") -> str:
+    """What the report prints: ``markdown`` (title: ``default_title`` when None), or with ``fmt="csv"`` the
+    perplexity CSV and the retrieval CSV, each only when there are such rows."""
+    if fmt == "md":
+        return markdown(rows, title or default_title(rows))
+    parts = [ppl_csv(rows) if any(r.get("kind") != KIND for r in rows) else "",
+             retrieval_csv(rows) if any(r.get("kind") == KIND for r in rows) else ""]
+    return "\n".join(p for p in parts if p).rstrip("\n")
+
+
+def report(rows: list[dict], out_dir: Path | None, title: str | None = None, train_length: int | None = None,
+           fmt: str = "md") -> dict[str, Path]:
+    """The one report pipeline, of ``lce report`` and of the end of a sweep: print ``report_text`` and, with
+    ``out_dir``, write the files (``write_report``). Returns their paths by kind, which the caller prints
+    (``print_outputs(report_outputs(paths))``, at once or with the rest of a run's outputs)."""
+    text = report_text(rows, title, fmt)
+    paths = write_report(rows, out_dir, title, train_length) if out_dir is not None else {}
+    print(text)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``lce report``; returns the exit status (2 for bad input, reported as one line on stderr)."""
     args = parser().parse_args(argv)
     try:
-        rows = select(load_rows(args.paths), args.experiment, args.run)
-        if not rows:
-            raise ConfigError("report: no finished rows in the given paths (after --experiment / --run filters)")
-        train_length = args.train_length if args.train_length is not None else _train_length(rows)
-        if args.format == "md":
-            text = markdown(rows, args.title)
-        else:
-            parts = [ppl_csv(rows) if any(r.get("kind") != KIND for r in rows) else "",
-                     retrieval_csv(rows) if any(r.get("kind") == KIND for r in rows) else ""]
-            text = "\n".join(p for p in parts if p).rstrip("\n")
-        paths = write_outputs(rows, args.out, args.title, train_length) if args.out is not None else {}
+        rows = selected_rows(args.paths, args.experiment, args.run)
+        paths = report(rows, args.out, args.title, args.train_length, args.format)
         if args.wandb:
             log_wandb(rows, paths, args.wandb_project, args.title, args.out or Path.cwd())
     except LceError as e:
         print(f"lce report: error: {e}", file=sys.stderr)
         return 2
-    print(text)
+    print_outputs(report_outputs(paths))
     return 0
 
 

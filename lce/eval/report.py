@@ -1,4 +1,5 @@
-"""Perplexity-vs-length results as a terminal table, a long-format CSV and a log-log plot.
+"""The pieces of the report of perplexity-vs-length results: a series x length table, long-format CSV text, a log-log
+plot and a loss-by-position plot.
 
 Rows are those written by ``lce.eval.sweep`` (see its schema); a row's series is its ``run`` field. A point written
 twice counts once, by the store's rule (``lce.eval.store.first_finished``). Points without a perplexity (``oom``,
@@ -6,9 +7,8 @@ twice counts once, by the store's rule (``lce.eval.store.first_finished``). Poin
 drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so they neither need a display nor
 change the backend or figures of a user's pyplot session.
 
-This is the end-of-run report, and the pipeline ``lce report`` (``lce.eval.compare``) is built on: both tabulate
-with ``series_table`` and ``best_per_length``, write CSV with ``csv_text`` and plot with ``plot``; their files and
-columns differ only as they always have (``ppl_vs_length.csv`` here, ``ppl.csv`` there).
+The report itself, which ``lce report`` and the end of a sweep both write, is ``lce.eval.compare.write_report``,
+built from these pieces.
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
-from rich.console import Console
-from rich.table import Table
 
 from lce.errors import ConfigError
 from lce.eval.sweep import NONFINITE, OK, OOM, first_finished, point_key
 
-CSV_COLUMNS = (
-    "run", "method", "params", "model", "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb",
-    "seed",
-)
-# How a point without a perplexity shows in tables (here and in ``lce report``) and what the note under them says.
+# How a point without a perplexity shows in tables and what the note under them says.
 STATUS_TEXT = {OOM: "OOM", NONFINITE: "non-finite"}
 STATUS_NOTES = {OOM: "OOM: out of memory", NONFINITE: "non-finite: NaN or infinite loss, no perplexity"}
 
@@ -127,44 +121,6 @@ def format_length(length: float) -> str:
     return str(length)
 
 
-def print_table(rows: list[dict], console: Console | None = None, train_length: int | None = None) -> Table:
-    """Print one line per series and one column per length; the best perplexity of each column is bold.
-
-    Args:
-        rows: sweep rows.
-        console: where to print; a fresh ``Console()`` when None.
-        train_length: the column of this length is marked with ``*``.
-
-    Returns:
-        The printed table.
-    """
-    labels, lengths, table = series_table(points(rows), label)
-    best = best_per_length(table, lengths)
-    notes = []
-    if train_length is not None:
-        notes.append(f"* training length ({train_length})")
-    found = {row["status"] for series in table.values() for row in series.values()}
-    notes += [note for status, note in STATUS_NOTES.items() if status in found]
-    out = Table(title="Perplexity vs evaluation length", caption="; ".join(notes) or None)
-    out.add_column("run", overflow="fold")
-    for length in lengths:
-        out.add_column(f"{length}*" if length == train_length else str(length), justify="right")
-    for name in labels:
-        out.add_row(name, *(_table_cell(table[name].get(length), best[length]) for length in lengths))
-    (console or Console()).print(out)
-    return out
-
-
-def _table_cell(row: dict | None, best: float | None) -> str:
-    """A point in the terminal table: its perplexity (bold when the best of its length), status or ``-``."""
-    if row is None:
-        return "-"
-    if row["status"] != OK:
-        return f"[red]{STATUS_TEXT.get(row['status'], row['status'])}[/red]"
-    ppl = float(row["ppl"])
-    return f"[bold]{format_ppl(ppl)}[/bold]" if ppl == best else format_ppl(ppl)
-
-
 def csv_cell(value) -> str | int | float:
     """A value as a CSV cell: structured values (params, model) as canonical JSON; missing values as empty cells."""
     if value is None:
@@ -182,16 +138,6 @@ def csv_text(columns: Sequence[str], records: Iterable[dict]) -> str:
     for record in records:
         writer.writerow(csv_cell(record.get(c)) for c in columns)
     return buffer.getvalue()
-
-
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write rows in long format (one line per point, in the given order, ``points``) with ``CSV_COLUMNS``; a point
-    without a perplexity has its status and an empty ``ppl``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        f.write(csv_text(CSV_COLUMNS, points(rows)))
-    return path
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -309,25 +255,8 @@ def plot_position_nll(rows: list[dict], path: str | Path, train_length: int | No
     return path
 
 
-def write_report(
-    rows: list[dict],
-    out_dir: str | Path,
-    train_length: int | None = None,
-    title: str | None = None,
-    console: Console | None = None,
-) -> dict[str, Path]:
-    """Print the table and write ``ppl_vs_length.csv``, ``ppl_vs_length.png`` and ``nll_vs_position.png``.
-
-    Rows may come straight from ``ResultStore.rows()``: a point written twice is shown once (``points``).
-
-    Returns:
-        ``{"csv": path, "png": path, "position_png": path}``.
-    """
-    out_dir = Path(out_dir)
-    rows = points(rows)
-    print_table(rows, console=console, train_length=train_length)
-    return {
-        "csv": write_csv(rows, out_dir / "ppl_vs_length.csv"),
-        "png": plot(rows, out_dir / "ppl_vs_length.png", train_length=train_length, title=title),
-        "position_png": plot_position_nll(rows, out_dir / "nll_vs_position.png", train_length=train_length),
-    }
+def print_outputs(outputs: dict[str, list[Path]]) -> None:
+    """Say where a run or ``lce report`` left what it made: results, report, tables, plots, model."""
+    width = max(map(len, outputs), default=0)
+    for kind, paths in outputs.items():
+        print(f"{kind:>{width}}: {', '.join(str(p) for p in paths)}")

@@ -11,7 +11,7 @@ protocols:
 
 Each batch is the same tensor a single process would have scored, computed by the same code, and the protocol sums
 the replayed values in the same order, so the result equals a one-process run exactly, whatever the number of
-processes (given the same kernels and thread count per process: reductions of a matrix product may round
+processes (given the same backend and thread count per process: reductions of a matrix product may round
 differently with another thread count). Only the main process should write results (``Shard.is_main``).
 The gathered tensors hold every window's per-token NLL (4 bytes a prediction), a few MB per evaluation length even
 at 128k tokens x 10 documents; overlapping windows (``yarn`` with a small stride) multiply that by their overlap.

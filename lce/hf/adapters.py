@@ -29,7 +29,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lce.core.plan import BIDIRECTIONAL, SOFTCAP
 from lce.errors import UnsupportedModelError
+from lce.hf.dispatch import EagerAttention
 from lce.hf.rotary import LayerTypeRotary, LayerTypeView
 from lce.kernels.cross_entropy.head import LogitHead
 from lce.kernels.rope import Rotation
@@ -182,23 +184,24 @@ class Adapter:
         return 2 * self.slot_rotary(self.rotary(model), slot.key).inv_freq.numel()
 
     def attention_features(self, model: nn.Module) -> frozenset[str]:
-        """What the family's attention does beyond causal softmax attention, which a replacement kernel must do too.
+        """What the family's attention does beyond causal softmax attention, which a replacement computation must do
+        too.
 
         ``softcap``: attention logits are soft-capped (``kwargs["softcap"]``); ``bidirectional``: no causal mask.
         """
         features = set()
         if self.attention_softcap and getattr(model.config, self.attention_softcap, None) is not None:
-            features.add("softcap")
+            features.add(SOFTCAP)
         if getattr(model.config, "use_bidirectional_attention", False):
-            features.add("bidirectional")
+            features.add(BIDIRECTIONAL)
         return frozenset(features)
 
-    def native_kernel(self, model: nn.Module):
-        """The kernel lce's attention function runs when no method replaces attention: None (transformers' SDPA),
-        or the family's own eager attention where SDPA cannot reproduce it (attention-logit soft-capping)."""
-        if "softcap" not in self.attention_features(model):
+    def native_attention(self, model: nn.Module) -> EagerAttention | None:
+        """What lce's attention function runs when no method replaces attention: None (transformers' SDPA), or the
+        family's own eager attention where SDPA cannot reproduce it (attention-logit soft-capping)."""
+        if SOFTCAP not in self.attention_features(model):
             return None
-        return eager_kernel(sys.modules[type(self.attention_modules(model)[0]).__module__].eager_attention_forward)
+        return EagerAttention(sys.modules[type(self.attention_modules(model)[0]).__module__].eager_attention_forward)
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states ``[..., C] -> [..., V]``, exactly as the family's forward forms them."""
@@ -290,26 +293,6 @@ class LayerTypeAdapter(Adapter):
             if slot.extended:
                 merged[slot.key] = {**merged[slot.key], **override}
         return merged
-
-
-def eager_kernel(eager_attention_forward):
-    """A kernel (``lce.attention.plan``) that runs a family's own eager attention function.
-
-    lce registers its attention names with the SDPA mask function, so masks arrive boolean or None (plain causal,
-    or no mask for bidirectional modules); eager attention functions add a float mask, so it is converted exactly as
-    transformers' ``eager_mask`` does (0 where visible, the dtype's minimum elsewhere).
-    """
-
-    def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, **kwargs):
-        if attention_mask is None and getattr(module, "is_causal", True):
-            attention_mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            attention_mask = torch.where(attention_mask, torch.zeros((), device=query.device, dtype=query.dtype),
-                                         torch.finfo(query.dtype).min)
-        return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                       **kwargs)
-
-    return kernel
 
 
 def _adapters(*adapters: Adapter) -> dict[str, Adapter]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,11 +21,20 @@ import torch
 from torch import nn
 
 from lce.attention import ATTENTIONS
-from lce.attention.blockwise import blockwise_kernel
-from lce.attention.plan import RESTRICTION, AttentionPlan, FusedAttention, Kernel, Restriction
-from lce.attention.plan import register as register_attention
+from lce.core.plan import (
+    BIDIRECTIONAL,
+    RECURRENT_STATE,
+    RESTRICTION,
+    AttentionPlan,
+    FusedAttention,
+    LayerAttention,
+    Restriction,
+)
 from lce.errors import ConfigError, LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
+from lce.hf.cache import partial_cache_layers
+from lce.hf.dispatch import BlockwiseAttention, FunctionAttention, capture_recurrent_state
+from lce.hf.dispatch import register as register_attention
 from lce.hf.rotary import NeutralRotary, keep_fp32, release_fp32, rotary_inv_freqs
 from lce.kernels.rope import Rotation
 from lce.posenc import POSENCS
@@ -43,12 +54,13 @@ class PatchRecord:
 
 @dataclass(frozen=True)
 class Claim:
-    """A method's claim on one part of the attention computation (its kernel, query scaling or restriction).
+    """A method's claim on one part of the attention computation (computing it, query scaling or restriction).
 
     Attributes:
         method: the method's name (it joins the registered attention function's name, ``lce_<method>_...``).
         owner: the method as its config names it, ``posenc=<name>`` or ``attention=<name>``, for error messages.
-        value: what it installs (a per-layer kernel builder, a log-n length, a per-layer restriction builder).
+        value: what it installs (a per-layer ``LayerAttention`` builder, a log-n length, a per-layer restriction
+            builder).
     """
 
     method: str
@@ -68,9 +80,7 @@ class PatchTarget:
         self.model = model
         self.adapter = adapter
         self.group = group
-        self._kernel: Claim | None = None  # value: (layer_index, attention_module) -> Kernel
-        self._kernel_handles: frozenset[str] = frozenset()  # what the kernel declares it handles (use_kernel)
-        self._fused: Callable[[int, nn.Module], FusedAttention | None] | None = None
+        self._attention: Claim | None = None  # value: (layer_index, attention_module) -> LayerAttention | None
         self._q_scale: Claim | None = None  # value: the log-n training length
         self._restriction: Claim | None = None  # value: (layer_index, attention_module) -> Restriction | None
         self._rotations: list[Rotation] | None = None
@@ -124,9 +134,9 @@ class PatchTarget:
         self.adapter.set_rotary(self.model, self.adapter.replaced_rotary(self.model, build).to(_device(self.model)))
 
     def rotate_in_attention(self, method: str, layer: int | None = None) -> Rotation:
-        """Make the model's rotary embedding an identity and return it as a ``Rotation`` for attention kernels.
+        """Make the model's rotary embedding an identity and return it as a ``Rotation`` for attention to apply.
 
-        May be called again (e.g. once per layer from ``kernel_for_layer``): the rotations are taken once, before the
+        May be called again (e.g. once per layer from ``attention_for_layer``): the rotations are taken once, before the
         rotary module is neutralised.
 
         Args:
@@ -154,38 +164,41 @@ class PatchTarget:
 
     def layer_rotations_in_attention(self, method: str) -> list[Rotation]:
         """``rotate_in_attention(method, layer=i)`` for every decoder layer, for methods that build each layer's
-        kernel from that layer's rotation (Gemma3's per-layer-type frequencies, SmolLM3's NoPE layers)."""
+        attention from that layer's rotation (Gemma3's per-layer-type frequencies, SmolLM3's NoPE layers)."""
         return [self.rotate_in_attention(method, layer=index) for index in range(self.config.num_hidden_layers)]
 
-    def use_kernel(self, method: str, kernel_for_layer: Callable[[int, nn.Module], Kernel],
-                   handles: Collection[str] = (),
-                   fused_for_layer: Callable[[int, nn.Module], FusedAttention | None] | None = None) -> None:
-        """Compute attention with ``kernel_for_layer(layer_index, attention_module)`` in every layer.
+    def compute_attention(self, method: str,
+                          attention_for_layer: Callable[[int, nn.Module], LayerAttention | None]) -> None:
+        """Compute attention in layer ``i`` with ``attention_for_layer(i, attention_module)`` (a
+        ``lce.core.plan.LayerAttention``; None keeps that layer's own attention).
 
-        One kernel per model: two methods that both need to own the attention computation do not compose.
-
-        Args:
-            handles: what the kernel does beyond causal softmax attention: the model's needs
-                (``Adapter.attention_features``: ``softcap``, it soft-caps logits by ``kwargs["softcap"]``;
-                ``bidirectional``), and ``restriction``: it honours a sparse variant's pattern passed as
-                ``visible=`` (``restrict``). A model whose attention needs more is refused rather than computed
-                wrongly, and so is a restriction the kernel would ignore.
-            fused_for_layer: the same layer as data for lce's fused Triton kernel
-                (``lce.attention.plan.FusedAttention``), which runs instead when the backend is ``triton``; None:
-                the PyTorch kernel always runs.
+        One per model: two methods that both need to own the attention computation do not compose. What each
+        layer's computation declares it handles (``LayerAttention.handles``) is checked when the model is patched
+        (``finalize``): a model whose attention needs more (soft-capping, bidirectional attention), a restriction it
+        would ignore, or a recurrent state over layers whose KV cache keeps only a window is refused rather than
+        computed wrongly.
         """
-        missing = sorted(self.adapter.attention_features(self.model) - set(handles) - {RESTRICTION})
-        if missing:
-            raise UnsupportedModelError(
-                f"{self.owner(method)} replaces the attention computation, but {self.adapter.family} attention needs "
-                f"{', '.join(missing)}, which its kernel does not handle"
-            )
-        if self._kernel is not None:
-            raise LceError(f"{self.owner(method)} and {self._kernel.owner} both replace the attention computation; "
+        if self._attention is not None:
+            raise LceError(f"{self.owner(method)} and {self._attention.owner} both replace the attention computation; "
                            "they cannot be combined")
-        self._kernel = Claim(method, self.owner(method), kernel_for_layer)
-        self._kernel_handles = frozenset(handles)
-        self._fused = fused_for_layer
+        self._attention = Claim(method, self.owner(method), attention_for_layer)
+
+    def use_kernel(self, method: str, kernel_for_layer: Callable, handles: Collection[str] = (),
+                   fused_for_layer: Callable[[int, nn.Module], FusedAttention | None] | None = None) -> None:
+        """Deprecated: ``compute_attention`` with a ``LayerAttention`` per layer. ``kernel_for_layer(i, module)``
+        returns a function ``(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos,
+        **kwargs)`` handling ``handles``; ``fused_for_layer(i, module)`` its ``FusedAttention``."""
+        warnings.warn("PatchTarget.use_kernel is deprecated; use compute_attention with a LayerAttention per layer "
+                      "(lce.core.plan)", DeprecationWarning, stacklevel=2)
+
+        def attention_for_layer(index: int, module: nn.Module) -> LayerAttention | None:
+            function = kernel_for_layer(index, module)
+            if function is None:
+                return None
+            fused = fused_for_layer(index, module) if fused_for_layer else None
+            return FunctionAttention(function, frozenset(handles), fused)
+
+        self.compute_attention(method, attention_for_layer)
 
     def scale_queries(self, method: str, logn_length: int) -> None:
         """Multiply each query at position ``p`` by ``max(1, ln(p + 1) / ln(logn_length))`` before attention (log-n
@@ -197,18 +210,18 @@ class PatchTarget:
 
     def restrict(self, method: str, restriction_for_layer: Callable[[int, nn.Module], Restriction | None]) -> None:
         """Let each query of layer ``i`` attend only the pairs ``restriction_for_layer(i, attention_module)`` makes
-        visible (``lce.attention.plan.Restriction``); a layer that gets None keeps its attention unchanged.
+        visible (``lce.core.plan.Restriction``); a layer that gets None keeps its attention unchanged.
 
-        Composes with the position encoding: its kernel (``use_kernel``) receives the restriction as ``visible=`` and
-        must declare that it handles ``restriction``, or ``finalize`` refuses the combination; without one, lce's
-        block-wise kernel (``lce.attention.blockwise``) computes the restricted layers from the rotated queries and
-        keys.
+        Composes with the position encoding: its attention computation (``compute_attention``) receives the
+        restriction as ``visible=`` and must declare that it handles ``RESTRICTION``, or ``finalize`` refuses the
+        combination; without one, lce's block-wise attention (``lce.core.blockwise``) computes the restricted layers
+        from the rotated queries and keys.
 
         Raises:
             UnsupportedModelError: the model's attention is bidirectional (the restrictions are causal).
             LceError: another method already restricts attention.
         """
-        if "bidirectional" in self.adapter.attention_features(self.model):
+        if BIDIRECTIONAL in self.adapter.attention_features(self.model):
             raise UnsupportedModelError(
                 f"{self.owner(method)} restricts causal attention, but {self.adapter.family} attention is "
                 "bidirectional"
@@ -219,37 +232,71 @@ class PatchTarget:
         self._restriction = Claim(method, self.owner(method), restriction_for_layer)
 
     def finalize(self) -> None:
-        """Route attention through lce's function if any method asked for a kernel, query scaling or a restriction.
+        """Route attention through lce's function if any method asked to compute it, scale queries or restrict it.
 
         Raises:
-            LceError: a layer is restricted but the position encoding's kernel does not handle restrictions.
+            UnsupportedModelError: a layer's computation does not handle what the model's attention needs.
+            LceError: a layer is restricted but its computation does not honour restrictions.
         """
-        if self._kernel is None and self._q_scale is None and self._restriction is None:
+        if self._attention is None and self._q_scale is None and self._restriction is None:
             return
-        names = [claim.method for claim in (self._kernel, self._q_scale, self._restriction) if claim is not None]
+        names = [claim.method for claim in (self._attention, self._q_scale, self._restriction) if claim is not None]
         logn_length = self._q_scale.value if self._q_scale else None
         q_scale = logn_scale(logn_length) if logn_length else None
+        stateful = []
         for index, module in enumerate(self.adapter.attention_modules(self.model)):
-            kernel = self._kernel.value(index, module) if self._kernel else self.adapter.native_kernel(self.model)
-            if self._kernel:
-                fused = self._fused(index, module) if self._fused else None
-            else:  # the model's own attention: fusable unless the family needs its eager kernel (soft-capping)
-                fused = FusedAttention() if kernel is None else None
+            attention, fused = self._layer_attention(index, module)
             restriction = self._restriction.value(index, module) if self._restriction else None
             if restriction is not None:
-                if self._kernel is None:
-                    kernel = blockwise_kernel(kernel)
-                elif RESTRICTION not in self._kernel_handles:
+                if self._attention is None:
+                    attention = BlockwiseAttention(attention)
+                elif RESTRICTION not in attention.handles:
                     raise LceError(
-                        f"{self._restriction.owner} restricts which keys each query sees, but the attention kernel of "
-                        f"{self._kernel.owner} does not honour restrictions, so it would attend to every key; the two "
-                        "cannot be combined (kernels that honour restrictions: lce's block-wise kernel "
-                        "for rotary encodings such as rope/pi/yarn, alibi, and segmented_attention-based ones that "
-                        "pass `visible` on)"
+                        f"{self._restriction.owner} restricts which keys each query sees, but the attention "
+                        f"computation of {self._attention.owner} does not honour restrictions, so it would attend to "
+                        "every key; the two cannot be combined (those that honour restrictions: lce's block-wise "
+                        "attention for rotary encodings such as rope/pi/yarn, alibi, and the segment methods dca, "
+                        "self_extend, rerope)"
                     )
-            module.lce_plan = AttentionPlan(kernel=kernel, q_scale=q_scale, restriction=restriction,
+            if attention is not None and RECURRENT_STATE in attention.handles:
+                stateful.append(index)
+                if not getattr(module, "lce_hooks", None):  # removed by unpatch
+                    hook = functools.partial(capture_recurrent_state, index)
+                    module.lce_hooks = [module.register_forward_pre_hook(hook, with_kwargs=True)]
+            module.lce_plan = AttentionPlan(attention=attention, q_scale=q_scale, restriction=restriction,
                                             logn_length=logn_length, fused=fused)
+        self._refuse_windowed_cache(stateful)
         self.model.set_attn_implementation(register_attention("lce_" + "_".join(names)))
+
+    def _layer_attention(self, index: int, module: nn.Module) -> tuple[LayerAttention | None, FusedAttention | None]:
+        """Layer ``index``'s computation and its fused form: the claiming method's, checked against what the model's
+        attention needs, or the model's own (fusable unless the family needs its eager attention: soft-capping)."""
+        if self._attention is None:
+            native = self.adapter.native_attention(self.model)
+            return native, FusedAttention() if native is None else None
+        attention = self._attention.value(index, module)
+        if attention is None:
+            return None, None
+        missing = sorted(self.adapter.attention_features(self.model) - attention.handles - {RESTRICTION})
+        if missing:
+            raise UnsupportedModelError(
+                f"{self._attention.owner} replaces the attention computation, but {self.adapter.family} attention "
+                f"needs {', '.join(missing)}, which it does not handle"
+            )
+        return attention, attention.fused()
+
+    def _refuse_windowed_cache(self, layers: list[int]) -> None:
+        """A recurrent state covers every past token; a layer whose KV cache keeps only a window could not decode."""
+        windowed = partial_cache_layers(self.config, layers) if layers else []
+        if windowed:
+            _, kind, kw = windowed[0]
+            window = ", ".join(f"{key}={value}" for key, value in kw.items())
+            raise UnsupportedModelError(
+                f"{self._attention.owner} attends to every past token, but {self.adapter.family} layers "
+                f"{[i for i, _, _ in windowed]} are {kind} layers ({window}): transformers' KV cache keeps only "
+                "their window, so decoding could not see older tokens. Load the model with sliding_window=None, or "
+                "leave those layers out with attention.layers"
+            )
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -16,7 +16,7 @@ causal attention only. lce keeps the ``(i - j)`` form, which is also better cond
 rounds every logit by up to ``m_h * j * 6e-8`` (3e-3 at ``j = 1e5``), while ``m_h * (i - j)`` is small, hence accurate,
 for the nearby keys that carry the probability mass, and large only for keys the softmax ignores anyway.
 
-Two kernels with one signature: ``alibi_attention_eager`` materialises the ``[B, H, Tq, Tk]`` bias (the readable
+Two computations with one signature: ``alibi_attention_eager`` materialises the ``[B, H, Tq, Tk]`` bias (the readable
 reference), and ``alibi_attention`` (the default) hands one block of queries at a time to a fused SDPA call with that
 block's bias, so neither the bias nor the scores ever exist for all ``Tq`` at once; with more than one block it
 recomputes each
@@ -24,7 +24,7 @@ block in the backward pass (activation checkpointing per block), so training mem
 too. Under the ``triton`` backend (``auto`` on CUDA) lce's fused kernel (``lce.kernels.attention``) computes ALiBi in
 registers instead, in one pass over all queries.
 
-Both kernels honour a sparse attention variant's restriction (``visible=``, ``lce.attention.plan.Restriction``): the
+Both forms honour a sparse attention variant's restriction (``visible=``, ``lce.core.plan.Restriction``): the
 eager one masks the hidden pairs, the block-wise one also scores only the key columns the restriction's block map
 leaves, so ALiBi under a sliding window or BigBird's blocks costs ``O(T * visible keys)``.
 """
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lce.attention.blockwise import allowed_pairs, key_columns
-from lce.attention.plan import RESTRICTION, FusedAttention
 from lce.config import check
+from lce.core.blockwise import allowed_pairs, key_columns
+from lce.core.plan import RESTRICTION, FusedAttention, LayerAttention
 from lce.posenc.base import POSENCS, PosEnc
 
 
@@ -190,15 +190,40 @@ def _alibi_inference(query, key, value, slopes, q_pos, k_pos, scaling, block_siz
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+@dataclass(frozen=True, eq=False)
+class AlibiLayer(LayerAttention):
+    """Every layer's attention under ALiBi: the per-head slopes ``[H]`` and how it is computed (``form``)."""
+
+    slopes: torch.Tensor
+    form: Literal["blockwise", "eager"] = "blockwise"
+    block_size: int = 256
+    handles: frozenset[str] = frozenset({RESTRICTION})
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout, *, q_pos, k_pos, visible=None,
+                 **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        m = self.slopes.to(query.device)
+        if self.form == "eager":
+            return alibi_attention_eager(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
+                                         visible=visible), None
+        return alibi_attention(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
+                               block_size=self.block_size, visible=visible), None
+
+    def fused(self) -> FusedAttention:
+        return FusedAttention(alibi_slopes=self.slopes)
+
+
 @POSENCS.register("alibi")
 @dataclass(frozen=True)
 class Alibi(PosEnc):
     """ALiBi: no rotation; per-head linear distance penalty with the paper's slopes, in every layer.
 
     Attributes:
-        kernel: ``blockwise`` (query blocks, memory ``O(T * block_size)``) or ``eager`` (materialised ``[B, H, T, T]``
-            bias; the reference, for checks only).
-        block_size: query rows scored at once by the block-wise kernel.
+        kernel: how attention is computed (``AlibiLayer.form``): ``blockwise`` (query blocks, memory
+            ``O(T * block_size)``) or ``eager`` (materialised ``[B, H, T, T]`` bias; the reference, for checks only).
+            The name predates lce's Triton kernels and stays because saved run directories, results and checkpoints'
+            patch specs carry it.
+        block_size: query rows scored at once by the block-wise form.
     """
 
     signal = "alibi"
@@ -215,18 +240,5 @@ class Alibi(PosEnc):
     def apply(self, target) -> None:
         if target.has_rotary():
             target.neutralize_rotary("alibi")
-        slopes = alibi_slopes(target.config.num_attention_heads)
-        eager, block_size = self.kernel == "eager", self.block_size
-
-        def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None,
-                   **kwargs):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            m = slopes.to(query.device)
-            if eager:
-                return alibi_attention_eager(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
-                                             visible=visible), None
-            return alibi_attention(query, key, value, m, q_pos, k_pos, scale, attention_mask, dropout,
-                                   block_size=block_size, visible=visible), None
-
-        target.use_kernel("alibi", lambda layer_index, module: kernel, handles={RESTRICTION},
-                          fused_for_layer=lambda layer_index, module: FusedAttention(alibi_slopes=slopes))
+        layer = AlibiLayer(alibi_slopes(target.config.num_attention_heads), self.kernel, self.block_size)
+        target.compute_attention("alibi", lambda layer_index, module: layer)

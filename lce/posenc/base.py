@@ -2,20 +2,22 @@
 
 A method is a frozen dataclass (its fields are the method's parameters, named as transformers names them) registered
 under the name of its ``conf/posenc/<name>.yaml`` option file. ``apply`` patches one model instance through a
-``PatchTarget`` (see ``lce.hf.patch``), which offers the three ways into a Hugging Face model: merged
-``rope_parameters``, a replaced rotary module, and a registered attention function.
+``PatchTarget`` (``lce.core.target``, implemented by ``lce.hf.patch``), which offers the three ways into a Hugging Face
+model: merged ``rope_parameters``, a replaced rotary module, and its own attention computation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from lce.config import check
+from lce.core.segments import SegmentLayer
 from lce.registry import Registry
 
 if TYPE_CHECKING:
-    from lce.hf.patch import PatchTarget
+    from lce.core.target import PatchTarget
     from lce.kernels.attention.spec import Segment
 
 POSENCS: Registry = Registry("posenc")
@@ -56,10 +58,28 @@ class PosEnc:
 @dataclass(frozen=True)
 class SegmentMethod(PosEnc):
     """A RoPE method that remaps the positions each (query, key) pair is rotated at (DCA, Self-Extend, ReRoPE,
-    StreamingLLM). Its whole layer is ``segments(L)``: data (``lce.kernels.attention.spec.Segment``) that the
-    PyTorch path (``lce.attention.segments``), the fused CPU path and the Triton kernel all read, and that the shared
-    kernel tests take from this registry."""
+    StreamingLLM). Its whole layer is data: ``segments(L)`` (``lce.kernels.attention.spec.Segment``) and the
+    ``SegmentLayer`` fields of ``layer(L)``, which the PyTorch path (``lce.core.segments``), the fused CPU path and
+    the Triton kernel all read, and that the shared kernel tests take from this registry.
+
+    Attributes:
+        block_size: query rows scored at once (a field of the methods that let it be set).
+    """
+
+    block_size: ClassVar[int] = 1024
 
     def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
         """The segments for a model trained on ``pretraining_length`` tokens (``max_position_embeddings``)."""
         raise NotImplementedError
+
+    def layer(self, pretraining_length: int) -> SegmentLayer:
+        """Every layer's attention but its rotation, for a model trained on ``pretraining_length`` tokens."""
+        return SegmentLayer(self.name, self.segments(pretraining_length), block_size=self.block_size)
+
+    def apply(self, target: PatchTarget) -> None:
+        """Compute every layer's attention as ``layer(L)`` with that layer's rotation (Gemma3's per-layer-type
+        frequencies, SmolLM3's NoPE layers)."""
+        layer = self.layer(int(target.config.max_position_embeddings))
+        rotations = target.layer_rotations_in_attention(self.name)
+        target.compute_attention(self.name,
+                                 lambda index, module: dataclasses.replace(layer, rotation=rotations[index]))

@@ -24,7 +24,7 @@ with every default). Largest effective distance: that inter position, ``s`` with
 ``P_q = s + (i mod s)`` for the first ``w`` queries of a chunk and ``c - 1`` for the rest; inter ``P_q = c - 1``.
 Largest effective distance: ``c - 1``. Needs ``w <= c - s`` so that the exact successive distances stay below ``c``.
 
-All three segments are merged under **one** softmax (``lce.attention.segments.segmented_attention``), so outputs and
+All three segments are merged under **one** softmax (``lce.core.segments.segmented_attention``), so outputs and
 gradients are exact; ChunkLlama instead merges three FlashAttention outputs with log-sum-exp weights it detaches
 (and casts to bf16), which drops the gradient through the normalisation.
 
@@ -39,13 +39,14 @@ last token of a sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
-from lce.attention.segments import fused_segments, segmented_attention, use_segment_method
 from lce.config import check
+from lce.core.segments import SegmentLayer
 from lce.kernels.attention.spec import PairSelect, PositionMap, Segment
 from lce.kernels.rope import Rotation
 from lce.posenc.base import POSENCS, SegmentMethod
@@ -113,6 +114,12 @@ def dca_mscale(lengths: torch.Tensor, pretraining_length: int) -> torch.Tensor:
     return torch.where(ratio > 1, 0.05 * torch.log(ratio.clamp(min=1.0)) + 1.0, torch.ones_like(ratio))
 
 
+def dca_query_scale(q_pos: torch.Tensor, pretraining_length: int) -> torch.Tensor:
+    """The multiplier of the query at position ``i``: ``dca_mscale(i + 1, c)^2``, which scales its logits by
+    ChunkLlama's temperature (``[B, Tq]`` fp32)."""
+    return dca_mscale(q_pos + 1, pretraining_length) ** 2
+
+
 def dca_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -140,17 +147,15 @@ def dca_attention(
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None.
         mscale: multiply the logits of the query at position ``i`` by ``dca_mscale(i + 1, c)^2``.
         block_size: query rows scored at once.
-        visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
+        visible: an attention variant's sparsity pattern (``lce.core.plan.Restriction``), or None.
         softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
     """
-    if mscale:
-        factor = dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2
-        query = query * factor[:, None, :, None].to(query.dtype)
-    return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos,
-                               scaling, attention_mask, block_size=block_size, visible=visible, softcap=softcap)
+    scale = functools.partial(dca_query_scale, pretraining_length=geometry.pretraining_length) if mscale else None
+    layer = SegmentLayer("dca", geometry.segments(), rotation, query_scale=scale, block_size=block_size)
+    return layer.attend(query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap)
 
 
 @POSENCS.register("dca")
@@ -213,18 +218,9 @@ class Dca(SegmentMethod):
         """The layout for a model config (``c`` = its ``max_position_embeddings`` unless set)."""
         return self.geometry(int(config.max_position_embeddings))
 
-    def apply(self, target) -> None:
-        geometry = self.geometry_for(target.config)
-        mscale, c = self.mscale, geometry.pretraining_length
-
-        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
-            return dca_attention(query, key, value, geometry, rotation, q_pos, k_pos, scaling, attention_mask,
-                                 mscale=mscale, visible=visible, softcap=softcap)
-
-        def fused_for(rotation):
-            fused = fused_segments(geometry.segments(), rotation)
-            if mscale:
-                fused = dataclasses.replace(fused, query_scale=lambda q_pos: dca_mscale(q_pos + 1, c) ** 2)
-            return fused
-
-        use_segment_method(target, "dca", attend, fused_for)
+    def layer(self, pretraining_length: int) -> SegmentLayer:
+        layer = super().layer(pretraining_length)
+        if not self.mscale:
+            return layer
+        c = self.geometry(pretraining_length).pretraining_length
+        return dataclasses.replace(layer, query_scale=functools.partial(dca_query_scale, pretraining_length=c))

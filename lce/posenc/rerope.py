@@ -7,7 +7,7 @@ RoPE logits depend on the relative position ``i - j`` only. ReRoPE clips it at a
 
 so a query never sees a relative position larger than ``w``, whatever the sequence length: positions within the
 window are exact (local order intact), everything farther looks "w tokens away". As in the reference code this is two
-RoPE score matrices merged before one softmax (``lce.attention.segments``):
+RoPE score matrices merged before one softmax (``lce.core.segments``):
 
 - near (``i - j < w``): query rotated at ``i``, key at ``j``;
 - far (``i - j >= w``): query rotated at ``w``, key at ``0`` (unrotated), relative position ``w``.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lce.attention import segments
 from lce.config import check
+from lce.core.segments import SegmentLayer
 from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
 from lce.kernels.rope import Rotation
 from lce.posenc.base import POSENCS, SegmentMethod
@@ -59,9 +59,8 @@ def rerope_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     Returns:
         ``[B, Tq, H, D]``.
     """
-    return segments.segmented_attention(query, key, value, rerope_segments(window), rotation, q_pos,
-                                        k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
-                                        softcap=softcap)
+    layer = SegmentLayer("rerope", rerope_segments(window), rotation, block_size=block_size)
+    return layer.attend(query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap)
 
 
 @POSENCS.register("rerope")
@@ -87,13 +86,3 @@ class ReRope(SegmentMethod):
 
     def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
         return rerope_segments(self.window)
-
-    def apply(self, target) -> None:
-        window, block_size = self.window, self.block_size
-        parts = rerope_segments(window)
-
-        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
-            return rerope_attention(query, key, value, rotation, q_pos, k_pos, scaling, window, attention_mask,
-                                    block_size, visible=visible, softcap=softcap)
-
-        segments.use_segment_method(target, "rerope", attend, lambda rotation: segments.fused_segments(parts, rotation))

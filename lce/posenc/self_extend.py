@@ -1,7 +1,7 @@
 """Self-Extend (Jin et al. 2024, "LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning",
 arXiv:2401.01325, §3; reference code ``datamllab/LongLM: self_extend_patch/Llama.py``).
 
-Two attention segments share one softmax (``lce.attention.segments.segmented_attention``), chosen by the distance
+Two attention segments share one softmax (``lce.core.segments.segmented_attention``), chosen by the distance
 ``i - j`` of query ``i`` and key ``j``:
 
 - neighbor attention, ``i - j < W``: normal RoPE positions, so nearby tokens keep exact relative distances;
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lce.attention.segments import fused_segments, segmented_attention, use_segment_method
 from lce.config import check
+from lce.core.segments import SegmentLayer
 from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
 from lce.kernels.rope import Rotation
 from lce.posenc.base import POSENCS, SegmentMethod
@@ -79,15 +79,15 @@ def self_extend_attention(
         scaling: softmax scale (``1/sqrt(D)``).
         attention_mask: ``[B, 1, Tq, Tk]`` boolean (True = may attend) or None.
         block_size: query rows scored at once.
-        visible: an attention variant's sparsity pattern (``lce.attention.plan.Restriction``), or None.
+        visible: an attention variant's sparsity pattern (``lce.core.plan.Restriction``), or None.
         softcap: the model's attention-logit soft-cap (Gemma 2), or None.
 
     Returns:
         ``[B, Tq, H, D]``.
     """
-    return segmented_attention(query, key, value, self_extend_segments(group_size, neighbor_window), rotation,
-                               q_pos, k_pos, scaling, attention_mask, block_size=block_size, visible=visible,
-                               softcap=softcap)
+    layer = SegmentLayer("self_extend", self_extend_segments(group_size, neighbor_window), rotation,
+                         block_size=block_size)
+    return layer.attend(query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap)
 
 
 @POSENCS.register("self_extend")
@@ -123,13 +123,6 @@ class SelfExtend(SegmentMethod):
         """``(L - W) * G + W`` for this configuration."""
         return self_extend_max_length(pretraining_length, self.neighbor_window, self.group_size)
 
-    def apply(self, target) -> None:
-        self.check_length(int(target.config.max_position_embeddings))
-        group_size, neighbor_window = self.group_size, self.neighbor_window
-        parts = self_extend_segments(group_size, neighbor_window)
-
-        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
-            return self_extend_attention(query, key, value, group_size, neighbor_window, rotation, q_pos, k_pos,
-                                         scaling, attention_mask, visible=visible, softcap=softcap)
-
-        use_segment_method(target, "self_extend", attend, lambda rotation: fused_segments(parts, rotation))
+    def layer(self, pretraining_length: int) -> SegmentLayer:
+        self.check_length(pretraining_length)
+        return super().layer(pretraining_length)

@@ -15,7 +15,7 @@ and its relative position is the cache-local one:
   one, so it sits at ``S + R - 1`` and the sink at ``j``: relative position ``S + R - 1 - j``. Before the cache fills
   (``i < S + R - 1``) nothing has been evicted and true positions are cache positions, hence ``q_map = min(i, S+R-1)``.
 
-These are two segments of ``lce.attention.segments`` plus the visibility rule (pairs neither segment selects are
+These are two segments of ``lce.core.segments`` plus the visibility rule (pairs neither segment selects are
 masked). A full forward with this mask gives exactly what token-by-token streaming with an evicting, pos-shifted cache
 gives, because every layer's state of every token was computed under the same visibility. lce does not evict: the
 KV cache keeps every token (memory ``O(T)``), but each query block only scores the keys it may see, so compute is
@@ -30,12 +30,14 @@ Cache-size conventions: the streaming-llm eval loop (``examples/eval_long_ppl.py
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from lce.attention import segments
 from lce.config import check
+from lce.core.plan import SOFTCAP
+from lce.core.segments import SegmentLayer
 from lce.kernels.attention.spec import IDENTITY, PairSelect, PositionMap, Segment
 from lce.kernels.rope import Rotation
 from lce.posenc.base import POSENCS, SegmentMethod
@@ -71,25 +73,9 @@ def sinks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Returns:
         ``[B, Tq, H, D]``.
     """
-    parts = sink_segments(start_size, recent_size)
-    if segments.staircase_applies(parts, query, q_pos, k_pos, attention_mask, None, softcap):
-        # Inference on CPU: the staircase path reads only the sinks and each block's window, without gathering keys.
-        return segments.segmented_attention(query, key, value, parts, rotation, q_pos, k_pos, scaling)
-    outs = []
-    for start in range(0, query.shape[2], block_size):
-        stop = min(start + block_size, query.shape[2])
-        i = q_pos[:, start:stop]
-        mask = attention_mask[:, :, start:stop] if attention_mask is not None else None
-        maybe = ((k_pos < start_size) | (k_pos > i.min(-1, keepdim=True).values - recent_size)) & (
-            k_pos <= i.max(-1, keepdim=True).values)
-        columns = maybe.any(dim=0).nonzero().squeeze(-1)
-        k, v, kp = key, value, k_pos
-        if columns.numel() < k_pos.shape[1]:
-            k, v, kp = key[:, :, columns], value[:, :, columns], k_pos[:, columns]
-            mask = mask[..., columns] if mask is not None else None
-        outs.append(segments.segmented_attention(query[:, :, start:stop], k, v, parts, rotation, i, kp, scaling, mask,
-                                                 block_size=block_size, softcap=softcap))
-    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    layer = SegmentLayer("sinks", sink_segments(start_size, recent_size), rotation, block_size=block_size,
+                         window=recent_size, sink_tokens=start_size)
+    return layer.attend(query, key, value, q_pos, k_pos, scaling, attention_mask, softcap=softcap)
 
 
 @POSENCS.register("sinks")
@@ -118,17 +104,9 @@ class Sinks(SegmentMethod):
     def segments(self, pretraining_length: int) -> tuple[Segment, ...]:
         return sink_segments(self.start_size, self.recent_size)
 
-    def apply(self, target) -> None:
-        start_size, recent_size, block_size = self.start_size, self.recent_size, self.block_size
-        parts = sink_segments(start_size, recent_size)
-
-        def attend(rotation, query, key, value, q_pos, k_pos, scaling, attention_mask, visible, softcap):
-            return sinks_attention(query, key, value, rotation, q_pos, k_pos, scaling, start_size, recent_size,
-                                   attention_mask, block_size, softcap=softcap)
-
-        # The recent window and the sinks as a kernel pattern too: the fused kernel then skips the key tiles neither
-        # segment can select (the segments alone would be exact, but scan every earlier key).
-        segments.use_segment_method(
-            target, "sinks", attend, takes_visible=False,
-            fused_for=lambda rotation: segments.fused_segments(parts, rotation, window=recent_size,
-                                                               sink_tokens=start_size))
+    def layer(self, pretraining_length: int) -> SegmentLayer:
+        # The recent window and the sinks are the method's own pattern: each block reads only the keys they reach, and
+        # the fused kernel skips the key tiles neither segment can select (the segments alone would be exact, but
+        # scan every earlier key). A variant's restriction on top is refused (no RESTRICTION among what it handles).
+        return dataclasses.replace(super().layer(pretraining_length), window=self.recent_size,
+                                   sink_tokens=self.start_size, handles=frozenset({SOFTCAP}))

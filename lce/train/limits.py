@@ -5,7 +5,7 @@
   designed for exactly that range), a method's own ``max_length`` (Self-Extend: ``(L - W) * G + W``). Dynamic
   methods and plain RoPE have no bound. With PoSE the positions reach ``pose_target_len``, which is checked instead.
 - PoSE and document packing give position ids that are not ``0 ... T - 1``: every position encoding follows them
-  (lce's kernels place a call's keys at its queries' positions, ``lce.attention.plan.key_positions``).
+  (lce's attention function places a call's keys at its queries' positions, ``lce.core.plan.key_positions``).
 - ``train.resume_from`` must exist and hold a checkpoint.
 """
 

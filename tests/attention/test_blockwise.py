@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lce.attention.block_sparse import BlockSparsePattern
-from lce.attention.blockwise import blockwise_attention, key_columns, masked_attention_eager, merge_ranges
 from lce.attention.dilated import DilatedPattern
 from lce.attention.local_global import LocalGlobalPattern
 from lce.attention.s2_attn import ShiftedGroups
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.core.blockwise import blockwise_attention, key_columns, masked_attention_eager, merge_ranges
 
 
 def dense_attention(q, k, v, mask, scaling, softcap=None):

@@ -8,10 +8,10 @@ import torch
 
 import lce
 from lce.attention.block_sparse import BlockSparsePattern
-from lce.attention.plan import RESTRICTION, Restriction
 from lce.attention.s2_attn import ShiftedGroups
-from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindow, SlidingWindowPattern
+from lce.core.plan import RESTRICTION, LayerAttention, Restriction
+from lce.core.segments import segmented_attention
 from lce.errors import LceError, UnsupportedModelError
 from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
@@ -141,12 +141,16 @@ def patch_dca_with_visible(model, attention):
     geometry = Dca(chunk_size=8, local_window=2).geometry_for(model.config)
     rotation = target.rotate_in_attention("dca")
 
-    def kernel(module, query, key, value, attention_mask, scaling, dropout, q_pos, k_pos, visible=None, **kwargs):
-        query = query * (dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2)[:, None, :, None]
-        return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
-                                   attention_mask, block_size=8, visible=visible), None
+    class DcaByHand(LayerAttention):
+        handles = frozenset({RESTRICTION})
 
-    target.use_kernel("dca", lambda index, module: kernel, handles={RESTRICTION})
+        def __call__(self, module, query, key, value, attention_mask, scaling, dropout, *, q_pos, k_pos,
+                     visible=None, **kwargs):
+            query = query * (dca_mscale(q_pos + 1, geometry.pretraining_length) ** 2)[:, None, :, None]
+            return segmented_attention(query, key, value, geometry.segments(), rotation, q_pos, k_pos, scaling,
+                                       attention_mask, block_size=8, visible=visible), None
+
+    target.compute_attention("dca", lambda index, module: DcaByHand())
     lce.attention.ATTENTIONS.build(attention).apply(target)
     target.finalize()
     return model
@@ -180,10 +184,10 @@ def test_segment_methods_compose_with_sliding_window(posenc, params):
 
 # The mechanism's guards.
 
-def test_kernels_that_do_not_handle_restrictions_are_refused_at_patch_time():
+def test_computations_that_do_not_handle_restrictions_are_refused_at_patch_time():
     model = make_tiny_llama()
     with pytest.raises(LceError, match=r"attention=sliding_window restricts which keys each query sees, but the "
-                                       r"attention kernel of posenc=sinks does not honour restrictions"):
+                                       r"attention computation of posenc=sinks does not honour restrictions"):
         lce.patch(model, "sinks", start_size=2, recent_size=8, attention=WINDOW)
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.model.layers[0].self_attn, "lce_plan")
     assert torch.equal(logits(model, IDS), logits(make_tiny_llama(), IDS))

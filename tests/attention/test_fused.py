@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lce
-import lce.kernels.attention as kernel_attention
+from lce.hf import dispatch
 from lce.kernels.backend import use_backend
 from tests.conftest import decode_logits, logits, make_tiny_llama
 
@@ -43,13 +43,13 @@ CASES = {
 def fused_calls(monkeypatch):
     """Counts the calls that reach the fused kernel."""
     calls = []
-    original = kernel_attention.flash_attention
+    original = dispatch.flash_attention
 
     def counting(*args, **kwargs):
         calls.append(args[3])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_attention, "flash_attention", counting)
+    monkeypatch.setattr(dispatch, "flash_attention", counting)
     return calls
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lce.attention import ATTENTIONS
 from lce.attention.linear import (
-    LinearKernel,
+    LinearLayerAttention,
     linear_attention_chunked,
     linear_attention_parallel,
     linear_attention_recurrent,
@@ -50,10 +50,10 @@ def qkv(batch, heads, kv_heads, length, dim, seed=0, dtype=torch.float64, kv_len
 
 
 def attend(config, q, k, v, mask=None, module=None):
-    """One call of the variant's kernel for layer 0, ``[B, Tq, H, D]``."""
+    """One call of the variant's computation for layer 0, ``[B, Tq, H, D]``."""
     module = module or nn.Module()
-    kernel = LinearKernel(config, 0, module)
-    out, weights = kernel(module, q, k, v, mask, q.shape[-1] ** -0.5, 0.0, None, None)
+    out, weights = LinearLayerAttention(config, 0)(module, q, k, v, mask, q.shape[-1] ** -0.5, 0.0, q_pos=None,
+                                                   k_pos=None)
     assert weights is None
     return out
 

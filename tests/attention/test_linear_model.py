@@ -20,6 +20,7 @@ from lce.attention import linear
 from lce.errors import ConfigError, LceError, UnsupportedModelError
 from lce.hf import cache as hf_cache
 from lce.hf.cache import RecurrentStateLayer
+from lce.hf.dispatch import capture_recurrent_state
 from lce.train.loop import enable_activation_checkpointing
 from tests.conftest import (
     assert_decode_matches_full,
@@ -98,7 +99,7 @@ def test_a_cache_without_layers_is_refused():
             return 0
 
     with torch.no_grad(), pytest.raises(UnsupportedModelError, match="Opaque passed to layer 0 has no per-layer"):
-        linear._capture_cache(model.model.layers[0].self_attn, (), {"cache": Opaque()})
+        capture_recurrent_state(0, model.model.layers[0].self_attn, (), {"cache": Opaque()})
 
 
 def decode_padded(model, ids, mask, prefill):
@@ -165,8 +166,8 @@ def test_hybrid_layers_keep_the_models_attention():
     unpatched model does on the same inputs (bit for bit), and the hybrid decodes like its full forward."""
     model = linearized("retention", make_tiny_llama(num_hidden_layers=4), layers="every:2")
     reference = make_tiny_llama(num_hidden_layers=4)
-    kernels = [layer.self_attn.lce_plan.kernel for layer in model.model.layers]
-    assert [type(k).__name__ for k in kernels] == ["LinearKernel", "NoneType", "LinearKernel", "NoneType"]
+    kinds = [type(layer.self_attn.lce_plan.attention).__name__ for layer in model.model.layers]
+    assert kinds == ["LinearLayerAttention", "NoneType", "LinearLayerAttention", "NoneType"]
     calls = {}
 
     def record(index):
@@ -249,7 +250,7 @@ def test_position_encodings_with_their_own_kernel_are_refused(posenc):
 
 def test_softcapping_family_is_refused():
     with pytest.raises(UnsupportedModelError, match="linear_elu replaces the attention computation, but gemma2 "
-                                                    "attention needs softcap, which its kernel does not handle"):
+                                                    "attention needs softcap, which it does not handle"):
         linearized("linear_elu", family_model("gemma2"))
 
 

@@ -23,7 +23,7 @@ def performer_model(**params):
 
 
 def omega(model, layer):
-    return next(iter(model.model.layers[layer].self_attn.lce_plan.kernel.memo.values()))
+    return next(iter(model.model.layers[layer].self_attn.lce_plan.attention.memo.values()))
 
 
 def test_fixed_draw_is_deterministic_per_seed():

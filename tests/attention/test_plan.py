@@ -4,14 +4,14 @@ positions is plain RoPE (prefill and decode); masks still reach the function; pl
 import torch
 
 import lce
-from lce.attention.plan import AttentionPlan, key_positions
-from lce.attention.segments import segmented_attention
+from lce.core.plan import AttentionPlan, key_positions
+from lce.core.segments import SegmentLayer, segmented_attention
 from lce.hf.adapters import adapter_for
 from lce.hf.patch import PatchTarget
 from lce.kernels.attention.spec import IDENTITY, PairSelect, Segment
 from tests.conftest import assert_close_to_reference, assert_decode_matches_full, fp64_logits, logits, make_tiny_llama
 
-ROPE = [Segment(IDENTITY, IDENTITY, PairSelect())]  # every pair at its true positions
+ROPE = (Segment(IDENTITY, IDENTITY, PairSelect()),)  # every pair at its true positions
 
 
 def rope_in_attention(model):
@@ -19,11 +19,8 @@ def rope_in_attention(model):
     target = PatchTarget(model, adapter_for(model))
     rotation = target.rotate_in_attention("test")
 
-    def kernel(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
-        return segmented_attention(query, key, value, ROPE, rotation, q_pos,
-                                   k_pos, scaling, mask, block_size=5), None
-
-    target.use_kernel("test_rope", lambda index, module: kernel)
+    layer = SegmentLayer("test_rope", ROPE, rotation, block_size=5)
+    target.compute_attention("test_rope", lambda index, module: layer)
     target.finalize()
 
 
@@ -122,3 +119,43 @@ def test_kernels_see_skipped_positions_like_transformers_does():
     expected = logits(reference, IDS, position_ids=positions)
     assert_close_to_reference(logits(model, IDS, position_ids=positions), expected,
                               fp64_logits(reference, IDS, position_ids=positions))
+
+
+def test_moved_names_still_resolve_with_a_warning():
+    import warnings
+
+    import lce.attention.blockwise
+    import lce.attention.plan
+    import lce.attention.segments
+    from lce.core import blockwise, plan, segments, staircase
+    from lce.hf import dispatch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lce.attention.plan.FusedAttention is plan.FusedAttention
+        assert lce.attention.plan.Kernel is plan.LayerAttention
+        assert lce.attention.plan.lce_attention_forward is dispatch.lce_attention_forward
+        assert lce.attention.segments.segmented_attention is segments.segmented_attention
+        assert lce.attention.segments.staircase_pieces is staircase.staircase_pieces
+        assert lce.attention.blockwise.blockwise_attention is blockwise.blockwise_attention
+    assert len(caught) == 6 and all(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert "lce.core.plan.FusedAttention" in str(caught[0].message)
+
+
+def test_use_kernel_still_installs_a_plain_function():
+    """The deprecated ``PatchTarget.use_kernel`` (a function per layer, its capabilities declared by the caller)
+    computes what ``compute_attention`` with the same computation does."""
+    import pytest
+
+    model, expected = make_tiny_llama(), make_tiny_llama()
+    rope_in_attention(expected)
+    target = PatchTarget(model, adapter_for(model))
+    rotation = target.rotate_in_attention("test")
+
+    def function(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
+        return segmented_attention(query, key, value, ROPE, rotation, q_pos, k_pos, scaling, mask, block_size=5), None
+
+    with pytest.warns(DeprecationWarning, match="use compute_attention"):
+        target.use_kernel("test_rope", lambda index, module: function)
+    target.finalize()
+    assert torch.equal(logits(model, IDS), logits(expected, IDS))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lce
-from lce.attention.blockwise import blockwise_attention
 from lce.attention.s2_attn import ShiftedGroups
+from lce.core.blockwise import blockwise_attention
 from lce.errors import ConfigError, LceError
 from lce.train.loop import enable_activation_checkpointing
 from tests.attention.test_blockwise import random_qkv

@@ -4,8 +4,8 @@ form (segment logits merged before one softmax), with padding, restrictions, sev
 import pytest
 import torch
 
-from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.core.segments import segmented_attention
 from lce.kernels.rope import Rotation
 from lce.posenc.dca import DcaGeometry
 from lce.posenc.self_extend import self_extend_segments

@@ -4,8 +4,9 @@ same segments with their logits merged before one explicit softmax (grad mode on
 import pytest
 import torch
 
-from lce.attention import segments as segs
-from lce.attention.segments import segmented_attention, selected_spans, staircase_applies, staircase_pieces
+from lce.core import staircase as segs
+from lce.core.segments import segmented_attention
+from lce.core.staircase import selected_spans, staircase_applies, staircase_pieces
 from lce.kernels.attention.spec import PairSelect
 from lce.kernels.rope import Rotation
 from lce.posenc.dca import DcaGeometry

@@ -41,7 +41,7 @@ RETRIEVAL_ROWS = [
 ]
 
 EXPECTED_MD = """\
-# lce report
+# quick
 
 ## Perplexity
 
@@ -77,19 +77,20 @@ evaluated.
 """
 
 EXPECTED_CSV = """\
-series,experiment,run,method,protocol,length,status,ppl,ppl_low,ppl_high,nll,aggregation,tokens,tokens_per_s,\
-peak_mem_mb,mem_kind,seconds
-rope,quick,rope,rope,canonical,128,ok,3.14159,,,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
-rope,quick,rope,rope,canonical,256,oom,,,,,token_mean,100,,12.25,cpu_rss_delta,0.5
-yarn,quick,yarn,yarn,canonical,128,ok,3.5,3.25,3.75,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
-yarn,quick,yarn,yarn,canonical,256,ok,41.0,,,,token_mean,100,1234.5,12.25,cpu_rss_delta,0.5
+run,method,params,model,length,status,ppl,nll,tokens,tokens_per_s,peak_mem_mb,seed,series,experiment,protocol,\
+aggregation,ppl_low,ppl_high,mem_kind,seconds
+rope,rope,{ROPE},{TINY},128,ok,3.14159,,100,1234.5,12.25,0,rope,quick,canonical,token_mean,,,cpu_rss_delta,0.5
+rope,rope,{ROPE},{TINY},256,oom,,,100,,12.25,0,rope,quick,canonical,token_mean,,,cpu_rss_delta,0.5
+yarn,yarn,{YARN},{TINY},128,ok,3.5,,100,1234.5,12.25,0,yarn,quick,canonical,token_mean,3.25,3.75,cpu_rss_delta,0.5
+yarn,yarn,{YARN},{TINY},256,ok,41.0,,100,1234.5,12.25,0,yarn,quick,canonical,token_mean,,,cpu_rss_delta,0.5
 
 series,task,length,depth,trials,correct,accuracy,status
 rope,passkey,256,0.0,2,2,1.0,ok
 rope,passkey,512,0.0,2,0,0.0,ok
 rope,passkey,256,1.0,2,1,0.5,ok
 rope,passkey,512,1.0,0,0,,oom
-"""
+""".format(ROPE='"{""posenc"": {""name"": ""rope""}}"', YARN='"{""posenc"": {""name"": ""yarn""}}"',
+           TINY='"{""name"": ""tiny""}"')
 
 
 def write_jsonl(path, rows):
@@ -151,11 +152,14 @@ def test_clashing_points_and_missing_inputs_are_errors(tmp_path, capsys):
 def test_out_dir_files(results, tmp_path, capsys):
     out = tmp_path / "report"
     assert main([str(results), "--out", str(out), "--title", "quick"]) == 0
-    capsys.readouterr()
-    assert (out / "report.md").read_text() == EXPECTED_MD.replace("# lce report", "# quick") + "\n"
-    assert (out / "ppl.csv").read_text() + "\n" + (out / "retrieval.csv").read_text() == EXPECTED_CSV
-    for png in ("ppl_vs_length.png", "retrieval_rope_passkey.png"):
+    assert (out / "report.md").read_text() == EXPECTED_MD + "\n"
+    assert (out / "ppl_vs_length.csv").read_text() + "\n" + (out / "retrieval.csv").read_text() == EXPECTED_CSV
+    pngs = ("ppl_vs_length.png", "nll_vs_position.png", "retrieval_rope_passkey.png")
+    for png in pngs:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "ppl_vs_length.csv", "retrieval.csv", *pngs])
+    # The paths come after the report, as at the end of a run.
+    assert capsys.readouterr().out.endswith(f" plots: {', '.join(str(out / png) for png in pngs)}\n")
 
 
 def test_wandb_logs_offline_without_a_key(results, tmp_path, monkeypatch, capsys):
@@ -183,7 +187,7 @@ def test_wandb_logs_offline_without_a_key(results, tmp_path, monkeypatch, capsys
     assert main([str(results), "--out", str(tmp_path / "r"), "--wandb"]) == 0
     capsys.readouterr()
     assert calls["init"]["mode"] == "offline" and calls["init"]["job_type"] == "report" and calls["finished"]
-    assert calls["logged"] == ["heatmap/rope/passkey", "ppl", "ppl_png", "retrieval"]
+    assert calls["logged"] == ["heatmap/rope/passkey", "position_png", "ppl", "ppl_png", "retrieval"]
 
 
 def test_markdown_of_retrieval_only_rows():
@@ -202,8 +206,9 @@ def test_nonfinite_points_are_named_in_markdown_csv_and_plots(tmp_path, capsys):
     assert "| yarn | 3.500 (3.250–3.750) | 41.00 | non-finite |" in out
     assert "OOM: out of memory; non-finite: NaN or infinite loss, no perplexity; -: not evaluated." in out
     assert main([str(path), "--format", "csv"]) == 0
-    assert "rope,quick,rope,rope,canonical,512,nonfinite,,,,,token_mean,100,,12.25,cpu_rss_delta,0.5" in (
-        capsys.readouterr().out.splitlines())
+    assert any(line.startswith("rope,rope,") and line.endswith(
+        ",512,nonfinite,,,100,,12.25,0,rope,quick,canonical,token_mean,,,cpu_rss_delta,0.5")
+        for line in capsys.readouterr().out.splitlines())
     assert (tmp_path / "report" / "ppl_vs_length.png").read_bytes()[:4] == b"\x89PNG"
     # Without non-finite points the note is not there (see EXPECTED_MD).
     assert "non-finite" not in EXPECTED_MD

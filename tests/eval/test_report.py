@@ -1,6 +1,7 @@
-"""Table, CSV and plots of sweep rows: OOM and non-finite points, points written twice."""
+"""Table, CSV and plots of sweep rows: OOM and non-finite points, points written twice; the files of the report."""
 
 import csv
+import io
 import json
 import sys
 
@@ -8,19 +9,10 @@ import matplotlib
 import pytest
 from matplotlib.figure import Figure
 from PIL import Image
-from rich.console import Console
 
 from lce.errors import ConfigError
-from lce.eval.report import (
-    format_length,
-    format_ppl,
-    pivot,
-    plot,
-    plot_position_nll,
-    print_table,
-    write_csv,
-    write_report,
-)
+from lce.eval.compare import markdown, ppl_csv, write_report
+from lce.eval.report import format_length, format_ppl, pivot, plot, plot_position_nll
 
 
 def make_row(run, length, ppl, status="ok", **extra):
@@ -61,15 +53,11 @@ def test_a_point_written_twice_counts_once_first_row_first():
     assert pivot([make_row("rope", 128, 1.0, status="running"), *ROWS])[2]["rope"][128] == 9.87654
 
 
-def test_print_table():
-    console = Console(record=True, width=120)
-    print_table(ROWS, console=console, train_length=128)
-    text = console.export_text()
-    for expected in ("rope", "yarn_s4", "128*", "256", "512", "9.877", "123.46", "9.250", "OOM", "training length"):
-        assert expected in text
+def test_table():
+    text = markdown(ROWS)
+    for line in ("| rope | **9.877** | 123.46 | OOM |", "| yarn_s4 | 10.50 | **9.250** | - |", "OOM: out of memory"):
+        assert line in text
     assert "non-finite" not in text
-    yarn_line = next(line for line in text.splitlines() if "yarn_s4" in line)
-    assert yarn_line.split()[-2] == "-"  # yarn_s4 has no row at 512
 
 
 @pytest.mark.parametrize(
@@ -84,17 +72,17 @@ def test_format_length():
     assert [format_length(n) for n in (96, 1024, 1536, 32768, 2**20)] == ["96", "1k", "1536", "32k", "1M"]
 
 
-def test_write_csv(tmp_path):
-    path = write_csv(ROWS[:3], tmp_path / "ppl_vs_length.csv")
+def test_csv():
     params = '"{""beta_fast"": 32, ""factor"": 4}"'
-    assert path.read_text() == (
-        "run,method,params,model,length,status,ppl,nll,tokens,tokens_per_s,peak_mem_mb,seed\n"
-        f"rope,rope,{params},tiny,128,ok,9.87654,1.5,254,1000.5,12.25,0\n"
-        f"rope,rope,{params},tiny,256,ok,123.456,1.5,254,1000.5,12.25,0\n"
-        f"rope,rope,{params},tiny,512,oom,,,,,12.25,0\n"
-    )
-    with open(path, newline="") as f:
-        assert json.loads(next(csv.DictReader(f))["params"]) == {"beta_fast": 32, "factor": 4}
+    lines = ppl_csv(ROWS[:3]).splitlines()
+    # A single run's columns first, as the end of a sweep has always written them; then lce report's.
+    assert lines[0] == ("run,method,params,model,length,status,ppl,nll,tokens,tokens_per_s,peak_mem_mb,seed,series,"
+                        "experiment,protocol,aggregation,ppl_low,ppl_high,mem_kind,seconds")
+    tail = "rope,,canonical,token_mean,,,,"  # series, experiment, protocol, aggregation, no interval, memory or time
+    assert lines[1:] == [f"rope,rope,{params},tiny,128,ok,9.87654,1.5,254,1000.5,12.25,0,{tail}",
+                         f"rope,rope,{params},tiny,256,ok,123.456,1.5,254,1000.5,12.25,0,{tail}",
+                         f"rope,rope,{params},tiny,512,oom,,,,,12.25,0,{tail}"]
+    assert json.loads(next(csv.DictReader(io.StringIO(ppl_csv(ROWS))))["params"]) == {"beta_fast": 32, "factor": 4}
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -114,19 +102,18 @@ def test_plot_leaves_pyplot_alone(tmp_path):
 
 
 def test_write_report(tmp_path):
-    console = Console(record=True, width=120)
-    paths = write_report(ROWS, tmp_path / "out", train_length=256, console=console)
-    assert set(paths) == {"csv", "png", "position_png"}
-    assert paths["csv"].name == "ppl_vs_length.csv" and paths["png"].name == "ppl_vs_length.png"
-    assert paths["position_png"].name == "nll_vs_position.png"
+    paths = write_report(ROWS, tmp_path / "out", train_length=256)
+    assert {key: path.name for key, path in paths.items()} == {
+        "md": "report.md", "ppl_csv": "ppl_vs_length.csv", "ppl_png": "ppl_vs_length.png",
+        "position_png": "nll_vs_position.png"}
     assert all(p.exists() and p.parent == tmp_path / "out" for p in paths.values())
-    assert "256*" in console.export_text()
+    assert paths["ppl_csv"].read_text() == ppl_csv(ROWS) and paths["md"].read_text() == markdown(ROWS) + "\n"
 
 
-def test_structured_cells_are_json(tmp_path):
+def test_structured_cells_are_json():
     row = {**ROWS[0], "model": {"name": "tiny_llama", "hidden_size": 64}}
-    with open(write_csv([row], tmp_path / "x.csv"), newline="") as f:
-        assert json.loads(next(csv.DictReader(f))["model"]) == {"name": "tiny_llama", "hidden_size": 64}
+    assert json.loads(next(csv.DictReader(io.StringIO(ppl_csv([row]))))["model"]) == {"name": "tiny_llama",
+                                                                                      "hidden_size": 64}
 
 
 NONFINITE_ROWS = [
@@ -160,13 +147,10 @@ def legend_and_lines(fig):
 def test_nonfinite_points_in_table_and_csv(tmp_path):
     assert pivot(NONFINITE_ROWS)[2] == {"rope": {128: 9.5, 256: "nonfinite", 512: "oom"},
                                         "broken": {128: "nonfinite", 256: "nonfinite"}}
-    console = Console(record=True, width=120)
-    print_table(NONFINITE_ROWS, console=console)
-    text = " ".join(console.export_text().split())  # the caption wraps
-    assert "│ rope │ 9.500 │ non-finite │ OOM │" in text and "│ broken │ non-finite │ non-finite │ - │" in text
+    text = markdown(NONFINITE_ROWS)
+    assert "| rope | 9.500 | non-finite | OOM |" in text and "| broken | non-finite | non-finite | - |" in text
     assert "OOM: out of memory; non-finite: NaN or infinite loss, no perplexity" in text
-    with open(write_csv(NONFINITE_ROWS, tmp_path / "x.csv"), newline="") as f:
-        lines = list(csv.DictReader(f))
+    lines = [r for r in csv.DictReader(io.StringIO(ppl_csv(NONFINITE_ROWS))) if r["run"] == "rope"]
     assert [(r["length"], r["status"], r["ppl"]) for r in lines[:2]] == [("128", "ok", "9.5"), ("256", "nonfinite", "")]
 
 
@@ -186,6 +170,6 @@ def test_plots_leave_nonfinite_points_out_and_say_so(tmp_path, figures):
 
 
 def test_write_report_with_nonfinite_points(tmp_path):
-    paths = write_report(NONFINITE_ROWS, tmp_path / "out", console=Console(record=True))
-    for key in ("png", "position_png"):
+    paths = write_report(NONFINITE_ROWS, tmp_path / "out")
+    for key in ("ppl_png", "position_png"):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
 from lce.errors import ConfigError, LceError
 from lce.eval import compare, sweep
 from lce.eval.protocols import ProtocolScore
-from lce.eval.report import write_report
 from lce.eval.sweep import ResultStore, first_finished, point_key, run_sweep
 from tests.conftest import make_tiny_llama
 from tests.eval.concurrent_run import launch_pair
@@ -312,10 +310,9 @@ def test_a_point_written_twice_is_used_once_by_sweep_report_and_compare(model, t
     assert [row["ppl"] for row in rows] == [reference[32]["ppl"], 111.0, reference[64]["ppl"]]
     assert len(ResultStore(path).rows()) == 4  # nothing appended
 
-    console = Console(record=True, width=160)
-    paths = write_report(ResultStore(path).rows(), tmp_path / "out", console=console)
-    assert "111.00" in console.export_text() and "222" not in console.export_text()
-    csv_lines = paths["csv"].read_text().splitlines()[1:]
+    paths = compare.write_report(ResultStore(path).rows(), tmp_path / "out")
+    assert "111.00" in paths["md"].read_text() and "222" not in paths["md"].read_text()
+    csv_lines = paths["ppl_csv"].read_text().splitlines()[1:]
     assert [line.split(",")[4] for line in csv_lines] == ["32", "48", "64"]
     assert ",111.0," in csv_lines[1]
 
@@ -368,7 +365,7 @@ def test_rows_of_an_older_lce_with_nan_are_read_as_nonfinite(model, tmp_path, mo
     assert stored[1]["status"] == "nonfinite" and stored[1]["ppl"] is None and stored[1]["bucket_nll"] == [None] * 3
     monkeypatch.setattr(sweep.CanonicalProtocol, "score", never_score)
     assert [row["status"] for row in sweep_into(model, path, lengths=[32, 48])] == ["ok", "nonfinite"]
-    write_report(stored, tmp_path / "out", console=Console(record=True))
+    compare.write_report(stored, tmp_path / "out")
 
 
 def test_the_store_never_writes_nan_or_infinity(tmp_path):

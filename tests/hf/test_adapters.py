@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import lce
+from lce.core.plan import SOFTCAP, LayerAttention
+from lce.core.segments import SegmentLayer
 from lce.errors import UnsupportedModelError
 from lce.hf.adapters import ADAPTERS, NO_ROTATION, adapter_for
 from lce.hf.lm import hidden_states, logits_from_hidden
@@ -83,21 +85,26 @@ def eager_reference(query, key, value, mask, scaling, q_pos, k_pos, softcap=None
     return torch.matmul(probs, value).transpose(1, 2)
 
 
+class RopeByHand(LayerAttention):
+    """RoPE applied inside attention by the test itself, then the eager reference (soft-capping too)."""
+
+    handles = frozenset({SOFTCAP})
+
+    def __init__(self, rotation: Rotation):
+        self.rotation = rotation
+
+    def __call__(self, module, query, key, value, mask, scaling, dropout, *, q_pos, k_pos, **kwargs):
+        query, key = self.rotation.apply(query, q_pos), self.rotation.apply(key, k_pos)
+        return eager_reference(query, key, value, mask, scaling, q_pos, k_pos, kwargs.get("softcap")), None
+
+
 def rope_in_attention(model) -> None:
     """Neutralise the rotary module and rotate q/k inside attention at the true positions, layer by layer."""
     target = PatchTarget(model, adapter_for(model))
 
-    def kernel_for_layer(index, module):
-        rotation = target.rotate_in_attention("test", layer=index)
-
-        def kernel(module, query, key, value, mask, scaling, dropout, q_pos, k_pos, **kwargs):
-            query, key = rotation.apply(query, q_pos), rotation.apply(key, k_pos)
-            return eager_reference(query, key, value, mask, scaling, q_pos, k_pos, kwargs.get("softcap")), None
-
-        return kernel
-
     target.rotate_in_attention("test", layer=0)
-    target.use_kernel("test_rope", kernel_for_layer, handles={"softcap"})
+    target.compute_attention("test_rope",
+                             lambda index, module: RopeByHand(target.rotate_in_attention("test", layer=index)))
     target.finalize()
 
 
@@ -281,7 +288,8 @@ def test_gemma2_kernel_that_ignores_softcap_is_refused():
     target.rotate_in_attention("dca")
     with pytest.raises(UnsupportedModelError, match="posenc=dca replaces the attention computation, but gemma2 "
                                                     "attention needs softcap"):
-        target.use_kernel("dca", lambda index, module: None)
+        target.compute_attention("dca", lambda index, module: SegmentLayer("dca", (), handles=frozenset()))
+        target.finalize()
 
 
 def test_length_dependent_rope_is_refused_inside_attention():

@@ -127,7 +127,7 @@ def kernel_inputs(batch, heads, kv_heads, tq, tk, dim, pads=0, seed=0):
         real[1, :pads] = False
     key_pos = (real.long().cumsum(-1) - 1).clamp(min=0)
     q_pos = key_pos[:, tk - tq :]
-    k_pos = q_pos[:, -1:] - (tk - 1) + torch.arange(tk)  # lce.attention.plan.key_positions
+    k_pos = q_pos[:, -1:] - (tk - 1) + torch.arange(tk)  # lce.core.plan.key_positions
     index = torch.arange(tk)
     mask = (real[:, None, :] & (index[None, :] <= index[tk - tq :, None])[None])[:, None] if pads else None
     return q, k, v, q_pos, k_pos, mask

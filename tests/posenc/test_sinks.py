@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import lce
-from lce.attention import segments
+from lce.core import segments, staircase
 from lce.errors import ConfigError
 from lce.hf.adapters import adapter_for
 from lce.posenc.logn import logn_scale
@@ -159,14 +159,14 @@ def test_inference_blocks_read_only_the_sinks_and_their_window(monkeypatch):
     """The staircase path (inference on CPU) at 2048 tokens with S = 4, R = 60: the pieces of every block of queries
     cover at most S + R + rows - 1 key columns (the rows are at most R wide)."""
     widths = []
-    original = segments.staircase_pieces
+    original = staircase.staircase_pieces
 
     def spy(start, stop, dtype):
         pieces = original(start, stop, dtype)
         widths.append(sum(piece.stop - piece.start for piece in pieces))
         return pieces
 
-    monkeypatch.setattr(segments, "staircase_pieces", spy)
+    monkeypatch.setattr(staircase, "staircase_pieces", spy)
     q, k, v = (t.detach().float() for t in random_qkv(1, 2, 1, 2048, 2048))
     pos = torch.arange(2048)[None]
     rotation = adapter_for(make_tiny_llama()).rotation(make_tiny_llama().model.rotary_emb)
@@ -174,7 +174,7 @@ def test_inference_blocks_read_only_the_sinks_and_their_window(monkeypatch):
         out = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60)
         reference = sinks_attention(q, k, v, rotation, pos, pos, 0.35, 4, 60, attention_mask=torch.ones(
             1, 1, 2048, 2048, dtype=torch.bool))  # a mask: the masked path, which gathers each block's columns
-    rows = segments.staircase_rows(sink_segments(4, 60))
+    rows = staircase.staircase_rows(sink_segments(4, 60))
     # Blocks of `rows` queries, two segments each: per block, recent + sinks pieces.
     assert len(widths) == 2 * (2048 // rows) and max(widths) <= 4 + 60 + rows - 1
     torch.testing.assert_close(out, reference, atol=3e-6, rtol=3e-6)  # fp32, per-piece softmaxes reweighted

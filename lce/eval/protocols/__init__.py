@@ -2,8 +2,8 @@
 
 Published long-context perplexities differ in all three, so numbers from different papers only compare when the
 protocol is reproduced exactly. Each protocol, one module of this package, is a registered, typed config
-(``PROTOCOLS``; the key is the ``name`` written into results) whose ``score`` method implements one published
-convention:
+(``PROTOCOLS``; the key is the ``name`` written into results and the option of the config group ``eval/protocol``,
+``conf/eval/protocol/<name>.yaml``) whose ``score`` method implements one published convention:
 
 =============== =================================================== ==================================================
 name            windows                                             aggregation
@@ -32,6 +32,9 @@ batch, and exist to reproduce published tables. Their results carry ``aggregatio
 up silently.
 """
 
+import importlib
+import pkgutil
+
 from lce.eval.perplexity import NllFn, model_nll_fn
 from lce.eval.protocols.canonical import CanonicalProtocol, bootstrap_interval
 from lce.eval.protocols.fairseq import FairseqProtocol
@@ -41,6 +44,9 @@ from lce.eval.protocols.sliding import SlidingProtocol
 from lce.eval.protocols.streaming import StreamingProtocol
 from lce.eval.protocols.yarn import YarnProtocol
 from lce.eval.score import MEAN_OF_BATCH_MEANS, MEAN_OF_WINDOW_MEANS, TOKEN_MEAN, ProtocolScore
+
+for _module in pkgutil.iter_modules(__path__):  # every protocol module registers itself: adding one is adding a module
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "MEAN_OF_BATCH_MEANS",

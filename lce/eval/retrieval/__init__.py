@@ -60,7 +60,12 @@ a file already holds twice the first finished row counts (``lce.eval.store.first
 non-finite number: a model whose logits are NaN still decodes some tokens, and its trials are ``ok`` and wrong.
 """
 
+import importlib
+import pkgutil
+
 from lce.eval.retrieval.generate import GenerateFn, greedy_generate, model_generate_fn
+from lce.eval.retrieval.needle import NeedleConfig
+from lce.eval.retrieval.passkey import PasskeyConfig
 from lce.eval.retrieval.prompt import Prompt, PromptBuilder, chat_frame, corpus_text, text_units, uses_chat
 from lce.eval.retrieval.run import KIND, TRIAL_FIELDS, cell_accuracy, is_correct, retrieval_key, run_retrieval
 from lce.eval.retrieval.tasks import (
@@ -75,8 +80,7 @@ from lce.eval.retrieval.tasks import (
     QUESTION,
     RETRIEVALS,
     TASK_DESCRIPTION,
-    NeedleConfig,
-    PasskeyConfig,
+    GridTask,
     PromptTexts,
     build_retrieval,
     iter_cells,
@@ -84,10 +88,13 @@ from lce.eval.retrieval.tasks import (
     parse_integer,
 )
 
+for _module in pkgutil.iter_modules(__path__):  # every task module registers itself: adding a task is adding one
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
     "ANSWER_LEAD", "CHAT_FIELDS", "FILLER", "GRID_FIELDS", "KEY_LINE", "KIND", "ORDINAL_ANSWER_LEAD",
     "ORDINAL_KEY_LINE", "ORDINAL_QUESTION", "QUESTION", "RETRIEVALS", "TASK_DESCRIPTION", "TRIAL_FIELDS", "GenerateFn",
-    "NeedleConfig", "PasskeyConfig", "Prompt", "PromptBuilder", "PromptTexts", "build_retrieval", "cell_accuracy",
-    "chat_frame", "corpus_text", "greedy_generate", "is_correct", "iter_cells", "model_generate_fn", "ordinal",
-    "parse_integer", "retrieval_key", "run_retrieval", "text_units", "uses_chat",
+    "GridTask", "NeedleConfig", "PasskeyConfig", "Prompt", "PromptBuilder", "PromptTexts", "build_retrieval",
+    "cell_accuracy", "chat_frame", "corpus_text", "greedy_generate", "is_correct", "iter_cells", "model_generate_fn",
+    "ordinal", "parse_integer", "retrieval_key", "run_retrieval", "text_units", "uses_chat",
 ]

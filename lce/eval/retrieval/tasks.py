@@ -1,6 +1,9 @@
-"""The retrieval tasks (see the package docstring): typed, registered configs that know their prompt's fixed lines
-(``texts``), their keys (``num_keys``), whether their haystack is real text (``needs_corpus``) and how an answer is
-judged (``is_correct``), so that prompt building and the trial runner never ask which task they hold."""
+"""What every retrieval task shares (see the package docstring): the registry, the base config of a depth x length
+grid, the prompt's fixed lines and answer parsing. Each task is one module of this package (``passkey``, ``needle``):
+a typed, registered config that knows its prompt's fixed lines (``texts``), its keys (``num_keys``), whether its
+haystack is real text (``needs_corpus``) and how an answer is judged (``is_correct``), so that prompt building and
+the trial runner never ask which task they hold. They are the options of the config group ``eval/retrieval``
+(``conf/eval/retrieval/<name>.yaml``), of which a run selects any number."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from lce.config import check, check_at_least
 from lce.registry import Registry
@@ -68,7 +71,7 @@ class PromptTexts(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _GridConfig:
+class GridTask:
     """Fields and checks shared by every retrieval task; ``lengths`` in tokens, ``depths`` in [0, 1].
 
     Attributes:
@@ -124,89 +127,6 @@ class _GridConfig:
     def is_correct(self, output: str, answer: int) -> bool:
         """Whether ``output`` retrieves ``answer``: its first integer (``parse_integer``) is the key."""
         return parse_integer(output) == answer
-
-
-@RETRIEVALS.register("passkey")
-@dataclass(frozen=True)
-class PasskeyConfig(_GridConfig):
-    """Passkey retrieval (see the module docstring); ``num_keys > 1`` is the multi-key hard variant.
-
-    Attributes:
-        num_keys: ordinal keys in the haystack; one of them (the one at the requested depth) is asked for.
-        haystack: ``filler`` (the grass-is-green sentences) or ``corpus`` (real text passed to ``run_retrieval``).
-    """
-
-    name: str = "passkey"
-    num_keys: int = 1
-    haystack: Literal["filler", "corpus"] = "filler"
-
-    @property
-    def needs_corpus(self) -> bool:
-        """Whether prompts are built from real text (``haystack_text``) rather than filler sentences."""
-        return self.haystack == "corpus"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.num_keys >= 1, "retrieval.num_keys", f"must be >= 1, got {self.num_keys}")
-        check(self.haystack in ("filler", "corpus"), "retrieval.haystack",
-              f"must be filler or corpus, got {self.haystack!r}")
-
-    def texts(self, keys: list[int], asked: int) -> PromptTexts:
-        """Landmark Attention's template with one key; with several, yarn's ``passkey_hard.py`` ordinal keys."""
-        if self.num_keys == 1:
-            return PromptTexts(TASK_DESCRIPTION, [KEY_LINE.format(key=keys[0])], QUESTION, ANSWER_LEAD)
-        nth = ordinal(asked + 1)
-        needles = [ORDINAL_KEY_LINE.format(nth=ordinal(i + 1), key=key) for i, key in enumerate(keys)]
-        return PromptTexts(TASK_DESCRIPTION, needles, ORDINAL_QUESTION.format(nth=nth),
-                           ORDINAL_ANSWER_LEAD.format(nth=nth))
-
-
-@RETRIEVALS.register("needle")
-@dataclass(frozen=True)
-class NeedleConfig(_GridConfig):
-    """Needle-in-a-haystack in real text (see the module docstring).
-
-    Attributes:
-        needle: the inserted sentence; ``{key}`` is replaced by the number.
-        question: appended after the haystack, phrased so that the answer is its continuation.
-        answer_lead: the end of ``question`` that starts the answer; a chat prompt asks the rest of the question in
-            the user's turn and puts this at the start of the assistant's reply. Empty: the whole question is asked.
-        preamble: a first line before the haystack; empty for none.
-        match: ``integer`` (the first integer of the output equals the key) or ``substring`` (the key's digits occur
-            anywhere in the output).
-    """
-
-    name: str = "needle"
-    key_digits: int = 7
-    max_new_tokens: int = 12
-    needle: str = "The special magic number is {key}."
-    question: str = "What is the special magic number? The special magic number is"
-    answer_lead: str = "The special magic number is"
-    preamble: str = ""
-    match: Literal["integer", "substring"] = "integer"
-
-    needs_corpus: ClassVar[bool] = True  # the needle is hidden in real text
-
-    def __post_init__(self):
-        super().__post_init__()
-        check("{key}" in self.needle, "retrieval.needle", f"must contain '{{key}}', got {self.needle!r}")
-        check(self.match in ("integer", "substring"), "retrieval.match",
-              f"must be integer or substring, got {self.match!r}")
-        check(self.question.endswith(self.answer_lead), "retrieval.answer_lead",
-              f"must be the end of the question {self.question!r} (or empty), got {self.answer_lead!r}")
-
-    def chat_identity(self) -> dict:
-        return {**super().chat_identity(), "answer_lead": self.answer_lead}
-
-    def texts(self, keys: list[int], asked: int) -> PromptTexts:
-        return PromptTexts(self.preamble, [self.needle.format(key=key) for key in keys], self.question,
-                           self.answer_lead)
-
-    def is_correct(self, output: str, answer: int) -> bool:
-        """By ``match``: the first integer of ``output`` is the key, or the key's digits occur anywhere in it."""
-        if self.match == "substring":
-            return str(answer) in output
-        return super().is_correct(output, answer)
 
 
 def build_retrieval(spec, where: str = "retrieval"):

@@ -77,3 +77,16 @@ def test_importing_compiles_nothing():
     """Importing the package must not import Triton (nor compile or launch anything)."""
     code = "import sys, lce.kernels.attention; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_backward_that_cannot_fit_the_gpu_is_refused_before_the_forward(monkeypatch):
+    """On a 99 KB-shared-memory GPU (compute capability 8.6) the fp32 head-dim-256 backward fits no launch
+    configuration (``launch.LAUNCH_TABLE``): a one-line LceError before any kernel runs, not a failed launch."""
+    from lce.kernels.attention import function
+
+    monkeypatch.setattr(function, "device_capability", lambda t: (8, 6))
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in random_qkv(1, 2, 2, 5, 5, 256))
+    q_pos, k_pos = (p.to(DEVICE) for p in positions(1, 5, 5))
+    with pytest.raises(LceError, match=r"backward dq kernel for float32 at head dim 256 .* capability 8\.6") as info:
+        flash_attention(q, k, v, AttentionSpec(0.0625), q_pos, k_pos, backend="triton")
+    assert "\n" not in str(info.value)

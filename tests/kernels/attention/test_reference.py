@@ -4,10 +4,10 @@ difference is a bug, not rounding)."""
 import pytest
 import torch
 
-from lce.attention.blockwise import masked_attention_eager
 from lce.attention.local_global import LocalGlobalPattern
-from lce.attention.segments import segmented_attention
 from lce.attention.sliding_window import SlidingWindowPattern
+from lce.core.blockwise import masked_attention_eager
+from lce.core.segments import segmented_attention
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import AttentionSpec
 from lce.posenc.alibi import alibi_attention_eager, alibi_slopes
