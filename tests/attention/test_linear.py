@@ -15,6 +15,7 @@ from torch import nn
 
 from lce.attention import ATTENTIONS
 from lce.attention.linear import (
+    LinearAttention,
     LinearLayerAttention,
     linear_attention_chunked,
     linear_attention_parallel,
@@ -26,6 +27,12 @@ from lce.kernels.backend import use_backend
 #: Per variant, parameters that keep the tests small (Performer: fewer random features than d ln d).
 VARIANTS = {"linear_elu": {}, "linear_relu": {}, "performer": {"num_features": 24}, "transnormer": {},
             "retention": {}}
+
+
+def test_every_linear_variant_is_tested():
+    """The shared tests here and in ``test_linear_model.py`` run every registered linear variant."""
+    registered = {name for name in ATTENTIONS if issubclass(ATTENTIONS.get(name), LinearAttention)}
+    assert set(VARIANTS) == registered
 
 # (B, H, HKV, T, D, chunk)
 SHAPES = [

@@ -22,6 +22,7 @@ from lce.hf import cache as hf_cache
 from lce.hf.cache import RecurrentStateLayer
 from lce.hf.dispatch import capture_recurrent_state
 from lce.train.loop import enable_activation_checkpointing
+from tests.attention.test_linear import VARIANTS
 from tests.conftest import (
     assert_decode_matches_full,
     forward_cached,
@@ -30,8 +31,6 @@ from tests.conftest import (
 )
 from tests.hf.test_adapters import family_model
 
-VARIANTS = {"linear_elu": {}, "linear_relu": {}, "performer": {"num_features": 24}, "transnormer": {},
-            "retention": {}}
 IDS = torch.randint(3, 259, (2, 23), generator=torch.Generator().manual_seed(0))
 
 
