@@ -11,6 +11,7 @@ and the public function).
 Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
 """
 
+from lce.deprecated import renamed
 from lce.kernels.attention.function import flash_attention
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Segment
@@ -20,11 +21,5 @@ __all__ = ["IDENTITY", "AttentionSpec", "PairSelect", "PositionMap", "Rotation",
            "flash_attention"]
 
 
-def __getattr__(name: str):
-    if name == "Rotary":  # the spec's former name of the one rotation type
-        import warnings
-
-        warnings.warn("lce.kernels.attention.Rotary is deprecated: use lce.kernels.rope.Rotation (the same fields)",
-                      DeprecationWarning, stacklevel=2)
-        return Rotation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The spec's former name of the one rotation type.
+__getattr__ = renamed(__name__, {"Rotary": "lce.kernels.rope.Rotation"})

@@ -13,13 +13,13 @@ the first ``bucket_size`` predictions). The last bucket may be smaller.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lce.config import check
+from lce.deprecated import renamed
 from lce.errors import ConfigError
 from lce.eval.loss import shifted_targets, token_nll
 from lce.eval.score import ProtocolScore
@@ -142,11 +142,6 @@ def score_documents(
     return point_score(position_nll, len(docs), length if bucket_size is None else bucket_size)
 
 
-def __getattr__(name: str):
-    # A deprecated name of the one result type, kept for callers of lce 0.1.0: ``ProtocolScore`` takes PointScore's
-    # arguments (nll_sum, tokens, bucket_size, bucket_nll, bucket_tokens) in the same order.
-    if name == "PointScore":
-        warnings.warn("lce.eval.perplexity.PointScore is deprecated; use lce.eval.score.ProtocolScore",
-                      DeprecationWarning, stacklevel=2)
-        return ProtocolScore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# A deprecated name of the one result type, kept for callers of lce 0.1.0: ``ProtocolScore`` takes PointScore's
+# arguments (nll_sum, tokens, bucket_size, bucket_nll, bucket_tokens) in the same order.
+__getattr__ = renamed(__name__, {"PointScore": "lce.eval.score.ProtocolScore"})
