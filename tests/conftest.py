@@ -14,6 +14,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_scalars_as_numpy_24_wants() -> None:
+    """Triton before 3.9: its interpreter turns a runtime scalar (a shape-(1,) array) into a Python int with
+    ``int(array)``, which NumPy 2.4 refuses for arrays of ndim > 0, so every ``range()`` over a loaded bound fails
+    (``TypeError: only 0-dimensional arrays can be converted``). Triton 3.9 squeezes first; this does the same on
+    older releases (lce supports Triton >= 3.3; the H200 image has 3.6). Test-only: compiled kernels are unaffected."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "lce_squeezes", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patch_with_squeeze(tensor, *scope):  # Triton 3.6 passes a patch scope, 3.3 patches the class directly
+        patch(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patch_with_squeeze.lce_squeezes = True
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _interpreter_scalars_as_numpy_24_wants()
+
 # The test tensors are tiny: intra-op threads cost more in synchronisation than they save (and thrash on a loaded
 # machine), so the suite runs single-threaded; measured 2x faster on 2 cores.
 torch.set_num_threads(1)

@@ -3,14 +3,18 @@
     python3 experiments/benchmarks/gpu_env.py check REPO     # exit 0 iff lce imports from REPO with its requirements
     python3 experiments/benchmarks/gpu_env.py unmet REPO     # lce's unmet requirements, one per line (pip syntax)
     python3 experiments/benchmarks/gpu_env.py versions REPO  # what the checks ran on: Python, torch/CUDA, Triton, ...
+    python3 experiments/benchmarks/gpu_env.py peers REPO     # the benchmarks' peers not installed, one per line
 
 The requirements are ``[project].dependencies`` of ``REPO/pyproject.toml`` (markers evaluated here) plus pytest,
-which the ``tests`` part needs; "met" means installed at a version the specifier allows, as pip would judge it.
+which the ``tests`` part needs, less what the GPU image supplies whatever its version (torch and Triton: lce's
+kernels work on Triton 3.6 to 3.9, and the image's CUDA build of torch is the one to measure) and what no part of
+``gpu.sh`` imports (datasets, wandb); "met" means installed at a version the specifier allows, as pip would judge it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import platform
 import subprocess
 import sys
@@ -26,13 +30,24 @@ from packaging.requirements import Requirement
 
 #: Needed by gpu.sh itself (the tests part), not by lce at run time.
 EXTRA_REQUIREMENTS = ["pytest>=8"]
+#: Taken from the GPU image as they are (never installed over it).
+FROM_IMAGE = {"torch", "triton"}
+#: lce requirements that no part of gpu.sh imports (training and evaluation runs need them).
+NOT_NEEDED = {"datasets", "wandb"}
+#: The benchmarks' peers (import name, distribution): installed from the wheel folder when there.
+PEERS = {"liger_kernel": "liger-kernel", "fla": "flash-linear-attention", "flash_attn": "flash-attn"}
 
 
 def requirements(repo: Path) -> list[Requirement]:
     """lce's runtime requirements that apply to this interpreter, and pytest."""
     project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in [*project["dependencies"], *EXTRA_REQUIREMENTS]]
-    return [r for r in reqs if r.marker is None or r.marker.evaluate()]
+    return [r for r in reqs if (r.marker is None or r.marker.evaluate()) and r.name not in FROM_IMAGE | NOT_NEEDED]
+
+
+def missing_peers() -> list[str]:
+    """The peers' distributions that are not installed."""
+    return [dist for module, dist in PEERS.items() if importlib.util.find_spec(module) is None]
 
 
 def unmet(repo: Path) -> list[str]:
@@ -83,7 +98,8 @@ def versions(repo: Path) -> None:
                   f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs")
     except Exception as error:  # noqa: BLE001 - a report: say what broke and go on
         print(f"torch: {type(error).__name__}: {error}")
-    for name in sorted({r.name for r in requirements(repo)} | {"lce", "kernels", "huggingface-hub"}):
+    names = {r.name for r in requirements(repo)} | FROM_IMAGE | NOT_NEEDED | set(PEERS.values())
+    for name in sorted(names | {"lce", "kernels", "huggingface-hub", "numpy", "einops", "fla-core"}):
         try:
             print(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -97,14 +113,14 @@ def versions(repo: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("check", "unmet", "versions"):
+    if len(argv) != 2 or argv[0] not in ("check", "unmet", "versions", "peers"):
         print(__doc__, file=sys.stderr)
         return 2
     command, repo = argv[0], Path(argv[1]).resolve()
     if command == "check":
         return check(repo)
-    if command == "unmet":
-        for requirement in unmet(repo):
+    if command in ("unmet", "peers"):
+        for requirement in unmet(repo) if command == "unmet" else missing_peers():
             print(requirement)
     else:
         versions(repo)

@@ -10,8 +10,11 @@
 # its source), hydra-submitit-launcher, submitit), everything they need in turn, setuptools and wheel (to build lce)
 # and pip. Versions: those installed in this Python (${PYTHON:-python3}), i.e. what lce is tested with here, else lce's
 # pyproject.toml ranges. Wheels of numpy, pandas, pyarrow and tokenizers are dropped: the image has versions that
-# satisfy them, and they are big. --full adds datasets and wandb (training and evaluation runs, not gpu.sh's parts):
-# about 23 MB more. The device tool carries at most 64 MiB with the working tree: the default folder is about 32 MB.
+# satisfy them, and they are big. The benchmarks' peers come as wheels without their dependencies (which would pull
+# torch and Triton: the image has them): liger-kernel, flash-linear-attention with fla-core, and einops (about 2.5 MB;
+# flash-attn has no wheel on PyPI for the image's torch/CUDA, so gpu.sh records it as unavailable). --full adds
+# datasets and wandb (training and evaluation runs, not gpu.sh's parts): about 23 MB more. The device tool carries
+# at most 64 MiB with the working tree: the default folder is about 35 MB.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -58,6 +61,11 @@ for minor in $(seq 17 39); do platforms+=(--platform "manylinux_2_${minor}_x86_6
 abi=cp${python_version/./}
 "$py" -m pip download --dest "$dir" --find-links "$dir" --only-binary=:all: --python-version "$python_version" \
   --implementation cp --abi "$abi" --abi abi3 --abi none "${platforms[@]}" "${reqs[@]}"
+
+# The peers, pinned to the versions the benchmarks were written against.
+"$py" -m pip download --dest "$dir" --no-deps --only-binary=:all: --python-version "$python_version" \
+  --implementation cp --abi "$abi" --abi abi3 --abi none "${platforms[@]}" \
+  liger-kernel==0.8.5 flash-linear-attention==0.6.0 fla-core==0.6.0 einops==0.8.2
 
 for big in numpy pandas pyarrow tokenizers; do
   rm -f "$dir/$big"-*.whl

@@ -4,9 +4,10 @@
 ``AttentionSpec``: RoPE segments at remapped positions (DCA, Self-Extend, ReRoPE, StreamingLLM sinks), ALiBi, log-n
 query scaling, a sliding window with sinks, a block-sparse mask. Files: ``spec.py`` (the data; each method writes its
 segments in its own ``lce.posenc`` module), ``reference.py`` (plain PyTorch), ``schedule.py`` (which key tiles each
-query tile visits), ``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``launch.py`` (tiles, warps and
-stages per GPU; ``python -m lce.kernels.inspect`` compiles them for sm_90 without a GPU), ``function.py`` (autograd
-and the public function).
+query tile visits, per segment, full tiles first), ``prerotate.py`` (queries and keys rotated once per position map,
+gradients turned back), ``triton_forward.py`` / ``triton_backward.py`` (the kernels), ``launch.py`` (tiles, warps and
+stages per GPU; ``python -m lce.kernels.inspect`` compiles them for sm_90 without a GPU), ``tuning.py`` (the forward's
+tile shape, timed on the GPU), ``function.py`` (autograd and the public function).
 
 Importing this package compiles and launches nothing (Triton is imported when a Triton kernel first runs).
 """

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from lce.errors import LceError
-from lce.kernels.attention.launch import launch_options, tile_sizes
+from lce.kernels.attention import tuning
+from lce.kernels.attention.launch import backward_tiles, gqa_packing, head_dim_tile, launch_options, tile_sizes
 from lce.kernels.attention.reference import attention_reference
 from lce.kernels.attention.spec import MAX_POSITION, AttentionSpec
 from lce.kernels.backend import MAX_GRID_YZ, device_capability, resolve_backend
@@ -99,38 +100,94 @@ def decode_splits(n_qt: int, n_kt: int, programs: int, device: torch.device) -> 
     return max(1, min(n_kt, -(-target // programs)))
 
 
+def tuning_key(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple:
+    """What the forward's best tile shape depends on (``tuning.forward_config``)."""
+    modifiers = (spec.alibi_slopes is not None, spec.logn_length is not None, spec.window is not None,
+                 spec.block_mask is not None)
+    return (device_capability(q), q.dtype, head_dim_tile(head_dim), len(spec.segments), modifiers,
+            q.shape[1] // k.shape[1], tuning.length_bucket(k.shape[2]))
+
+
+def forward_tiles(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, head_dim: int,
+                  run) -> tuple[tuning.TileConfig, bool]:
+    """The forward's tile shape and whether GQA heads are packed: decode shapes and the interpreter use fixed tiles
+    (``launch.tile_sizes``, ``launch.gqa_packing``), a GPU the fastest candidate for the problem's key (timed once;
+    ``tuning.py``), ``run(config)`` launching the forward with a candidate."""
+    tq, groups = q.shape[2], q.shape[1] // k.shape[1]
+    packed_rows = gqa_packing(tq, groups, q.device)
+    block_m, block_n = tile_sizes(tq, q.device, q.dtype, head_dim)
+    capability = device_capability(q)
+    if packed_rows is not None or not q.is_cuda or block_m < 64:
+        options = launch_options("decode" if packed_rows or block_m < 64 else "forward", q.dtype, head_dim,
+                                 capability, block_mask=spec.block_mask is not None)
+        return tuning.TileConfig(packed_rows or block_m, block_n, **options), packed_rows is not None
+    options = tuning.candidates(q.dtype, head_dim, capability, block_mask=spec.block_mask is not None,
+                                segments=len(spec.segments))
+    return tuning.forward_config(tuning_key(spec, q, k, head_dim), options, run, on_gpu=True), False
+
+
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward keeps the log-sum-exp and the tile lists for the backward kernels."""
+    """Autograd wrapper: queries and keys rotated once per segment position map (``prerotate.py``), the tile lists
+    shared by the layers of a forward (``schedule.cached_schedule``); the forward keeps the log-sum-exp and the
+    unrotated inputs (the backward rotates them again rather than keeping one copy per map)."""
 
     @staticmethod
     def forward(ctx, q, k, v, spec, q_pos, k_pos):
-        from lce.kernels.attention.schedule import build_schedule
+        from lce.kernels.attention.prerotate import rotated_inputs
+        from lce.kernels.attention.schedule import cached_schedule
         from lce.kernels.attention.triton_forward import attention_forward
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if any(ctx.needs_input_grad[:3]):  # refuse a backward that cannot launch before running the forward
+        head_dim = max(q.shape[-1], v.shape[-1])
+        capability = device_capability(q)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        if needs_grad:  # refuse a backward that cannot launch before running the forward
             for kernel in ("backward_dq", "backward_dk_dv"):
-                launch_options(kernel, q.dtype, max(q.shape[-1], v.shape[-1]), device_capability(q),
-                               logn=spec.logn_length is not None)
+                launch_options(kernel, q.dtype, head_dim, capability)
         q_pos32, k_pos32 = q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
-        block_m, block_n = tile_sizes(q.shape[2], q.device, q.dtype, max(q.shape[-1], v.shape[-1]))
-        schedule = build_schedule(spec, q_pos32, k_pos32, block_m, block_n)
-        n_splits = decode_splits(schedule.kv_count.shape[1], schedule.kv_index.shape[2], q.shape[0] * q.shape[1],
-                                 q.device)
-        out, lse = attention_forward(q, k, v, spec, q_pos32, k_pos32, schedule, n_splits)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos32, k_pos32, schedule.kv_count, schedule.kv_index,
-                              schedule.q_count, schedule.q_index)
-        ctx.spec, ctx.blocks = spec, (block_m, block_n)
+        q_rot, k_rot = rotated_inputs(q, k, spec, q_pos32, k_pos32)
+
+        def run(config: tuning.TileConfig, pack_gqa: bool = False):
+            schedule = cached_schedule(spec, q_pos, k_pos, config.block_m, config.block_n)
+            n_qt, n_kt = schedule.kv_count.shape[2], schedule.kv_index.shape[3]
+            programs = q.shape[0] * (k.shape[1] if pack_gqa else q.shape[1])
+            n_splits = decode_splits(n_qt, n_kt, programs, q.device)
+            return attention_forward(q_rot, k_rot, v, spec, q_pos32, k_pos32, schedule, n_splits, pack_gqa,
+                                     options=config.options)
+
+        config, pack_gqa = forward_tiles(spec, q, k, head_dim, run)
+        out, lse = run(config, pack_gqa)
+        # The backward kernels have their own tiles (``launch.backward_tiles``), hence their own tile lists, shared by
+        # the layers too (cached on the positions): the dq kernel walks key lists, the dk/dv kernel query lists.
+        tiles = backward_tiles(q.device, q.dtype, head_dim)
+        lists = ()
+        if needs_grad:
+            dq_lists = cached_schedule(spec, q_pos, k_pos, *tiles["dq"])
+            dk_dv_lists = cached_schedule(spec, q_pos, k_pos, *tiles["dk_dv"])
+            lists = (dq_lists.kv_full, dq_lists.kv_count, dq_lists.kv_index, dk_dv_lists.q_count,
+                     dk_dv_lists.q_index)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos32, k_pos32, *lists)
+        ctx.spec, ctx.tiles = spec, tiles
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        from lce.kernels.attention.prerotate import rotated_inputs, unrotated_gradient
         from lce.kernels.attention.schedule import TileSchedule
         from lce.kernels.attention.triton_backward import attention_backward
+        from lce.kernels.attention.triton_common import distinct_maps
 
-        q, k, v, out, lse, q_pos, k_pos, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
-        schedule = TileSchedule(*ctx.blocks, kv_count, kv_index, q_count, q_index)
-        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.spec, q_pos, k_pos, schedule)
+        q, k, v, out, lse, q_pos, k_pos, kv_full, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
+        spec = ctx.spec
+        dq_lists = TileSchedule(*ctx.tiles["dq"], kv_full, kv_count, kv_index, None, None, None)
+        dk_dv_lists = TileSchedule(*ctx.tiles["dk_dv"], None, None, None, None, q_count, q_index)
+        q_rot, k_rot = rotated_inputs(q, k, spec, q_pos, k_pos)
+        dq, dk, dv = attention_backward(grad_out.contiguous(), q_rot, k_rot, v, out, lse, spec, q_pos, k_pos,
+                                        dq_lists, dk_dv_lists)
+        if spec.segments:
+            q_maps, k_maps, q_index, k_index = distinct_maps(spec.segments)
+            dq = unrotated_gradient(dq, q_pos, q_maps, q_index, spec, q.dtype)
+            dk = unrotated_gradient(dk, k_pos, k_maps, k_index, spec, k.dtype)
         return dq, dk, dv, None, None, None
 
 

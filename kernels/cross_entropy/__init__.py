@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy: per-token NLL from hidden states and the logit head, never ``N x V`` logits.
 
 ``head.py`` the logit head as data, ``reference.py`` the chunked plain-PyTorch reference,
-``triton_linear_cross_entropy.py`` the Triton kernels, ``function.py`` the autograd function and the public
+``triton_linear_cross_entropy.py`` the chunked Triton path (cuBLAS matmuls around a kernel that takes the loss and
+the logits' gradient in the forward pass), ``function.py`` the autograd function and the public
 ``linear_cross_entropy``.
 """
 

@@ -1,8 +1,9 @@
 """The fused linear cross-entropy as an autograd function, and the public ``linear_cross_entropy``.
 
 ``linear_cross_entropy(hidden, head, targets)`` checks its inputs, applies autocast's cast (a custom kernel is not
-autocast by torch), and runs the reference (``reference.py``: chunked logits) or the Triton kernels
-(``triton_linear_cross_entropy.py``: logits never in memory) as ``lce.kernels.backend.resolve_backend`` decides.
+autocast by torch), and runs the reference (``reference.py``: chunked logits, recomputed in the backward) or the
+Triton path (``triton_linear_cross_entropy.py``: chunked logits, gradients taken in the forward pass) as
+``lce.kernels.backend.resolve_backend`` decides.
 """
 
 from __future__ import annotations
@@ -15,48 +16,78 @@ from lce.kernels.cross_entropy.head import LogitHead
 from lce.kernels.cross_entropy.reference import IGNORE_INDEX, linear_cross_entropy_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-#: ``(BLOCK_N, BLOCK_V, BLOCK_C)``: rows, vocabulary columns and hidden features per tile. Not tuned on a GPU yet.
-DEFAULT_BLOCKS = (64, 128, 64)
+#: Rows of logits alive at once unless the caller says otherwise: 1 GiB of bf16 logits at a 128k vocabulary, and a
+#: 4096-deep reduction for the weight's gradient matmul.
+DEFAULT_CHUNK_SIZE = 4096
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``nll [N] = LCE(hidden [N, C], weight [V, C], bias [V] | None)``; keeps only ``lse [N]`` for the backward."""
+    """``nll [N] = LCE(hidden [N, C], weight [V, C], bias [V] | None)``.
+
+    The forward pass also computes the gradients of ``nll.sum()`` with respect to the inputs that require one and
+    keeps them (``dh [N, C]`` in ``hidden``'s dtype, ``dw [V, C]`` and ``db [V]`` in fp32); the backward scales
+    them by the upstream gradient, or recomputes ``dw``/``db`` when that gradient differs between scored rows (see
+    ``triton_linear_cross_entropy``).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, multiplier, softcap, blocks):
-        from lce.kernels.cross_entropy.triton_linear_cross_entropy import lce_fwd
+    def forward(ctx, hidden, weight, bias, targets, multiplier, softcap, chunk_size, block_v):
+        from lce.kernels.cross_entropy.triton_linear_cross_entropy import lce_chunked
 
-        nll, lse = lce_fwd(hidden, weight, bias, targets, multiplier, softcap, blocks)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.multiplier, ctx.softcap, ctx.blocks = multiplier, softcap, blocks
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        nll, dh, dw, db = lce_chunked(hidden, weight, bias, targets, multiplier, softcap, chunk_size, block_v,
+                                      need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+        ctx.save_for_backward(hidden, weight, bias, targets, dh, dw, db)
+        ctx.multiplier, ctx.softcap, ctx.chunk_size, ctx.block_v = multiplier, softcap, chunk_size, block_v
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        from lce.kernels.cross_entropy.triton_linear_cross_entropy import lce_bwd
+        from lce.kernels.cross_entropy.triton_linear_cross_entropy import lce_chunked, uniform_value
 
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        dh, dw, db = lce_bwd(hidden, weight, bias, targets, lse, grad_nll.float().contiguous(), ctx.multiplier,
-                             ctx.softcap, ctx.blocks, need_dh, need_dw or need_db)
-        return dh, dw if need_dw else None, db if need_db else None, None, None, None, None
+        hidden, weight, bias, targets, dh, dw, db = ctx.saved_tensors
+        grad = grad_nll.float()
+        # torch.mul into a tensor of the gradient's dtype: the product is taken in fp32 and rounded once. New
+        # tensors, never the saved ones in place, so a second backward (retain_graph) finds them intact.
+        if dh is not None:
+            dh = torch.mul(dh, grad[:, None], out=torch.empty_like(hidden))
+        if dw is not None or db is not None:
+            scale = uniform_value(grad, targets)
+            if scale is None:
+                _, _, dw, db = lce_chunked(hidden, weight, bias, targets, ctx.multiplier, ctx.softcap,
+                                           ctx.chunk_size, ctx.block_v, need_dw=dw is not None,
+                                           need_db=db is not None, row_scale=grad.contiguous())
+                scale = 1.0
+            if dw is not None:
+                dw = torch.mul(dw, scale, out=torch.empty_like(weight))
+            if db is not None:
+                db = torch.mul(db, scale, out=torch.empty_like(bias))
+        return dh, dw, db, None, None, None, None, None
 
 
-def check_blocks(blocks: tuple[int, int, int]) -> tuple[int, int, int]:
-    """``blocks`` if each is a power of two >= 16 (the smallest ``tl.dot`` operand), else an ``LceError``."""
-    if len(blocks) != 3 or any(b < 16 or b & (b - 1) for b in blocks):
-        raise LceError(f"blocks (BLOCK_N, BLOCK_V, BLOCK_C) must be three powers of two >= 16, got {blocks}")
-    return tuple(blocks)
+def check_block_v(block_v: int) -> int:
+    """``block_v`` if it is a power of two >= 16, else an ``LceError``."""
+    if block_v < 16 or block_v & (block_v - 1):
+        raise LceError(f"block_v (vocabulary columns per slice) must be a power of two >= 16, got {block_v}")
+    return block_v
 
 
-def linear_cross_entropy_triton(
-    hidden: torch.Tensor, head: LogitHead, targets: torch.Tensor, blocks: tuple[int, int, int] = DEFAULT_BLOCKS
-) -> torch.Tensor:
-    """The Triton path of ``linear_cross_entropy`` on checked inputs, with explicit tile sizes."""
+def linear_cross_entropy_triton(hidden: torch.Tensor, head: LogitHead, targets: torch.Tensor,
+                                chunk_size: int = DEFAULT_CHUNK_SIZE, block_v: int | None = None) -> torch.Tensor:
+    """The Triton path of ``linear_cross_entropy`` on checked inputs; ``block_v`` (vocabulary columns per slice of a
+    row in the kernel) defaults to ``triton_linear_cross_entropy.BLOCK_V``. Takes no gradient when autograd is off
+    or nothing requires one."""
+    from lce.kernels.cross_entropy import triton_linear_cross_entropy as ce
+
+    if chunk_size < 1:
+        raise LceError(f"chunk_size must be at least 1, got {chunk_size}")
+    block_v = check_block_v(ce.BLOCK_V if block_v is None else block_v)
     bias = None if head.bias is None else head.bias.contiguous()
-    return LinearCrossEntropyFunction.apply(hidden.contiguous(), head.weight.contiguous(), bias, targets.contiguous(),
-                                            head.multiplier, head.softcap, check_blocks(blocks))
+    args = (hidden.contiguous(), head.weight.contiguous(), bias, targets.contiguous(), head.multiplier, head.softcap,
+            chunk_size, block_v)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+        return LinearCrossEntropyFunction.apply(*args)
+    return ce.lce_chunked(*args)[0]
 
 
 def check_head(head: LogitHead) -> None:
@@ -97,19 +128,22 @@ def linear_cross_entropy(
     head: LogitHead,
     targets: torch.Tensor,
     backend: str | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Per-token NLL in nats of ``targets`` under the logits ``head(hidden)``, without ``N x V`` logits in memory.
 
-    Workspace beyond the inputs and the gradients' own sizes: Triton O(N + one tile per program) (``lse [N]`` is all
-    that the backward keeps), the reference O(chunk_size x V).
+    Workspace beyond the inputs and the gradients' own sizes: ``chunk_size x V`` logits on either path (the inputs'
+    dtype on the Triton path, fp32 on the reference path). With autograd, the Triton path computes the gradients
+    in the forward pass and keeps them until the backward (``[N, C]`` in the inputs' dtype, ``[V, C]`` in fp32); the
+    reference recomputes each chunk in the backward.
 
     Args:
         hidden: ``[N, C]`` hidden states (fp32, bf16 or fp16; under autocast, cast to autocast's dtype).
         head: the logit head (``[V, C]`` weight, ``[V]`` bias or None, multiplier, soft-cap).
         targets: ``[N]`` token ids in ``[0, V)``; ``-100`` marks positions that are not scored (NLL 0, no gradient).
         backend: ``ref``, ``triton`` or ``auto``/None (see ``lce.kernels.backend``).
-        chunk_size: rows of logits alive at once on the reference path (the Triton path works in tiles).
+        chunk_size: rows of logits alive at once. On the Triton path larger chunks mean fewer, larger matmuls and
+            fewer fp32 read-modify-writes of the weight's gradient (one per chunk).
 
     Returns:
         ``[N]`` float32 NLL per position, differentiable with respect to ``hidden``, ``head.weight`` and
@@ -128,4 +162,4 @@ def linear_cross_entropy(
     check_inputs(hidden, head, targets)
     if resolve_backend(backend, hidden, head.weight, targets) == "ref":
         return linear_cross_entropy_ref(hidden, head, targets, chunk_size)
-    return linear_cross_entropy_triton(hidden, head, targets)
+    return linear_cross_entropy_triton(hidden, head, targets, chunk_size)

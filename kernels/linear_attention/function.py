@@ -1,8 +1,8 @@
 """The public chunked linear attention op: checks its inputs, resolves the backend, runs the PyTorch chunkwise form
 (``ref``) or the Triton kernels (``triton``, autograd through ``ChunkedLinearAttentionFunction``).
 
-On Triton the denominator is computed as the numerator of an extra value channel of ones (``den_i = φ(q_i)·z_i``
-and ``z`` is ``S`` for ``v = 1``: Katharopoulos et al. §3.3), and ``(S, z)`` travel as one ``[F, E + 1]`` state.
+On Triton the normaliser ``den`` and the key sum ``z`` are computed beside ``num`` and ``S`` (``triton_chunk``: row
+sums of the decayed causal scores plus ``φ(q)·z``), not as an extra value channel of ones.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from lce.kernels.linear_attention.reference import State, linear_attention_chunk
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The Triton kernels' chunk is a block size (results do not depend on it) within these bounds: ``tl.dot`` needs
-#: tiles of at least 16 rows, and past 64 the fp32 ``[C, C]`` score tile and ``[C, 64]`` operand tiles, staged in
-#: shared memory for the dot products, outgrow what one GPU block gets (227 KiB on an H100/H200: at ``C = 256`` the
-#: score tile alone is 256 KiB). flash-linear-attention's chunk kernels use 64 too.
+#: tiles of at least 16 rows, and past 64 the fp32 ``[C, C]`` score accumulators outgrow the registers (compiled for
+#: sm_90 in bf16 at ``C = 128``: 908-1192 B of spills at 4 warps, still 32 B in the dq/dk kernel at 8 warps; at 64
+#: none, ``triton_chunk.LAUNCH_OPTIONS``). flash-linear-attention's chunk kernels use 64 too.
 MIN_TRITON_CHUNK, MAX_TRITON_CHUNK = 16, 64
 
 
@@ -39,34 +39,35 @@ def chunk_cumsum(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
 class ChunkedLinearAttentionFunction(torch.autograd.Function):
     """The Triton forward and backward. The log-decay gradient is computed in PyTorch from the kernels' ``dq``, ``dk``:
     with ``B_t = a_0 + ... + a_t``, the outputs depend on ``B`` only through ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the
-    final state's factor ``e^{B_{T-1}}``, so exactly ``dL/dB_t = q_t·dq_t - k_t·dk_t (+ <dS_T, S_T> at t = T-1)``
-    and ``dL/da_t = Σ_{i>=t} dL/dB_i`` (flash-linear-attention's ``chunk_simple_gla`` backward uses the same
-    identity)."""
+    final state's factor ``e^{B_{T-1}}``, so exactly ``dL/dB_t = q_t·dq_t - k_t·dk_t (+ <dS_T, S_T> + <dz_T, z_T>
+    at t = T-1)`` and ``dL/da_t = Σ_{i>=t} dL/dB_i`` (flash-linear-attention's ``chunk_simple_gla`` backward uses the
+    same identity)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, h0, chunk_size):
+    def forward(ctx, q, k, v, log_decay, S0, z0, chunk_size):
         from lce.kernels.linear_attention.triton_chunk import chunk_forward
 
         b = None if log_decay is None else chunk_cumsum(log_decay, chunk_size).contiguous()
-        out, final = chunk_forward(q, k, v, b, h0, chunk_size)
-        ctx.save_for_backward(q, k, v, b, h0, final)
+        out, den, S, z = chunk_forward(q, k, v, b, S0, z0, chunk_size)
+        ctx.save_for_backward(q, k, v, b, S0, z0, S, z)
         ctx.chunk_size = chunk_size
-        return out, final.to(v.dtype)
+        return out, den, S.to(v.dtype), z.to(v.dtype)
 
     @staticmethod
-    def backward(ctx, d_out, d_final):
+    def backward(ctx, d_out, d_den, d_S, d_z):
         from lce.kernels.linear_attention.triton_chunk import chunk_backward
 
-        q, k, v, b, h0, final = ctx.saved_tensors
-        d_final = d_final.float().contiguous()
-        dq, dk, dv, dh0 = chunk_backward(q, k, v, b, h0, d_out.contiguous(), d_final, ctx.chunk_size)
+        q, k, v, b, S0, z0, S, z = ctx.saved_tensors
+        d_S, d_z = d_S.float().contiguous(), d_z.float().contiguous()
+        dq, dk, dv, dS0, dz0 = chunk_backward(q, k, v, b, S0, z0, d_out.to(v.dtype).contiguous(),
+                                              d_den.contiguous(), d_S, d_z, ctx.chunk_size)
         d_log_decay = None
         if b is not None and ctx.needs_input_grad[3]:
             d_sums = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)
-            d_sums[..., -1] += (d_final * final).sum((-2, -1))
+            d_sums[..., -1] += (d_S * S).sum((-2, -1)) + (d_z * z).sum(-1)
             d_log_decay = d_sums.flip(-1).cumsum(-1).flip(-1).to(b.dtype)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_log_decay,
-                dh0.to(h0.dtype) if h0 is not None else None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, d_log_decay, None if S0 is None else dS0.to(S0.dtype),
+                None if z0 is None else dz0.to(z0.dtype), None)
 
 
 def _shape(name: str, x: torch.Tensor, expected: tuple, spelled: str) -> None:
@@ -148,11 +149,8 @@ def linear_attention(fq: torch.Tensor | None, fk: torch.Tensor, v: torch.Tensor,
         return linear_attention_chunked_ref(fq, fk, v, log_decay, initial_state, chunk_size)
     chunk = triton_chunk(chunk_size)
     _check_grid(fk, chunk)
-    # den is the numerator of a value channel of ones; (S, z) is one [F, E + 1] state.
-    values = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1)
-    h0 = None if initial_state is None else torch.cat([initial_state[0], initial_state[1][..., None]], -1).contiguous()
+    S0, z0 = (None, None) if initial_state is None else tuple(s.contiguous() for s in initial_state)
     queries = fq if fq is not None else torch.zeros_like(fk)  # state only: queries of zeros read nothing
-    out, final = ChunkedLinearAttentionFunction.apply(queries.contiguous(), fk.contiguous(), values, log_decay, h0,
-                                                      chunk)
-    state = (final[..., :-1], final[..., -1])
-    return (None, None, state) if fq is None else (out[..., :-1], out[..., -1], state)
+    num, den, S, z = ChunkedLinearAttentionFunction.apply(queries.contiguous(), fk.contiguous(), v.contiguous(),
+                                                          log_decay, S0, z0, chunk)
+    return (None, None, (S, z)) if fq is None else (num, den, (S, z))

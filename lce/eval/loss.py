@@ -1,8 +1,9 @@
 """Next-token loss from hidden states, without ever materialising T x V logits.
 
 Given the model's logit head as data (``lce.kernels.cross_entropy.LogitHead``, from
-``lce.hf.adapters.Adapter.logit_head``), the loss is ``lce.kernels.cross_entropy.linear_cross_entropy``: fused Triton
-kernels on CUDA that compute logits tile by tile, the chunked reference elsewhere (``lce.kernels.backend`` decides).
+``lce.hf.adapters.Adapter.logit_head``), the loss is ``lce.kernels.cross_entropy.linear_cross_entropy``: on CUDA
+logits one chunk of rows at a time (cuBLAS) with a fused Triton loss-and-gradient kernel, never N x V; the chunked
+reference elsewhere (``lce.kernels.backend`` decides).
 Any other callable ``hidden -> logits`` is scored by the same chunked reference: ``chunk_size`` rows of logits at a
 time, each chunk recomputed in the backward pass, so memory is bounded by ``chunk_size x V`` logits.
 """

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from lce.attention.block_sparse import BlockSparsePattern
-from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, Segment
+from lce.kernels.attention.spec import IDENTITY, AttentionSpec, PairSelect, PositionMap, Segment
 from lce.kernels.rope import Rotation
 from lce.posenc import POSENCS, SegmentMethod
 from lce.posenc.alibi import alibi_slopes
@@ -114,6 +114,9 @@ def spec_for(case: str, heads: int = 4, dim: int = 16, length: int = 64) -> Atte
         "attention_scaling": lambda: AttentionSpec(scale, ROPE, rotary(dim, attention_scaling=1.3)),
         **{case: (lambda case=case: AttentionSpec(scale, case_segments(case), rope)) for case in SEGMENT_CASES},
         "rerope": lambda: AttentionSpec(scale, case_segments("rerope"), rope, logn_length=16),
+        # Segments that overlap: the second (grouped positions) owns the far pairs the first also selects.
+        "overlapping": lambda: AttentionSpec(scale, (ROPE[0], Segment(PositionMap(div=2), PositionMap(div=2),
+                                                                      PairSelect(lo=5))), rope),
         "dca_window_alibi": lambda: AttentionSpec(scale, case_segments("dca_code"),
                                                   rotary(dim, dim // 2, style="interleaved", attention_scaling=0.9),
                                                   alibi_slopes=alibi_slopes(heads), window=20, sink_tokens=2,
@@ -124,7 +127,7 @@ def spec_for(case: str, heads: int = 4, dim: int = 16, length: int = 64) -> Atte
 
 CASES = ["causal", "alibi", "logn", "window", "window_sinks", "block_sparse", "rope", "partial_rotary",
          "interleaved", "attention_scaling", "dca_code", "dca_paper", "self_extend", "rerope", "sinks",
-         "dca_window_alibi"]
+         "overlapping", "dca_window_alibi"]
 
 
 # The flash-attention rule (Dao et al., tests/test_flash_attn.py): the kernel's error against an exact reference may

@@ -12,9 +12,11 @@ import functools
 import pytest
 import torch
 
-from lce.kernels.attention import flash_attention, triton_backward, triton_forward
+from lce.kernels.attention import flash_attention, function, triton_backward, triton_forward, tuning
 from lce.kernels.attention.function import decode_splits, tile_sizes
+from lce.kernels.attention.launch import gqa_packing
 from lce.kernels.attention.reference import attention_reference
+from lce.kernels.attention.schedule import build_schedule
 from lce.kernels.attention.spec import AttentionSpec
 from lce.posenc.alibi import alibi_slopes
 from lce.posenc.dca import DcaGeometry
@@ -76,8 +78,9 @@ def test_head_groupings(heads, kv_heads):
     check(spec_for("dca_code", heads=heads), batch=1, heads=heads, kv_heads=kv_heads, tq=20, tk=33)
 
 
-@pytest.mark.parametrize("dim,dim_v,rotary_dim", [(24, 40, 16), (64, 64, 64), (128, 128, 64), (32, 16, 8)],
-                         ids=["odd_dims", "d64", "d128_partial", "dv_smaller"])
+@pytest.mark.parametrize("dim,dim_v,rotary_dim", [(24, 40, 16), (64, 64, 64), (128, 128, 64), (32, 16, 8),
+                                                   (256, 256, 128)],
+                         ids=["odd_dims", "d64", "d128_partial", "dv_smaller", "d256_dk_dv_apart"])
 def test_head_dims_that_are_not_tile_widths(dim, dim_v, rotary_dim):
     spec = AttentionSpec(dim ** -0.5, self_extend_segments(3, 4), rotary(dim, rotary_dim))
     check(spec, batch=1, dim=dim, dim_v=dim_v, tq=33, tk=33)
@@ -96,6 +99,27 @@ def test_decode_splits_the_keys(case, tq):
     batch, heads = 2, 2
     assert decode_splits(1, -(-100 // tile_sizes(tq, DEVICE)[1]), batch * heads, DEVICE) > 1
     check(spec_for(case, heads=heads), batch=batch, heads=heads, tq=tq, tk=100, layout="left_pad")
+
+
+@pytest.mark.parametrize("case", ["causal", "alibi", "logn", "dca_code", "dca_paper",
+                                  "self_extend", "rerope", "rope"])
+def test_full_tiles_run_without_a_mask(case):
+    """100 contiguous tokens in 32-token tiles: the tiles below the diagonal (and, for segments, those inside one
+    segment's band) are listed as full and run the unmasked loop; the result is still exact."""
+    spec = spec_for(case, heads=2, length=100)
+    q_pos, k_pos = positions(1, 100, 100, "contiguous")
+    block_m, block_n = tile_sizes(100, DEVICE)
+    assert int(build_schedule(spec, q_pos, k_pos, block_m, block_n).kv_full.sum()) > 0
+    check(spec, batch=1, tq=100, tk=100, layout="contiguous")
+
+
+@pytest.mark.parametrize("heads,kv_heads,tq", [(6, 2, 2), (4, 1, 1), (8, 2, 4)], ids=["g3_t2", "g4_t1", "g4_t4"])
+@pytest.mark.parametrize("case", ["causal", "alibi", "dca_code", "window_sinks"])
+def test_decode_packs_the_query_heads_of_a_kv_group(case, heads, kv_heads, tq):
+    """Decode with GQA: the query rows of the heads sharing a KV head form one tile (each key tile read once per KV
+    head), split across programs over the visible tiles and merged by the Triton combine kernel."""
+    assert gqa_packing(tq, heads // kv_heads, torch.device(DEVICE)) is not None
+    check(spec_for(case, heads=heads), batch=2, heads=heads, kv_heads=kv_heads, tq=tq, tk=100, layout="left_pad")
 
 
 def test_sliding_window_over_many_tiles():
@@ -183,3 +207,20 @@ def test_decode_on_gpu(case):
     q_pos, k_pos = (t.cuda() for t in positions(2, 1, 4096, "left_pad"))
     assert_flash_close(functools.partial(flash_attention, spec=spec, q_pos=q_pos, k_pos=k_pos, backend="triton"),
                        functools.partial(attention_reference, spec=spec, q_pos=q_pos, k_pos=k_pos), q, k, v)
+
+
+GPU_SHAPES = [(tuning.TileConfig(64, 64, 4, 3), {"dq": (64, 64), "dk_dv": (32, 64)}),  # bf16/fp16 up to d128
+              (tuning.TileConfig(64, 32, 8, 3), {"dq": (64, 32), "dk_dv": (16, 64)}),  # bf16/fp16 at d256
+              (tuning.TileConfig(128, 64, 8, 3), {"dq": (64, 64), "dk_dv": (32, 64)}),  # the tuner's candidates
+              (tuning.TileConfig(128, 128, 8, 2), {"dq": (64, 64), "dk_dv": (32, 64)})]
+
+
+@pytest.mark.parametrize("shapes", GPU_SHAPES, ids=["default", "d256", "128x64", "128x128"])
+@pytest.mark.parametrize("case", ["causal", "dca_window_alibi", "block_sparse", "overlapping"])
+def test_the_tile_shapes_a_gpu_runs(monkeypatch, case, shapes):
+    """The tile shapes a GPU launches (``launch.tile_sizes``, ``launch.backward_tiles``, the tuner's candidates) at
+    small sizes in the interpreter: 150 tokens span several of each tile, full ones included."""
+    forward, backward = shapes
+    monkeypatch.setattr(function, "forward_tiles", lambda *args: (forward, False))
+    monkeypatch.setattr(function, "backward_tiles", lambda *args: backward)
+    check(spec_for(case, heads=2, length=150), batch=1, tq=150, tk=150, layout="contiguous")

@@ -85,12 +85,15 @@ def test_bad_inputs_are_clear_errors(make, message, backend):
         linear_cross_entropy(hidden, head, targets, backend=backend)
 
 
-def test_bad_chunk_size_and_tiles_are_clear_errors():
+def test_bad_chunk_size_and_block_are_clear_errors():
     hidden, head, targets = good_inputs()
-    with pytest.raises(LceError, match="chunk_size must be at least 1, got 0"):
-        linear_cross_entropy(hidden, head, targets, chunk_size=0)
-    with pytest.raises(LceError, match=r"powers of two >= 16, got \(16, 24, 16\)"):
-        linear_cross_entropy_triton(hidden, head, targets, (16, 24, 16))
+    for backend in ("ref", "triton"):
+        with pytest.raises(LceError, match="chunk_size must be at least 1, got 0"):
+            linear_cross_entropy(hidden, head, targets, backend=backend, chunk_size=0)
+    with pytest.raises(LceError, match="chunk_size must be at least 1, got -1"):
+        linear_cross_entropy_triton(hidden, head, targets, chunk_size=-1)
+    with pytest.raises(LceError, match="block_v .* must be a power of two >= 16, got 24"):
+        linear_cross_entropy_triton(hidden, head, targets, block_v=24)
 
 
 def test_bad_heads_are_clear_errors():
