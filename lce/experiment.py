@@ -150,9 +150,14 @@ def run(cfg: Any, out_dir: str | Path, results_dir: str | Path | None = None, pr
     if main:  # where the work will go, before any work
         check_writable_root(str(out_dir))
         if run_cfg.task != "train":
-            result_files = ["results.jsonl", *(["retrieval.jsonl"] if run_cfg.eval.retrieval else [])]
+            result_files = ["results.jsonl", *(["retrieval.jsonl"] if run_cfg.eval.retrieval else []),
+                            *(["harness.jsonl"] if run_cfg.eval.harness else [])]
             for name in result_files:
                 ResultStore(results_dir / name).check_writable()
+        if run_cfg.task != "train" and run_cfg.eval.harness is not None:
+            from lce.eval.harness import require_lm_eval
+
+            require_lm_eval()
         _guard_run_dir(out_dir, run_cfg)
     torch.manual_seed(run_cfg.seed)
     logger = run_cfg.logger.start(run_cfg.to_dict(), run_cfg.run_name, out_dir) if main else Run()
@@ -289,9 +294,15 @@ def _sweep(run_cfg: RunConfig, model, tokenizer, results_dir: Path, logger, devi
                           bos_id=tokenizer.bos_id, batch_size=ev.batch_size, chunk_size=ev.loss_chunk_size,
                           device=device, progress=progress)
         _retrieval(run_cfg, model, tokenizer, results_dir, {**meta, **identity}, device, progress)
+        if ev.harness is not None:
+            from lce.eval.harness import run_harness
+
+            run_harness(model, tokenizer, ev.harness, results_dir / "harness.jsonl", meta={**meta, **identity},
+                        device=device, backend=run_cfg.backend, progress=progress)
     if not current_shard().is_main:
         return rows
-    outputs["results"] = [store.path, *([results_dir / "retrieval.jsonl"] if ev.retrieval else [])]
+    outputs["results"] = [store.path, *([results_dir / "retrieval.jsonl"] if ev.retrieval else []),
+                          *([results_dir / "harness.jsonl"] if ev.harness is not None else [])]
     paths = report_experiment(results_dir, run_cfg.experiment_name, train_length)
     logger.log_sweep(rows, paths.get("ppl_png"))
     outputs.update(report_outputs(paths))

@@ -30,6 +30,12 @@ def test_every_config_file_is_in_the_wheel(wheel_files):
     assert configs and configs <= set(wheel_files)
 
 
+def test_the_bundled_harness_tasks_are_in_the_wheel(wheel_files):
+    tasks = ROOT / "lce" / "eval" / "harness" / "tasks"
+    shipped = {f"lce/eval/harness/tasks/{p.name}" for p in tasks.iterdir() if p.suffix in (".yaml", ".jsonl", ".py")}
+    assert len(shipped) == 6 and shipped <= set(wheel_files)
+
+
 def test_kernels_only_as_a_subpackage(wheel_files):
     assert "lce/kernels/backend.py" in wheel_files and "lce/kernels/attention/function.py" in wheel_files
     assert not any(name.startswith("kernels/") for name in wheel_files)

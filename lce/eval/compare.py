@@ -4,8 +4,9 @@ report, by the same code (``write_report``), is what the end of a sweep writes i
     lce report outputs/ multirun/2025-01-01/ --out report/
     lce report a/results.jsonl b/results.jsonl --format csv --run 'rope*' --experiment quickstart
 
-Inputs are ``results.jsonl`` / ``retrieval.jsonl`` files or directories searched recursively for them. Rows are
-deduplicated by experiment and identity (``lce.eval.store.point_key``, plus depth and trial for retrieval rows) by the
+Inputs are ``results.jsonl`` / ``retrieval.jsonl`` / ``harness.jsonl`` files or directories searched recursively for
+them. Rows are deduplicated by experiment and identity (``lce.eval.store.point_key``, plus depth and trial for
+retrieval rows, the task for harness rows, ``lce.eval.harness``) by the
 store's own rule (``lce.eval.store.first_finished``: the first finished row wins), so a file given twice, or both
 directly and through its directory, or a point a file holds twice, counts once. A series is an (experiment, run,
 protocol) triple, labelled by the parts that differ between the selected rows. Perplexities whose protocol does not
@@ -13,8 +14,10 @@ average token-weighted (``yarn``, ``longlora_stream``: see ``lce.eval.protocols`
 
 Output: the report on stdout; with ``--out DIR`` also the files of ``write_report`` (``report.md``,
 ``ppl_vs_length.csv``, ``ppl_vs_length.png``, ``nll_vs_position.png``, ``retrieval.csv`` and one
-``retrieval_<series>_<task>.png`` heatmap per series and task), whose paths are printed after it. The title is the
-rows' experiment when they hold one. The output depends only on the rows, never on file order, paths or the time.
+``retrieval_<series>_<task>.png`` heatmap per series and task with depths), whose paths are printed after it. With
+RULER tasks (``lce.eval.retrieval.ruler``) the markdown adds RULER's average per series and length, and with
+harness rows one table of lm-eval metrics per task and series (``harness_markdown``). The title
+is the rows' experiment when they hold one. The output depends only on the rows, never on file order, paths or the time.
 ``--wandb`` logs the tables and plots to Weights & Biases: offline unless an API key is configured (``WANDB_MODE`` is
 respected), never prompting.
 """
@@ -31,6 +34,8 @@ import sys
 from pathlib import Path
 
 from lce.errors import ConfigError, LceError
+from lce.eval.harness import KIND as HARNESS_KIND
+from lce.eval.harness import harness_key
 from lce.eval.heatmap import slug, write_heatmaps  # noqa: F401 - slug: callers import it from here
 from lce.eval.protocols import TOKEN_MEAN
 from lce.eval.report import (
@@ -47,13 +52,14 @@ from lce.eval.report import (
 from lce.eval.retrieval import KIND, cell_accuracy, retrieval_key
 from lce.eval.store import NONFINITE, OK, OOM, ResultStore, first_finished, point_key
 
-RESULT_FILES = ("results.jsonl", "retrieval.jsonl")
+RESULT_FILES = ("results.jsonl", "retrieval.jsonl", "harness.jsonl")
 # The columns a single run's table always had come first, so that readers of its columns by position keep working.
 PPL_COLUMNS = (
     "run", "method", "params", "model", "length", "status", "ppl", "nll", "tokens", "tokens_per_s", "peak_mem_mb",
     "seed", "series", "experiment", "protocol", "aggregation", "ppl_low", "ppl_high", "mem_kind", "seconds",
 )
 RETRIEVAL_COLUMNS = ("series", "task", "length", "depth", "trials", "correct", "accuracy", "status")
+RULER_PREFIX = "ruler_"  # the retrieval tasks whose accuracies RULER's average takes (lce.eval.retrieval.ruler)
 
 
 def find_result_files(paths: list[str | Path]) -> list[Path]:
@@ -74,8 +80,14 @@ def find_result_files(paths: list[str | Path]) -> list[Path]:
 def row_identity(row: dict) -> str:
     """A row's identity across result files: its experiment plus ``retrieval_key`` or ``point_key`` (the sweep's
     identity is per results file; across files the experiment tells runs apart)."""
-    key = retrieval_key(row) if row.get("kind") == KIND else point_key(row)
+    kind = row.get("kind")
+    key = retrieval_key(row) if kind == KIND else harness_key(row) if kind == HARNESS_KIND else point_key(row)
     return json.dumps(row.get("experiment")) + key
+
+
+def _is_ppl(row: dict) -> bool:
+    """Whether ``row`` is a perplexity point (not a retrieval trial nor a harness task)."""
+    return row.get("kind") not in (KIND, HARNESS_KIND)
 
 
 def unique_rows(rows) -> list[dict]:
@@ -107,15 +119,15 @@ class Labeller:
 
     def __init__(self, rows: list[dict]):
         self.experiment = len({r.get("experiment") for r in rows}) > 1
-        self.protocol = len({_protocol_name(r) for r in rows if r.get("kind") != KIND}) > 1
+        self.protocol = len({_protocol_name(r) for r in rows if _is_ppl(r)}) > 1
 
     def __call__(self, row: dict) -> str:
         label = str(row["run"])
         if self.experiment:
             label = f"{row.get('experiment')}/{label}"
-        if self.protocol and row.get("kind") != KIND:
+        if self.protocol and _is_ppl(row):
             label = f"{label} [{_protocol_name(row)}]"
-        if row.get("aggregation", TOKEN_MEAN) != TOKEN_MEAN and row.get("kind") != KIND:
+        if row.get("aggregation", TOKEN_MEAN) != TOKEN_MEAN and _is_ppl(row):
             label += " †"
         return label
 
@@ -131,7 +143,7 @@ def ppl_table(rows: list[dict], label: Labeller) -> tuple[list[str], list[int], 
     Raises:
         ConfigError: if two different points share a series and a length.
     """
-    names, lengths, table = series_table((r for r in unique_rows(rows) if r.get("kind") != KIND), label,
+    names, lengths, table = series_table((r for r in unique_rows(rows) if _is_ppl(r)), label,
                                          SERIES_CLASH)
     return sorted(names), lengths, table
 
@@ -180,7 +192,9 @@ def _number(value, fmt: str) -> str:
 
 def markdown(rows: list[dict], title: str | None = None) -> str:
     """The whole comparison as markdown: perplexity, tokens/s and peak memory per series x length, then one
-    depth x length accuracy table per retrieval series and task."""
+    depth x length accuracy table per retrieval series and task (only its **all** row for a task without depth),
+    then one table of lm-eval metrics per harness task (``harness_markdown``), then RULER's average per series x
+    length when there are RULER tasks (``ruler_average``)."""
     label = Labeller(rows)
     out = [f"# {title or 'lce report'}", ""]
     names, lengths, table = ppl_table(rows, label)
@@ -208,23 +222,57 @@ def markdown(rows: list[dict], title: str | None = None) -> str:
         depths = sorted({c["depth"] for c in cells})
         grid = {(c["depth"], c["length"]): c for c in cells}
         body = []
-        for depth in depths:
+        for depth in depths if depths != [None] else []:
             row = [f"{depth:.0%}"]
             for length in lengths:
                 cell = grid.get((depth, length))
                 row.append("-" if cell is None else "OOM" if cell["accuracy"] is None else f"{cell['accuracy']:.0%}")
             body.append(row)
-        means = []
-        for length in lengths:
-            done = [c for c in cells if c["length"] == length and c["trials"]]
-            trials = sum(c["trials"] for c in done)
-            means.append(f"{sum(c['correct'] for c in done) / trials:.0%}" if trials else "OOM")
-        body.append(["**all**", *means])
+        means = [length_accuracy(cells, length) for length in lengths]
+        body.append(["**all**", *("OOM" if mean is None else f"{mean:.0%}" for mean in means)])
         out += [f"## Retrieval accuracy: {task}, {name}", "",
                 *_markdown_table(["depth \\ length", *map(str, lengths)], body, ["--:"] * (len(lengths) + 1)), ""]
+    out += harness_markdown(rows, label)
+    out += _ruler_average_section(rows, label)
     if len(out) == 2:
         out += ["No finished rows.", ""]
     return "\n".join(out)
+
+
+def length_accuracy(cells: list[dict], length: int) -> float | None:
+    """Accuracy of one series and task at ``length`` over all its depths: finished trials' mean score (None: none
+    finished)."""
+    done = [c for c in cells if c["length"] == length and c["trials"]]
+    trials = sum(c["trials"] for c in done)
+    return sum(c["accuracy"] * c["trials"] for c in done) / trials if trials else None
+
+
+def ruler_average(rows: list[dict], label: Labeller | None = None) -> dict[str, dict[int, tuple[float, int]]]:
+    """RULER's average per series and length: the mean over RULER tasks (``ruler_*``) of each task's accuracy at that
+    length (``length_accuracy``), as RULER averages its task scores. Returns ``{series: {length: (average, number of
+    tasks)}}``; a length where a task ran out of memory everywhere counts that task as missing."""
+    per_task: dict[str, dict[int, list[float]]] = {}
+    for (name, task), cells in retrieval_cells(rows, label or Labeller(rows)).items():
+        if not task.startswith(RULER_PREFIX):
+            continue
+        for length in sorted({c["length"] for c in cells}):
+            accuracy = length_accuracy(cells, length)
+            if accuracy is not None:
+                per_task.setdefault(name, {}).setdefault(length, []).append(accuracy)
+    return {name: {n: (sum(a) / len(a), len(a)) for n, a in sorted(lengths.items())}
+            for name, lengths in sorted(per_task.items())}
+
+
+def _ruler_average_section(rows: list[dict], label: Labeller) -> list[str]:
+    average = ruler_average(rows, label)
+    if not average:
+        return []
+    lengths = sorted({n for series in average.values() for n in series})
+    body = [[name, *(f"{series[n][0]:.1%} ({series[n][1]})" if n in series else "-" for n in lengths)]
+            for name, series in average.items()]
+    return ["## RULER average", "", *_markdown_table(["series", *map(str, lengths)], body,
+                                                     [":--", *["--:"] * len(lengths)]),
+            "", "Mean over RULER tasks of each task's accuracy at the length (number of tasks in brackets).", ""]
 
 
 def ppl_csv(rows: list[dict]) -> str:
@@ -253,13 +301,50 @@ def default_title(rows: list[dict]) -> str | None:
     return str(experiments.pop()) if len(experiments) == 1 and None not in experiments else None
 
 
+def harness_metrics(row: dict) -> dict[str, object]:
+    """The metrics of a harness row as ``"<task> <metric>"`` -> value (lm-eval's ``results`` and ``groups``, without
+    standard errors; a metric under a filter other than ``none`` keeps it: ``"exact_match,strict"``)."""
+    metrics: dict[str, object] = {}
+    for part in ("results", "groups"):
+        for task, values in (row.get(part) or {}).items():
+            for key, value in values.items():
+                if key in ("alias", "name", "sample_len") or "_stderr" in key:
+                    continue
+                metric = key.removesuffix(",none")
+                metrics[f"{task} {metric}"] = value
+    return metrics
+
+
+def harness_markdown(rows: list[dict], label: Labeller) -> list[str]:
+    """One table per harness task (``lce.eval.harness``): its metrics (columns) per series (rows)."""
+    tasks: dict[str, dict[str, dict]] = {}
+    for row in unique_rows(rows):
+        if row.get("kind") == HARNESS_KIND:
+            tasks.setdefault(row["task"], {})[label(row)] = row
+    out = []
+    for task, series in tasks.items():
+        metrics = {(name, row["status"]): harness_metrics(row) for name, row in sorted(series.items())}
+        columns = sorted({column for values in metrics.values() for column in values})
+        body = [[name, *(status.upper() if status != OK else _harness_value(values.get(column)) for column in columns)]
+                for (name, status), values in metrics.items()]
+        out += [f"## Harness: {task}", "", *_markdown_table(["series", *columns], body,
+                                                              [":--", *["--:"] * len(columns)]), ""]
+    return out
+
+
+def _harness_value(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def write_report(rows: list[dict], out_dir: Path, title: str | None = None,
                  train_length: int | None = None) -> dict[str, Path]:
     """Write the report of ``rows`` into ``out_dir``: what ``lce report --out`` and the end of a sweep write.
 
     ``report.md`` (``markdown``), ``ppl_vs_length.csv`` (``ppl_csv``), ``ppl_vs_length.png`` (``plot``) and
     ``nll_vs_position.png`` (``plot_position_nll``) when there are perplexity rows, ``retrieval.csv`` and one
-    ``retrieval_<series>_<task>.png`` heatmap per series and task when there are retrieval rows.
+    ``retrieval_<series>_<task>.png`` heatmap per series and task with depths when there are retrieval rows.
 
     Args:
         rows: result rows (``load_rows``), perplexity points and retrieval trials.
@@ -276,7 +361,7 @@ def write_report(rows: list[dict], out_dir: Path, title: str | None = None,
     paths = {"md": out_dir / "report.md"}
     paths["md"].write_text(markdown(rows, title) + "\n", encoding="utf-8")
     label = Labeller(rows)
-    ppl_rows = [{**r, "run": label(r)} for r in unique_rows(rows) if r.get("kind") != KIND]
+    ppl_rows = [{**r, "run": label(r)} for r in unique_rows(rows) if _is_ppl(r)]
     if ppl_rows:
         paths["ppl_csv"] = out_dir / "ppl_vs_length.csv"
         paths["ppl_csv"].write_text(ppl_csv(rows), encoding="utf-8")
@@ -287,7 +372,9 @@ def write_report(rows: list[dict], out_dir: Path, title: str | None = None,
     if cells:
         paths["retrieval_csv"] = out_dir / "retrieval.csv"
         paths["retrieval_csv"].write_text(retrieval_csv(rows), encoding="utf-8")
-    for (name, task), path in write_heatmaps(cells, out_dir, train_length).items():
+    with_depth = {key: series_cells for key, series_cells in cells.items()
+                  if any(c["depth"] is not None for c in series_cells)}
+    for (name, task), path in write_heatmaps(with_depth, out_dir, train_length).items():
         paths[f"heatmap:{name}:{task}"] = path
     return paths
 
@@ -328,7 +415,8 @@ def log_wandb(rows: list[dict], paths: dict[str, Path], project: str, name: str 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lce report", description="Compare the results of any set of lce runs.")
-    p.add_argument("paths", nargs="+", help="results.jsonl / retrieval.jsonl files or directories holding them")
+    p.add_argument("paths", nargs="+",
+                   help="results.jsonl / retrieval.jsonl / harness.jsonl files or directories holding them")
     p.add_argument("--out", type=Path, help="write report.md, CSVs and plots into this directory")
     p.add_argument("--format", choices=("md", "csv"), default="md", help="what to print (default: md)")
     p.add_argument("--experiment", action="append", help="keep only this experiment (repeatable)")
@@ -358,7 +446,7 @@ def report_text(rows: list[dict], title: str | None = None, fmt: str = "md") -> 
     perplexity CSV and the retrieval CSV, each only when there are such rows."""
     if fmt == "md":
         return markdown(rows, title or default_title(rows))
-    parts = [ppl_csv(rows) if any(r.get("kind") != KIND for r in rows) else "",
+    parts = [ppl_csv(rows) if any(_is_ppl(r) for r in rows) else "",
              retrieval_csv(rows) if any(r.get("kind") == KIND for r in rows) else ""]
     return "\n".join(p for p in parts if p).rstrip("\n")
 

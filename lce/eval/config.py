@@ -2,7 +2,8 @@
 
 Two of its fields are config groups of their own, nested under ``conf/eval/``: ``protocol`` (``eval/protocol=yarn``,
 one option per registered protocol, ``lce.eval.protocols``) and ``retrieval`` (``eval/retrieval=[passkey,needle]``,
-several options at once, each under its own key: a mapping task name -> fields, ``lce.eval.retrieval``).
+several options at once, each under its own key: a mapping task name -> fields, ``lce.eval.retrieval``). A third,
+``harness`` (``eval/harness=longbench``, ``lce.eval.harness``), selects lm-evaluation-harness tasks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from lce.config import check, check_at_least, non_default_fields, to_plain, unknown_key
 from lce.errors import ConfigError
+from lce.eval.harness import build_harness
 from lce.eval.protocols import PROTOCOLS, Protocol, build_protocol
 from lce.eval.retrieval import RETRIEVALS, build_retrieval
 from lce.posenc import POSENCS
@@ -121,11 +123,12 @@ class EvalConfig:
     ``protocol`` is the perplexity protocol (``lce.eval.protocols``: canonical, yarn, longlora_stream, sliding,
     fairseq, streaming), given as the ``eval/protocol`` option, a name, a mapping with ``name`` or a config (None:
     canonical) and held as its typed config; the buckets of ``canonical`` and ``streaming`` default to the training
-    length. ``retrieval`` holds the retrieval tasks (``lce.eval.retrieval``: passkey, needle) run after the
+    length. ``retrieval`` holds the retrieval tasks (``lce.eval.retrieval``: passkey, needle, ruler_*) run after the
     perplexity sweep, by name in run order, given as a mapping task name -> fields (``eval/retrieval`` options), None
-    (none) or, deprecated, a list. ``min_doc_tokens``: the documents' minimum length (None: the longest evaluation
-    length); YaRN's runs of its 8k-context models read the same documents of >= 131072 tokens as its 64k/128k runs,
-    at shorter lengths.
+    (none) or, deprecated, a list. ``harness`` holds lm-evaluation-harness tasks run after them (``lce.eval.harness``:
+    the ``eval/harness`` option's fields, a ``HarnessConfig`` or None). ``min_doc_tokens``: the documents' minimum
+    length (None: the longest evaluation length); YaRN's runs of its 8k-context models read the same documents of
+    >= 131072 tokens as its 64k/128k runs, at shorter lengths.
     """
 
     name: str = "default"
@@ -141,6 +144,7 @@ class EvalConfig:
     allow_other_signals: bool = False
     protocol: Any = None
     retrieval: Any = None
+    harness: Any = None
 
     def protocol_config(self) -> Protocol:
         """The protocol config: ``protocol`` itself, kept for callers from before it was typed."""
@@ -150,6 +154,7 @@ class EvalConfig:
         # Frozen: the typed configs replace the forms they were given in, once, so every reader sees the same objects.
         object.__setattr__(self, "protocol", eval_protocol(self.protocol))
         object.__setattr__(self, "retrieval", eval_retrieval(self.retrieval))
+        object.__setattr__(self, "harness", build_harness(self.harness))
         check(len(self.lengths) > 0, "eval.lengths", "must list at least one length")
         for length in self.lengths:
             check(length >= 2, "eval.lengths", f"every length must be >= 2 (one prediction), got {length}")

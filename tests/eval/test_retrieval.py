@@ -74,7 +74,7 @@ def test_ordinals_and_units():
 
 
 def test_registry_and_config_validation():
-    assert RETRIEVALS.names() == ["needle", "passkey"]
+    assert RETRIEVALS.names()[:2] == ["needle", "passkey"]  # then the RULER tasks (test_ruler.py)
     config = build_retrieval({"name": "passkey", "lengths": [64], "num_keys": 2})
     assert config.identity() == {"key_digits": 5, "max_new_tokens": 10, "seed": 0, "name": "passkey",
                                  "num_keys": 2, "haystack": "filler"}

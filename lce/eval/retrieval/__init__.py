@@ -1,5 +1,7 @@
-"""Retrieval evaluations on a depth x length grid: passkey retrieval (one key or several ordinal keys) and
-needle-in-a-haystack in real text, with greedy decoding and a resumable JSONL result store.
+"""Retrieval evaluations on a depth x length grid: passkey retrieval (one key or several ordinal keys),
+needle-in-a-haystack in real text and RULER's synthetic tasks (``ruler``: its eight NIAH variants, variable tracking,
+common and frequent words extraction, each a ``ruler_*`` task), with greedy decoding and a resumable JSONL result
+store. This docstring describes passkey and needle; ``lce.eval.retrieval.ruler`` describes RULER's tasks.
 
 Passkey (Landmark Attention's template, Mohtashami & Jaggi, arXiv:2305.16300; used by Position Interpolation,
 arXiv:2306.15595, and YaRN, arXiv:2309.00071; code: jquesnelle/yarn ``eval/passkey.py``, LongLoRA

@@ -28,22 +28,61 @@ class Prompt:
     Attributes:
         text: the prompt text (without BOS).
         ids: ``[T]`` int64 token ids, BOS first when one is used.
-        answer: the key to retrieve.
-        key_offset: index in ``ids`` of the token holding the first character of the asked key's line.
-        depth: requested depth.
-        depth_actual: haystack tokens before the asked key / all haystack tokens.
+        answer: the key to retrieve (RULER's tasks: the list of references, ``lce.eval.retrieval.ruler``).
+        key_offset: index in ``ids`` of the token holding the first character of the asked key's line (None for a
+            task without depth).
+        depth: requested depth (None for a task without depth).
+        depth_actual: haystack tokens before the asked key / all haystack tokens (None without depth).
         units: haystack sentences (or lines) in the prompt.
         keys: every key in order of appearance (one unless multi-key).
     """
 
     text: str
     ids: torch.Tensor
-    answer: int
-    key_offset: int
-    depth: float
-    depth_actual: float
+    answer: int | list[str]
+    key_offset: int | None
+    depth: float | None
+    depth_actual: float | None
     units: int
-    keys: tuple[int, ...]
+    keys: tuple[int | str, ...]
+
+
+def largest_fitting(size, low: int, limit: int | None, length: int, too_long: str, too_short: str) -> int:
+    """The largest haystack size ``n >= low`` (at most ``limit``) with ``size(n) <= length``, for a ``size`` that
+    grows with ``n``: an exponential search for an upper bound, then bisection.
+
+    Raises:
+        ConfigError: even ``low`` does not fit (``retrieval.lengths: `` + ``too_long``, formatted with the size at
+            ``low``), or ``limit`` still leaves room (``too_short``: the haystack is too short).
+    """
+    smallest = size(low)
+    if smallest > length:
+        raise ConfigError("retrieval.lengths: " + too_long.format(smallest))
+    high = max(low + 1, 2 * low)
+    while (limit is None or high <= limit) and size(high) <= length:
+        low, high = high, high * 2
+    if limit is not None and high > limit:
+        if size(limit) <= length:
+            raise ConfigError(too_short)
+        high = limit
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if size(mid) <= length else (low, mid)
+    return low
+
+
+def framed(builder, config, tokenizer, haystack_text: str | None, bos_id: int | None) -> None:
+    """The fields every prompt builder starts from: its task, tokenizer, whether prompts are chat prompts, the BOS id
+    (none before a chat prompt: the template writes its own), the chat frame and the fitted-size cache; refuses a task
+    that needs real text without one."""
+    builder.config = config
+    builder.tokenizer = tokenizer
+    builder.chat = uses_chat(config, tokenizer)
+    builder.bos_id = None if builder.chat else bos_id
+    builder._frame = chat_frame(tokenizer, config.system) if builder.chat else ("", "")
+    builder._fitted = {}
+    if config.needs_corpus and not haystack_text:
+        raise ConfigError(f"retrieval={config.name}: needs haystack_text (real text from a data source)")
 
 
 class PromptBuilder:
@@ -63,18 +102,8 @@ class PromptBuilder:
     """
 
     def __init__(self, config, tokenizer, haystack_text: str | None = None, bos_id: int | None = None):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.chat = uses_chat(config, tokenizer)
-        self.bos_id = None if self.chat else bos_id
-        self._frame = chat_frame(tokenizer, config.system) if self.chat else ("", "")
-        self._fitted: dict[int, int] = {}
-        if config.needs_corpus:
-            if not haystack_text:
-                raise ConfigError(f"retrieval={config.name}: needs haystack_text (real text from a data source)")
-            self._corpus: list[str] | None = text_units(haystack_text)
-        else:
-            self._corpus = None
+        framed(self, config, tokenizer, haystack_text, bos_id)
+        self._corpus: list[str] | None = text_units(haystack_text) if config.needs_corpus else None
 
     def units(self, n: int) -> list[str]:
         if self._corpus is None:
@@ -105,16 +134,7 @@ class PromptBuilder:
         return head + "\n".join([*lines[:-1], question]) + tail + lead
 
     def _token_at(self, ids: torch.Tensor, char: int) -> int:
-        """Index in ``ids`` (a prompt's, BOS first when used) of the token holding character ``char`` of its text,
-        by bisection on the length of decoded prefixes. Counting the tokens of the text before ``char`` would be
-        off by one when a BPE tokenizer splits the whitespace there differently at the end of a text (" \\n" one
-        token) than inside it (" ", "\\n")."""
-        start = int(self.bos_id is not None)
-        low, high = start, ids.numel()  # decode(ids[start:low]) ends at or before char; decode(ids[start:high]) after
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if len(self.tokenizer.decode(ids[start:mid])) <= char else (low, mid)
-        return low
+        return token_at(self.tokenizer, ids, char, start=int(self.bos_id is not None))
 
     def _layout(self, rng: random.Random, n: int, depth: float) -> tuple[list[int], list[int], int]:
         """Keys, their unit positions (ascending) and the index of the asked one."""
@@ -169,24 +189,12 @@ class PromptBuilder:
         low, limit = self.min_units, self.max_units
         if limit is not None and limit < low:
             raise ConfigError(f"retrieval: the haystack text has {limit} sentences, fewer than the {low} needed")
-        smallest = size(low)
-        if smallest > length:
-            raise ConfigError(f"retrieval.lengths: {length} tokens cannot hold the {self.config.name} prompt, which "
-                              f"needs {smallest} tokens with the least haystack")
-        # Exponential search for an upper bound, then bisection: the prompt grows with every unit.
-        high = max(1, 2 * low)
-        while (limit is None or high <= limit) and size(high) <= length:
-            low, high = high, high * 2
-        if limit is not None and high > limit:
-            if size(limit) <= length:
-                raise ConfigError(f"retrieval: the haystack text ({limit} sentences) is too short for {length} "
-                                  "tokens; pass more text")
-            high = limit
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if size(mid) <= length else (low, mid)
-        self._fitted[length] = low
-        return low
+        self._fitted[length] = largest_fitting(
+            size, low, limit, length,
+            f"{length} tokens cannot hold the {self.config.name} prompt, which needs {{}} tokens with the least "
+            "haystack",
+            f"retrieval: the haystack text ({limit} sentences) is too short for {length} tokens; pass more text")
+        return self._fitted[length]
 
     def prompt(self, length: int, depth: float, trial: int) -> Prompt:
         """The prompt of one trial: a pure function of (task, seed, length, depth, trial) and the tokenizer."""
@@ -213,6 +221,18 @@ class PromptBuilder:
             text=text, ids=ids, answer=keys[asked], key_offset=self._token_at(ids, key_char),
             depth=float(depth), depth_actual=before / total if total else 0.0, units=n, keys=tuple(keys),
         )
+
+
+def token_at(tokenizer, ids: torch.Tensor, char: int, start: int = 0) -> int:
+    """Index in ``ids`` (a prompt's; ``start`` = 1 when a BOS comes first) of the token holding character ``char`` of
+    its text, by bisection on the length of decoded prefixes. Counting the tokens of the text before ``char`` would be
+    off by one when a BPE tokenizer splits the whitespace there differently at the end of a text (" \\n" one token)
+    than inside it (" ", "\\n")."""
+    low, high = start, ids.numel()  # decode(ids[start:low]) ends at or before char; decode(ids[start:high]) after
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if len(tokenizer.decode(ids[start:mid])) <= char else (low, mid)
+    return low
 
 
 def uses_chat(config, tokenizer) -> bool:

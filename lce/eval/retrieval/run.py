@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from lce.config import check
 from lce.errors import ConfigError
 from lce.eval.retrieval.generate import GenerateFn
-from lce.eval.retrieval.prompt import Prompt, PromptBuilder
-from lce.eval.retrieval.tasks import iter_cells, parse_integer
+from lce.eval.retrieval.prompt import Prompt
+from lce.eval.retrieval.tasks import iter_cells
 from lce.eval.runner import PointRunner, measure, utc_now
 from lce.eval.shard import Shard, current_shard, run_on_main
 from lce.eval.store import META_FIELDS, OK, OOM, ResultStore, point_key
@@ -62,7 +62,7 @@ def run_retrieval(
     Args:
         generate_fn: ``generate(ids [T], max_new_tokens) -> list[int]``; ``model_generate_fn(model, eos_id)``.
         tokenizer: an ``lce.data`` tokenizer (``encode``/``decode``).
-        config: a ``PasskeyConfig`` or ``NeedleConfig``.
+        config: a retrieval task (``PasskeyConfig``, ``NeedleConfig``, a RULER task of ``lce.eval.retrieval.ruler``).
         store: the JSONL result file (or its path).
         meta: fields written into every row; must hold run, method, params, model and seed; an optional
             ``protocol`` dict is merged into the task's identity (e.g. the data source of the haystack).
@@ -81,8 +81,9 @@ def run_retrieval(
 
     Row schema: the ``meta`` fields, ``protocol`` (``PromptBuilder.identity()`` + meta's protocol), ``kind``
     ("retrieval"), ``task``, ``length``, ``depth``, ``trial``, ``status`` ("ok" | "oom"), ``prompt_tokens``,
-    ``key_offset``, ``depth_actual``, ``answer``, ``output`` (decoded generation), ``parsed`` (its first integer),
-    ``correct``, ``seconds``, ``peak_mem_mb``, ``mem_kind``, ``time`` and, for OOM, ``error``. After an OOM, the
+    ``key_offset``, ``depth_actual``, ``answer``, ``output`` (decoded generation), the task's verdict
+    (``config.judge``: ``parsed``, its first integer or RULER's postprocessed prediction, ``correct`` and, for RULER
+    tasks, ``score``), ``seconds``, ``peak_mem_mb``, ``mem_kind``, ``time`` and, for OOM, ``error``. After an OOM, the
     remaining trials of that length and longer are recorded as OOM without running.
     """
     missing = [k for k in META_FIELDS if k not in meta and k != "protocol"]
@@ -99,7 +100,7 @@ def run_retrieval(
 def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: ResultStore, meta: dict,
                         haystack_text: str | None, bos_id: int | None, device, progress: bool) -> list[dict]:
     runner = PointRunner(store, _trial_key, Shard())  # run_on_main: this process alone
-    builder = PromptBuilder(config, tokenizer, haystack_text, bos_id)
+    builder = config.prompt_builder(tokenizer, haystack_text, bos_id)
     base = {**meta, "protocol": {**builder.identity(), **meta.get("protocol", {})}, "kind": KIND,
             "task": config.name}
     oom_at: int | None = None
@@ -108,7 +109,7 @@ def _run_missing_trials(generate_fn: GenerateFn, tokenizer, config, store: Resul
         identity = {**base, "length": length, "depth": depth, "trial": trial}
         if runner.finished(identity) is not None:
             continue
-        bar.set_postfix_str(f"length={length} depth={depth:g}")
+        bar.set_postfix_str(f"length={length}" + ("" if depth is None else f" depth={depth:g}"))
         if oom_at is not None and length >= oom_at:
             measured = _oom_fields(f"not run: length {oom_at} ran out of memory")
         else:
@@ -136,35 +137,38 @@ def _run_trial(generate_fn: GenerateFn, tokenizer, config, prompt: Prompt, devic
     return {
         "status": OK, "prompt_tokens": prompt.ids.numel(), "key_offset": prompt.key_offset,
         "depth_actual": prompt.depth_actual, "answer": prompt.answer, "output": output,
-        "parsed": parse_integer(output), "correct": config.is_correct(output, prompt.answer),
-        "seconds": run.seconds, "peak_mem_mb": run.peak_mem_mb, "mem_kind": run.mem_kind, "time": utc_now(),
+        **config.judge(output, prompt.answer), "seconds": run.seconds, "peak_mem_mb": run.peak_mem_mb,
+        "mem_kind": run.mem_kind, "time": utc_now(),
     }
 
 
 def cell_accuracy(rows: Iterable[dict], label: Callable[[dict], str] = lambda row: str(row["run"])) -> list[dict]:
-    """Accuracy per (series, task, length, depth) cell.
+    """Accuracy per (series, task, length, depth) cell: the mean of the trials' ``score`` (RULER's partial credit,
+    ``lce.eval.retrieval.ruler``), or of ``correct`` for rows without one.
 
     Returns:
-        One dict per cell, in order of first appearance: ``series``, ``task``, ``length``, ``depth``, ``trials``
-        (finished trials), ``correct``, ``accuracy`` (None when every trial ran out of memory) and ``status``
-        ("ok" or "oom").
+        One dict per cell, in order of first appearance: ``series``, ``task``, ``length``, ``depth`` (None for tasks
+        without depth), ``trials`` (finished trials), ``correct`` (fully correct trials), ``accuracy`` (None when
+        every trial ran out of memory) and ``status`` ("ok" or "oom").
     """
     cells: dict[tuple, dict] = {}
     for row in rows:
         if row.get("kind") != KIND:
             continue
-        key = (label(row), row["task"], int(row["length"]), float(row["depth"]))
+        depth = None if row["depth"] is None else float(row["depth"])
+        key = (label(row), row["task"], int(row["length"]), depth)
         cell = cells.setdefault(key, {"series": key[0], "task": key[1], "length": key[2], "depth": key[3],
-                                      "trials": 0, "correct": 0, "oom": 0})
+                                      "trials": 0, "correct": 0, "oom": 0, "score": 0.0})
         if row["status"] == "oom":
             cell["oom"] += 1
         else:
             cell["trials"] += 1
             cell["correct"] += bool(row["correct"])
+            cell["score"] += float(row.get("score", bool(row["correct"])))
     out = []
     for cell in cells.values():
-        oom = cell.pop("oom")
-        cell["accuracy"] = cell["correct"] / cell["trials"] if cell["trials"] else None
+        oom, score = cell.pop("oom"), cell.pop("score")
+        cell["accuracy"] = score / cell["trials"] if cell["trials"] else None
         cell["status"] = "ok" if cell["trials"] else ("oom" if oom else "ok")
         out.append(cell)
     return out

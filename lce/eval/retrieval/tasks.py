@@ -93,6 +93,7 @@ class GridTask:
     # Not annotated, so not dataclass fields: the fields' order (a row's protocol) stays that of each subclass.
     num_keys = 1  # keys hidden in the haystack (a field of PasskeyConfig, whose multi-key variant has more)
     needs_corpus = False  # whether the haystack is real text (``haystack_text``) rather than filler
+    has_depth = True  # whether a trial hides its key at a requested depth (else ``depths`` is empty, rows hold None)
 
     def __post_init__(self):
         where = "retrieval"
@@ -103,7 +104,10 @@ class GridTask:
         for length in self.lengths:
             check(isinstance(length, int) and length >= 2, f"{where}.lengths",
                   f"each must be an integer >= 2, got {length!r}")
-        check(len(self.depths) > 0, f"{where}.depths", "must list at least one depth")
+        if not self.has_depth:
+            check(not self.depths, f"{where}.depths", f"must be empty: {self.name} has no needle depth")
+        else:
+            check(len(self.depths) > 0, f"{where}.depths", "must list at least one depth")
         check(len(set(self.depths)) == len(self.depths), f"{where}.depths", f"has duplicates: {self.depths}")
         for depth in self.depths:
             check(0.0 <= depth <= 1.0, f"{where}.depths", f"each must be in [0, 1], got {depth}")
@@ -128,15 +132,26 @@ class GridTask:
         """Whether ``output`` retrieves ``answer``: its first integer (``parse_integer``) is the key."""
         return parse_integer(output) == answer
 
+    def judge(self, output: str, answer) -> dict:
+        """A trial row's verdict fields: ``parsed`` (the first integer of ``output``) and ``correct``; tasks with
+        partial credit add ``score`` in [0, 1] (the accuracy of a cell is the mean score, ``correct`` counting 1)."""
+        return {"parsed": parse_integer(output), "correct": self.is_correct(output, answer)}
+
+    def prompt_builder(self, tokenizer, haystack_text: str | None = None, bos_id: int | None = None):
+        """The builder of this task's prompts (``lce.eval.retrieval.prompt.PromptBuilder``)."""
+        from lce.eval.retrieval.prompt import PromptBuilder
+
+        return PromptBuilder(self, tokenizer, haystack_text, bos_id)
+
 
 def build_retrieval(spec, where: str = "retrieval"):
     """A retrieval task config from a name, a mapping with ``name``, a config node or an instance."""
     return RETRIEVALS.build(spec, where)
 
 
-def iter_cells(config) -> Iterator[tuple[int, float, int]]:
-    """Every (length, depth, trial) of ``config`` in run order."""
+def iter_cells(config) -> Iterator[tuple[int, float | None, int]]:
+    """Every (length, depth, trial) of ``config`` in run order; depth None for a task without depth."""
     for length in sorted(config.lengths):
-        for depth in config.depths:
+        for depth in config.depths if config.has_depth else [None]:
             for trial in range(config.trials):
                 yield length, depth, trial
