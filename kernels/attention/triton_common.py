@@ -108,8 +108,10 @@ def owned_pairs(i, j, seg_ptr, s, N_SEG: tl.constexpr, DISJOINT: tl.constexpr):
     owned = pair_select(i, j, seg_ptr, s * 6 + 2)
     if not DISJOINT:
         for later in tl.static_range(N_SEG):
-            if later > s:
-                owned = owned & ~pair_select(i, j, seg_ptr, later * 6 + 2)
+            # A mask, not a branch: ``s`` is a runtime value in the backward kernels (the grid's segment axis). No
+            # ``~`` on booleans and no scalar comparison: Triton 3.3's interpreter has no boolean constants.
+            taken = pair_select(i, j, seg_ptr, later * 6 + 2).to(tl.int32) * (tl.full([1, 1], later, tl.int32) > s)
+            owned = owned & (taken == 0)
     return owned
 
 
