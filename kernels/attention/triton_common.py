@@ -22,9 +22,9 @@ import triton.language as tl
 from lce.kernels.attention.schedule import BIG
 from lce.kernels.attention.spec import AttentionSpec
 
-Q_INDEX, K_INDEX, SELECT, SEG_FIELDS = 0, 1, 2, 6
+#: Fields per segment row: query-map slot, key-map slot, then the pair selection (div, lo, hi, key_below).
+SEG_FIELDS = 6
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def segment_table(spec: AttentionSpec, device: torch.device) -> torch.Tensor:
