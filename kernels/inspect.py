@@ -367,14 +367,46 @@ def rope_configs(dtype: str, head_dim: int) -> list[Config]:
     return [Config("rope_fwd", "q and k, half style", dtype, head_dim, tr.rope_fwd_kernel, kwargs, False)]
 
 
-OPS = ("attention", "linear_attention", "cross_entropy", "rope")
+def selected_attention_configs(dtype: str, head_dim: int, block_size: int = 64, slots: int = 16) -> list[Config]:
+    """Selected-block attention's kernels (``selected_attention.triton_selected``: forward, backward dq, backward
+    dk/dv) at block ``block_size`` with ``slots`` selected blocks per row, for both selection layouts: one selection
+    shared by each GQA group (NSA: the ``HEADS / KV_HEADS`` query heads of a token form the query tile) and one per
+    query head (MoBA, Quest: a one-row tile padded to 16; the dk/dv kernel gathers 32 listed rows of one head).
+    Arguments from the launchers ``forward_launch`` and ``backward_launches``, so the warps and stages are the ones
+    lce launches."""
+    from lce.kernels.selected_attention import triton_selected as ts
+
+    torch_dtype = DTYPES[dtype]
+    tensor_cores = torch_dtype != torch.float32
+    q = _meta((1, HEADS, LENGTH, head_dim), torch_dtype)
+    k = _meta((1, KV_HEADS, LENGTH, head_dim), torch_dtype)
+    q_pos, lse = _meta((1, LENGTH), torch.int64), _meta((1, HEADS, LENGTH), torch.float32)
+    offsets = _meta((KV_HEADS * LENGTH // block_size + 1,), torch.int32)
+    configs = []
+    for case, sel_heads in ((f"shared per GQA group, block {block_size}", KV_HEADS),
+                            (f"per query head, block {block_size}", HEADS)):
+        index = _meta((1, sel_heads, LENGTH, slots), torch.int32)
+        rows = _meta((sel_heads * LENGTH * slots,), torch.int32)
+        _, fwd = ts.forward_launch(q, k, k, index, q_pos, q, lse, block_size, head_dim ** -0.5)
+        launches = ts.backward_launches(q, k, k, q, q, lse, lse, index, q_pos, rows, offsets, q, k, k, block_size,
+                                        head_dim ** -0.5)
+        configs += [Config("selected_attention_fwd", case, dtype, head_dim, ts.selected_fwd_kernel, fwd, tensor_cores),
+                    Config("selected_attention_bwd_dq", case, dtype, head_dim, ts.selected_bwd_dq_kernel,
+                           launches["dq"][1], tensor_cores),
+                    Config("selected_attention_bwd_dk_dv", case, dtype, head_dim, ts.selected_bwd_dk_dv_kernel,
+                           launches["dk_dv"][1], tensor_cores)]
+    return configs
+
+
+OPS = ("attention", "linear_attention", "cross_entropy", "rope", "selected_attention")
 
 
 def default_subset(target: Target) -> list[Config]:
     """A representative subset: bf16 plain causal forward (with the tuner's other shapes) and backward at head dims
     128 and 256 (whose backward needed a smaller pipeline to fit), decode, the dk/dv kernel with every modifier at
-    head dim 256 (the most shared memory), DCA's forward and backward (three segments: the most of any method), and
-    linear attention's chunk kernels."""
+    head dim 256 (the most shared memory), DCA's forward and backward (three segments: the most of any method),
+    linear attention's chunk kernels, and selected-block attention's forward and backward kernels at head dim 128
+    (both selection layouts)."""
     configs = []
     for head_dim in (128, 256):
         configs += attention_configs("bf16", head_dim, target, ["causal"], ("forward", "backward_dq", "backward_dk_dv"))
@@ -384,6 +416,7 @@ def default_subset(target: Target) -> list[Config]:
     configs += attention_configs("bf16", 128, target, ["dca (3 segments)"],
                                  ("forward", "backward_dq", "backward_dk_dv"))
     configs += linear_attention_configs("bf16", 128)
+    configs += selected_attention_configs("bf16", 128)
     return configs
 
 
@@ -404,6 +437,8 @@ def all_configs(target: Target, dtypes: Iterable[str] = tuple(DTYPES), head_dims
                 configs += linear_attention_configs(dtype, head_dim)
             if "rope" in ops:
                 configs += rope_configs(dtype, head_dim)
+            if "selected_attention" in ops:
+                configs += selected_attention_configs(dtype, head_dim)
         if "cross_entropy" in ops:
             configs += cross_entropy_configs(dtype)
     return configs
@@ -498,7 +533,8 @@ def inspect_config(config: Config, target: Target) -> Row:
     src, options = source_of(config)
     consts = config.kwargs
     constexprs = {p.name for p in config.fn.params if p.is_constexpr}
-    tiles = "x".join(str(consts[k]) for k in ("BLOCK_M", "BLOCK_N", "C", "BK", "BV", "BLOCK_V", "BLOCK_C")
+    tiles = "x".join(str(consts[k]) for k in ("BLOCK_M", "BLOCK_N", "C", "BK", "BV", "BLOCK_V", "BLOCK_C",
+                                              "BLOCK_G", "BLOCK_R", "BS")
                      if k in constexprs)
     row = Row(config.kernel, config.case, config.dtype, config.head_dim, target.name, tiles=tiles,
               num_warps=options["num_warps"], num_stages=options["num_stages"], shared_limit=target.shared_per_block,

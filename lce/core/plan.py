@@ -25,11 +25,13 @@ from torch import nn
 #: passed as ``visible=``. ``SOFTCAP``: it soft-caps logits by ``kwargs["softcap"]`` (Gemma 2). ``BIDIRECTIONAL``: it
 #: follows the module's ``is_causal`` (encoder models). ``RECURRENT_STATE``: it keeps a recurrent state in the KV
 #: cache and receives the call's cache layer as ``state=`` (``lce.hf.cache``: a layer with ``recurrent_state`` and
-#: ``keep_recurrent_state``, or ``NoCache`` when the module was called without a cache).
+#: ``keep_recurrent_state``, or ``NoCache`` when the module was called without a cache). ``HIDDEN_STATES``: it reads
+#: the attention module's input ``[B, Tq, hidden]`` (NSA's gates), received as ``hidden_states=``.
 RESTRICTION = "restriction"
 SOFTCAP = "softcap"
 BIDIRECTIONAL = "bidirectional"
 RECURRENT_STATE = "recurrent_state"
+HIDDEN_STATES = "hidden_states"
 
 
 class LayerAttention:
@@ -38,7 +40,8 @@ class LayerAttention:
     ``__call__(module, query, key, value, attention_mask, scaling, dropout, *, q_pos, k_pos, **kwargs) -> (out
     [B, Tq, H, D], weights | None)`` with ``query [B, H, Tq, D]``, ``key/value [B, HKV, Tk, D]``, ``q_pos [B, Tq]``,
     ``k_pos [B, Tk]``; ``kwargs`` are transformers' (``softcap``, ``position_ids``, ...) plus ``visible=`` (a
-    ``Restriction`` or None) when ``RESTRICTION`` is handled and ``state=`` when ``RECURRENT_STATE`` is.
+    ``Restriction`` or None) when ``RESTRICTION`` is handled, ``state=`` when ``RECURRENT_STATE`` is and
+    ``hidden_states=`` when ``HIDDEN_STATES`` is.
 
     Attributes:
         handles: the capabilities above that this computation has.

@@ -65,6 +65,11 @@ class PatchTarget(Protocol):
         """Compute attention in layer ``i`` with ``attention_for_layer(i, attention_module)`` (None: the model's)."""
         ...
 
+    def attach_parameters(self, method: str, build: Callable[[int, nn.Module], nn.Module | None]) -> None:
+        """Give layer ``i``'s attention module the parameters of ``build(i, attention_module)`` (None: none): trained,
+        saved and reloaded with the model, removed by unpatching."""
+        ...
+
     def scale_queries(self, method: str, logn_length: int) -> None:
         """Log-n query scaling with training length ``logn_length``."""
         ...

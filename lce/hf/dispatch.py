@@ -66,8 +66,16 @@ def lce_attention_forward(module: nn.Module, query, key, value, attention_mask, 
         kwargs["visible"] = plan.restriction.at(module, key.shape[2])
     if "lce_state" in module.__dict__:  # set by capture_recurrent_state for this call only
         kwargs["state"] = module.__dict__.pop("lce_state")
+    if "lce_hidden_states" in module.__dict__:  # set by capture_hidden_states for this call only
+        kwargs["hidden_states"] = module.__dict__.pop("lce_hidden_states")
     return plan.attention(module, query, key, value, attention_mask, scaling, dropout, q_pos=q_pos,
                           k_pos=key_positions(q_pos, key.shape[2]), **kwargs)
+
+
+def capture_hidden_states(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook on the attention module of a layer whose computation reads the module's input
+    (``HIDDEN_STATES``): the call's ``hidden_states`` (first positional argument or keyword)."""
+    module.lce_hidden_states = args[0] if args else kwargs["hidden_states"]
 
 
 def capture_recurrent_state(layer_index: int, module: nn.Module, args, kwargs) -> None:

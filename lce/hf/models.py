@@ -17,7 +17,13 @@ from lce.config import check, check_at_least
 from lce.data.tokenizer import ByteTokenizer, HFTokenizer
 from lce.errors import LceError
 from lce.hf.gguf import converted_checkpoint, gguf_file
-from lce.hf.patch import check_rope_theta, check_rotary_precision, reapply_saved_patch
+from lce.hf.patch import (
+    attached_parameter_names,
+    check_rope_theta,
+    check_rotary_precision,
+    reapply_saved_patch,
+    restore_attached_parameters,
+)
 from lce.paths import unwritable_reason
 from lce.registry import Registry
 
@@ -61,6 +67,13 @@ def in_hub_cache(repo_id: str, revision: str | None) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     except ValueError:  # a malformed id or revision
         return False
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local directory of ``repo_id``'s files in the Hugging Face cache (where its ``config.json`` was found)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(try_to_load_from_cache(repo_id, "config.json", revision=revision)).parent
 
 
 def check_safetensors(directory: Path, where: str) -> None:
@@ -226,7 +239,10 @@ class HFModel:
                                ) from None
         check_rope_theta(model)
         check_rotary_precision(model)
-        return Loaded(reapply_saved_patch(model).eval(), tokenizer)
+        model = reapply_saved_patch(model)
+        if attached_parameter_names(model):  # a patch that adds parameters (attention=nsa): transformers dropped them
+            restore_attached_parameters(model, local if local.exists() else cached_snapshot(path, self.revision), where)
+        return Loaded(model.eval(), tokenizer)
 
 
 @MODELS.register("smollm2")

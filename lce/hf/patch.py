@@ -15,14 +15,17 @@ import math
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from lce.attention import ATTENTIONS
 from lce.core.plan import (
     BIDIRECTIONAL,
+    HIDDEN_STATES,
     RECURRENT_STATE,
     RESTRICTION,
     AttentionPlan,
@@ -33,7 +36,7 @@ from lce.core.plan import (
 from lce.errors import ConfigError, LceError, UnsupportedModelError
 from lce.hf.adapters import Adapter, adapter_for
 from lce.hf.cache import partial_cache_layers
-from lce.hf.dispatch import BlockwiseAttention, FunctionAttention, capture_recurrent_state
+from lce.hf.dispatch import BlockwiseAttention, FunctionAttention, capture_hidden_states, capture_recurrent_state
 from lce.hf.dispatch import register as register_attention
 from lce.hf.rotary import NeutralRotary, keep_fp32, release_fp32, rotary_inv_freqs
 from lce.kernels.rope import Rotation
@@ -41,6 +44,8 @@ from lce.posenc import POSENCS
 from lce.posenc.logn import logn_scale, original_length
 
 SPEC_VERSION = 1
+#: Submodules a method attaches to attention modules (``PatchTarget.attach_parameters``) are named with this prefix.
+ATTACHED_PREFIX = "lce_"
 
 
 @dataclass
@@ -200,6 +205,15 @@ class PatchTarget:
 
         self.compute_attention(method, attention_for_layer)
 
+    def attach_parameters(self, method: str, build: Callable[[int, nn.Module], nn.Module | None]) -> None:
+        """Give layer ``i``'s attention module the new parameters ``build(i, attention_module)`` returns (None: none),
+        as its submodule ``lce_<method>``: trained with the model, saved in its state dict (``lce.save_model``) and
+        restored by ``lce.load_model`` (``restore_attached_parameters``); ``unpatch`` removes them."""
+        for index, module in enumerate(self.adapter.attention_modules(self.model)):
+            extra = build(index, module)
+            if extra is not None:
+                module.add_module(ATTACHED_PREFIX + method, extra)
+
     def scale_queries(self, method: str, logn_length: int) -> None:
         """Multiply each query at position ``p`` by ``max(1, ln(p + 1) / ln(logn_length))`` before attention (log-n
         scaling, ``lce.posenc.logn``)."""
@@ -258,11 +272,14 @@ class PatchTarget:
                         "attention for rotary encodings such as rope/pi/yarn, alibi, and the segment methods dca, "
                         "self_extend, rerope)"
                     )
+            hooks = []  # removed by unpatch
             if attention is not None and RECURRENT_STATE in attention.handles:
                 stateful.append(index)
-                if not getattr(module, "lce_hooks", None):  # removed by unpatch
-                    hook = functools.partial(capture_recurrent_state, index)
-                    module.lce_hooks = [module.register_forward_pre_hook(hook, with_kwargs=True)]
+                hooks.append(functools.partial(capture_recurrent_state, index))
+            if attention is not None and HIDDEN_STATES in attention.handles:
+                hooks.append(capture_hidden_states)
+            if hooks and not getattr(module, "lce_hooks", None):
+                module.lce_hooks = [module.register_forward_pre_hook(hook, with_kwargs=True) for hook in hooks]
             module.lce_plan = AttentionPlan(attention=attention, q_scale=q_scale, restriction=restriction,
                                             logn_length=logn_length, fused=fused)
         self._refuse_windowed_cache(stateful)
@@ -384,6 +401,8 @@ def _restore(model: nn.Module, adapter: Adapter, record: PatchRecord) -> None:
             handle.remove()
         if hasattr(module, "lce_hooks"):
             del module.lce_hooks
+        for name in [name for name in module._modules if name.startswith(ATTACHED_PREFIX)]:
+            delattr(module, name)
     if PatchTarget(model, adapter).has_rotary():
         release_fp32(adapter.rotary(model))
     if record.rotary is not None:
@@ -427,6 +446,35 @@ def reapply_saved_patch(model: nn.Module) -> nn.Module:
         adapter.set_rotary(model, adapter.build_rotary(model))
     del model.config.lce
     return patch(model, spec["posenc"], attention=spec["attention"])
+
+
+def attached_parameter_names(model: nn.Module) -> list[str]:
+    """The state-dict names of the parameters and buffers patches attached (``PatchTarget.attach_parameters``)."""
+    marker = "." + ATTACHED_PREFIX
+    return [name for name in model.state_dict() if marker in name]
+
+
+def restore_attached_parameters(model: nn.Module, directory: str | Path, where: str) -> None:
+    """Load the attached parameters of a re-applied patch from the safetensors files of checkpoint ``directory``
+    (transformers drops them on loading: its model classes do not have them).
+
+    Raises:
+        LceError: the checkpoint lacks some of them (it was saved before the patch attached them).
+    """
+    names = set(attached_parameter_names(model))
+    if not names:
+        return
+    found = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            stored = set(weights.keys())
+            found.update({key: weights.get_tensor(key) for key in names & stored})
+    missing = sorted(names - found.keys())
+    if missing:
+        raise LceError(f"{where}: the checkpoint's config records {model.config.lce['attention']['name']!r}, whose "
+                       f"parameters are missing from its weights ({missing[0]} and {len(missing) - 1} more); save "
+                       "patched models with lce.save_model")
+    model.load_state_dict(found, strict=False)
 
 
 def check_rope_theta(model: nn.Module) -> None:

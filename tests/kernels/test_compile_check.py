@@ -4,11 +4,11 @@ machine, must fit shared memory, must not spill registers in a bf16/fp16 kernel 
 
 The default run compiles a representative subset (``inspect.default_subset``: bf16 at head dims 128 and 256, plain
 causal forward (with the tuner's other shapes) and backward, whose head-dim-256 launches had to shrink; decode; the
-dk/dv kernel with every modifier at head dim 256; DCA forward and backward; linear attention) in a fresh process
-(the tests run under Triton's interpreter, whose kernels cannot be compiled); the full matrix is ``-m slow`` (and
-``python -m lce.kernels.inspect``). Skipped where Triton or its bundled ``cuobjdump`` is absent, where this Triton
-cannot compile for a GPU target ahead of time, or where it is another release than the one the known spills were
-recorded with (``inspect.RECORDED_WITH``).
+dk/dv kernel with every modifier at head dim 256; DCA forward and backward; linear attention; selected-block
+attention's forward and backward at head dim 128) in a fresh process (the tests run under Triton's interpreter, whose
+kernels cannot be compiled); the full matrix is ``-m slow`` (and ``python -m lce.kernels.inspect``). Skipped where
+Triton or its bundled ``cuobjdump`` is absent, where this Triton cannot compile for a GPU target ahead of time, or
+where it is another release than the one the known spills were recorded with (``inspect.RECORDED_WITH``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def test_representative_configurations_compile_within_limits():
     assert all(r.sincos_ops == 0 and r.mufu_sincos == 0 and r.spill_stores == 0 for r in segments), segments
     # Every shape the tuner may pick compiles within the rules too.
     assert any(r.case.startswith("causal [128x") for r in rows)
+    # Selected-block attention: forward and both backward kernels, both selection layouts, on tensor cores.
+    selected = [r for r in rows if r.kernel.startswith("selected_attention")]
+    assert {r.kernel for r in selected} == {"selected_attention_fwd", "selected_attention_bwd_dq",
+                                            "selected_attention_bwd_dk_dv"}
+    assert all(r.hgmma + r.hmma > 0 and r.spill_stores == 0 and r.blocks_per_sm >= 1 for r in selected), selected
 
 
 def test_launch_configuration_is_what_the_check_compiles():

@@ -1,0 +1,120 @@
+"""The selected-block attention op's references: the chunked form against the materialised one, forward and backward,
+and against plain causal attention when every block is selected."""
+
+import pytest
+import torch
+
+from lce.core.blockwise import masked_attention_eager
+from lce.errors import LceError
+from lce.kernels.selected_attention import (
+    selected_attention,
+    selected_attention_chunked,
+    selected_attention_reference,
+    selection_mask,
+)
+
+
+def random_selection(batch, heads, tq, blocks, slots, generator, empty=0.2):
+    """Distinct block numbers per row (``-1`` with probability ``empty``)."""
+    rows = [torch.randperm(blocks, generator=generator)[:slots] for _ in range(batch * heads * tq)]
+    index = torch.stack(rows).view(batch, heads, tq, slots)
+    drop = torch.rand(index.shape, generator=generator) < empty
+    return index.masked_fill(drop, -1)
+
+
+def inputs(batch=2, hq=4, hkv=2, tq=45, tk=45, dim=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, tq, dim, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, hkv, tk, dim, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, hkv, tk, dim, generator=g, dtype=dtype, requires_grad=True)
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_query_head", "per_gqa_group"])
+@pytest.mark.parametrize("tq,tk", [(45, 45), (7, 45), (1, 45)], ids=["prefill", "suffix", "decode"])
+def test_chunked_equals_reference_forward_and_backward(per_head, tq, tk):
+    # fp64 on both sides: the forms differ only in summation order, so agreement is to ~1e-15 (tolerance 1e-12)
+    q, k, v, g = inputs(tq=tq, tk=tk)
+    block_size = 8
+    index = random_selection(2, 4 if per_head else 2, tq, -(-tk // block_size), 3, g)
+    ref = selected_attention_reference(q, k, v, index, block_size, 0.3)
+    fast = selected_attention_chunked(q, k, v, index, block_size, 0.3, chunk=4)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    weight = torch.randn(ref.shape, generator=g, dtype=ref.dtype)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    grads_fast = torch.autograd.grad((fast * weight).sum(), (q, k, v))
+    for fast_grad, ref_grad in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_every_block_selected_is_causal_attention():
+    q, k, v, _ = inputs(tq=37, tk=37)
+    blocks = -(-37 // 8)
+    index = torch.arange(blocks).expand(2, 2, 37, blocks).contiguous()
+    pos = torch.arange(37)[None].expand(2, 37)
+    full = masked_attention_eager(q, k, v, pos, pos, 0.3).transpose(1, 2)
+    torch.testing.assert_close(selected_attention_reference(q, k, v, index, 8, 0.3), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(selected_attention(q, k, v, index, 8, 0.3, backend="ref"), full, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_rows_without_a_visible_key_are_zero_and_gradients_finite():
+    q, k, v, _ = inputs(tq=20, tk=20)
+    index = torch.full((2, 2, 20, 2), -1)
+    index[..., 0] = 1  # block 1 (keys 8..15): queries 0..7 see none of it
+    out = selected_attention_chunked(q, k, v, index, 8, 0.3, chunk=4)
+    assert out[:, :, :8].abs().max() == 0
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_partial_last_block_and_q_pos():
+    # 21 keys in blocks of 8: block 2 holds keys 16..20 only; queries placed at explicit positions
+    q, k, v, _ = inputs(batch=1, tq=3, tk=21)
+    pos = torch.tensor([[3, 17, 20]])
+    index = torch.tensor([2, 0, -1]).expand(1, 2, 3, 3).contiguous()
+    ref = selected_attention_reference(q, k, v, index, 8, 0.5, pos)
+    fast = selected_attention_chunked(q, k, v, index, 8, 0.5, pos)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    # query at position 17 sees keys 0..7 and 16..17: compare with an explicit softmax
+    keys = torch.tensor([*range(8), 16, 17])
+    kk = k[0, 0, keys]
+    p = torch.softmax(q[0, 0, 1] @ kk.T * 0.5, -1)
+    torch.testing.assert_close(ref[0, 0, 1], p @ v[0, 0, keys], rtol=1e-12, atol=1e-12)
+
+
+def test_selection_mask():
+    index = torch.tensor([[[[2, -1], [0, 2]]]])
+    mask = selection_mask(index, 10, 4)
+    assert mask[0, 0, 0].tolist() == [False] * 8 + [True, True]
+    assert mask[0, 0, 1].tolist() == [True] * 4 + [False] * 4 + [True, True]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "k": a["k"][:, :, :, :4], "v": a["v"][:, :, :, :4]}, "q must be"),
+    (lambda a: {**a, "block_index": a["block_index"][:, :1]}, "block_index must be"),
+    (lambda a: {**a, "block_index": a["block_index"].float()}, "int32 or int64"),
+    (lambda a: {**a, "block_size": 0}, "block_size"),
+    (lambda a: {**a, "q_pos": torch.zeros(1, 3)}, "q_pos must be"),
+])
+def test_bad_inputs_get_one_line_errors(change, message):
+    q, k, v, _ = inputs(hq=4, hkv=2, tq=5, tk=5)
+    args = {"q": q, "k": k, "v": v, "block_index": torch.zeros(2, 4, 5, 1, dtype=torch.long), "block_size": 4,
+            "scale": 1.0}
+    with pytest.raises(LceError, match=message):
+        selected_attention(**change(args))
+
+
+def test_auto_runs_the_pytorch_form_for_sizes_the_kernels_do_not_take(monkeypatch):
+    """On CUDA ``auto`` resolves to Triton; a block size its kernels refuse (MoBA's 512) must fall back, not fail,
+    while an explicit ``triton`` keeps the one-line error."""
+    pytest.importorskip("triton")
+    from lce.kernels.selected_attention import function
+
+    monkeypatch.setattr(function, "resolve_backend", lambda backend, *tensors: "triton")
+    q, k, v, g = inputs(tq=30, tk=30)
+    index = random_selection(2, 2, 30, 2, 2, g, empty=0.0)
+    expected = selected_attention_reference(q, k, v, index, 24, 0.3)
+    torch.testing.assert_close(selected_attention(q, k, v, index, 24, 0.3), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(LceError, match="block sizes"):
+        selected_attention(q, k, v, index, 24, 0.3, backend="triton")
