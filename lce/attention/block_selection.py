@@ -132,7 +132,8 @@ class SelectedBlocksAttention(LayerAttention):
         check_unpadded(variant.name, attention_mask, k_pos)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         summaries = variant.summaries(key.detach(), query.shape[1])
-        chosen = select_blocks(variant.score, query.detach(), summaries, q_pos, variant.block_size, variant.top_k)
+        chosen = select_blocks(variant.score, query.detach(), summaries, q_pos, variant.block_size, variant.top_k,
+                               first_blocks=variant.initial_blocks)
         out = selected_attention(query, key, value, chosen, variant.block_size, scale, q_pos)
         return out.transpose(1, 2), None
 
@@ -145,10 +146,13 @@ class BlockSelection(AttentionVariant):
     Attributes:
         block_size: keys per block.
         top_k: blocks per query, its own included (>= 1; 1 is block-diagonal attention).
+        initial_blocks: leading blocks every query also selects, counted in ``top_k`` (0: the papers; 1 keeps the
+            attention sink, the first tokens most heads attend to, StreamingLLM's observation).
     """
 
     block_size: int = 64
     top_k: int = 8
+    initial_blocks: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -156,6 +160,10 @@ class BlockSelection(AttentionVariant):
               f"must be an integer >= 1, got {self.block_size!r}")
         check(isinstance(self.top_k, int) and self.top_k >= 1, "attention.top_k",
               f"must be an integer >= 1 (the query's own block counts), got {self.top_k!r}")
+        check(isinstance(self.initial_blocks, int) and 0 <= self.initial_blocks < self.top_k,
+              "attention.initial_blocks",
+              f"must be an integer from 0 to top_k - 1 = {self.top_k - 1} (the query's own block takes a slot), got "
+              f"{self.initial_blocks!r}")
         check(self.layers != [], "attention.layers", "selects no layer; list at least one index")
 
     def apply(self, target) -> None:

@@ -13,8 +13,9 @@ the number of blocks, every earlier block is selected: full causal attention exa
 As in the MoBA repository the gate uses the queries and keys the attention uses (after the model's rotary embedding),
 is formed in fp32, and selects per query head (a GQA model's KV heads are shared by their query heads' selections).
 The paper's defaults for training: ``block_size`` 512 and ``top_k`` 3 at 8k-32k; its continual-training recipe keeps
-the last layers full (``attention.layers`` selects the MoBA layers). No parameters are added: a swapped model is the
-pretrained one with a sparser attention.
+the last layers full (``attention.layers`` selects the MoBA layers). ``initial_blocks`` (not in the paper, default 0)
+also forces the first block(s), the attention sink, into every selection. No parameters are added: a swapped model is
+the pretrained one with a sparser attention.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def moba_scores(query: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return query.float() @ means.transpose(-1, -2)
 
 
-def moba_reference(query, key, value, block_size: int, top_k: int, scale: float, q_pos=None):
+def moba_reference(query, key, value, block_size: int, top_k: int, scale: float, q_pos=None, initial_blocks: int = 0):
     """Reference: MoBA with the whole gate ``[B, H, Tq, nB]`` and scores materialised (arguments and result as
-    ``lce.kernels.selected_attention.selected_attention_reference``)."""
+    ``lce.kernels.selected_attention.selected_attention_reference``; ``initial_blocks`` as ``MoBA``'s)."""
     tq, tk = query.shape[2], key.shape[2]
     if q_pos is None:
         q_pos = torch.arange(tk - tq, tk, device=query.device)[None].expand(query.shape[0], tq)
     means = repeat_heads(block_means(key, block_size), query.shape[1])
-    chosen = choose_blocks(moba_scores(query, means), q_pos, block_size, top_k)
+    chosen = choose_blocks(moba_scores(query, means), q_pos, block_size, top_k, first_blocks=initial_blocks)
     return selected_attention_reference(query, key, value, chosen, block_size, scale, q_pos)
 
 

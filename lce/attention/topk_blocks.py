@@ -10,7 +10,8 @@ and attends, with one softmax, to its own block and the ``top_k - 1`` earlier bl
 query head). Quest selects pages this way while decoding and keeps the prefill dense; lce selects for every query
 (prefill included), so that perplexity measures the selection and prefill + decoding equals the full forward. Quest
 keeps the first two layers dense: ``attention.layers: all_but_first:2``. With ``top_k`` at least the number of blocks
-it is full causal attention exactly. No parameters: a training-free swap (it can still be fine-tuned through).
+it is full causal attention exactly. ``initial_blocks`` (default 0) also forces the first block(s), the attention
+sink, into every selection. No parameters: a training-free swap (it can still be fine-tuned through).
 Quest's defaults: pages of 16 tokens and a token budget of 1024-4096 (``top_k * block_size``).
 """
 
@@ -33,7 +34,8 @@ def quest_scores(query: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor])
     return q.clamp(min=0) @ high.transpose(-1, -2) + q.clamp(max=0) @ low.transpose(-1, -2)
 
 
-def topk_blocks_reference(query, key, value, block_size: int, top_k: int, scale: float, q_pos=None):
+def topk_blocks_reference(query, key, value, block_size: int, top_k: int, scale: float, q_pos=None,
+                          initial_blocks: int = 0):
     """Reference: the bound of every (query, block) as Quest writes it, ``Σ_d max(q_d M_bd, q_d m_bd)``, materialised
     ``[B, H, Tq, nB, D]``, then the selection and attention (arguments and result as
     ``lce.kernels.selected_attention.selected_attention_reference``)."""
@@ -43,7 +45,7 @@ def topk_blocks_reference(query, key, value, block_size: int, top_k: int, scale:
     high, low = (repeat_heads(bound, query.shape[1]) for bound in block_bounds(key, block_size))
     q = query.float()[:, :, :, None, :]
     bound = torch.maximum(q * high[:, :, None], q * low[:, :, None]).sum(-1)
-    chosen = choose_blocks(bound, q_pos, block_size, top_k)
+    chosen = choose_blocks(bound, q_pos, block_size, top_k, first_blocks=initial_blocks)
     return selected_attention_reference(query, key, value, chosen, block_size, scale, q_pos)
 
 

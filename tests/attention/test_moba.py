@@ -15,11 +15,12 @@ from tests.conftest import assert_checkpointed_training_step, assert_decode_matc
 IDS = torch.randint(3, 259, (2, 50), generator=torch.Generator().manual_seed(0))
 
 
-def moba_oracle(q, k, v, block_size, top_k, scale):
+def moba_oracle(q, k, v, block_size, top_k, scale, initial=0):
     """MoBA as the repository's ``moba_attn_varlen_naive`` defines it, one query at a time: the gate of query ``t``
     against each block's mean key, blocks ending at or after ``t``'s block end masked, ``t``'s own block forced, the
     ``min(top_k, blocks)`` largest kept, then softmax over the kept blocks' keys up to ``t``. ``q [T, H, D]``, ``k, v
-    [T, H, D]`` (per-head keys: MHA, as the repository's code)."""
+    [T, H, D]`` (per-head keys: MHA, as the repository's code). ``initial`` leading blocks are forced too (lce's
+    ``initial_blocks``; 0 in the repository)."""
     length, heads, _ = q.shape
     blocks = math.ceil(length / block_size)
     means = torch.stack([k[b * block_size:(b + 1) * block_size].mean(0) for b in range(blocks)])  # [N, H, D]
@@ -29,7 +30,7 @@ def moba_oracle(q, k, v, block_size, top_k, scale):
             own = t // block_size
             gate = []
             for b in range(blocks):
-                if b == own:
+                if b == own or (b < initial and b < own):
                     gate.append(float("inf"))
                 elif (b + 1) * block_size > t:  # the block is not entirely before t: a future block
                     gate.append(float("-inf"))
@@ -42,14 +43,16 @@ def moba_oracle(q, k, v, block_size, top_k, scale):
     return out
 
 
-@pytest.mark.parametrize("length,block_size,top_k", [(40, 8, 3), (37, 8, 2), (30, 8, 9), (12, 16, 3), (25, 5, 1)],
-                         ids=["multiple", "partial_last_block", "k_exceeds_blocks", "one_block", "block_diagonal"])
-def test_reference_matches_the_repository_formulation(length, block_size, top_k):
+@pytest.mark.parametrize("length,block_size,top_k,initial", [(40, 8, 3, 0), (37, 8, 2, 0), (30, 8, 9, 0),
+                                                        (12, 16, 3, 0), (25, 5, 1, 0), (45, 5, 3, 1)],
+                         ids=["multiple", "partial_last_block", "k_exceeds_blocks", "one_block", "block_diagonal",
+                              "first_block_forced"])
+def test_reference_matches_the_repository_formulation(length, block_size, top_k, initial):
     g = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, 3, length, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    ours = moba_reference(q, k, v, block_size, top_k, 8 ** -0.5)
+    ours = moba_reference(q, k, v, block_size, top_k, 8 ** -0.5, initial_blocks=initial)
     oracle = moba_oracle(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), block_size, top_k,
-                         8 ** -0.5)
+                         8 ** -0.5, initial)
     torch.testing.assert_close(ours[0].transpose(0, 1), oracle, rtol=1e-12, atol=1e-12)  # fp64: rounding only
 
 
@@ -59,9 +62,9 @@ def test_layer_computation_equals_reference_with_gqa_forward_and_backward():
     k = torch.randn(2, 2, 300, 16, generator=g, requires_grad=True)
     v = torch.randn(2, 2, 300, 16, generator=g, requires_grad=True)
     pos = torch.arange(300)[None].expand(2, 300)
-    layer = SelectedBlocksAttention(MoBA(block_size=16, top_k=4))
+    layer = SelectedBlocksAttention(MoBA(block_size=16, top_k=4, initial_blocks=1))
     out, _ = layer(None, q, k, v, None, 0.25, 0.0, q_pos=pos, k_pos=pos)
-    ref = moba_reference(q, k, v, 16, 4, 0.25).transpose(1, 2)
+    ref = moba_reference(q, k, v, 16, 4, 0.25, initial_blocks=1).transpose(1, 2)
     # fp32, same selection (scores formed identically), different summation order: a few ulps of O(1) outputs
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     w = torch.randn(out.shape, generator=g)
@@ -113,7 +116,8 @@ def test_padded_batches_are_refused():
 
 
 @pytest.mark.parametrize("params,key", [({"block_size": 0}, "attention.block_size"), ({"top_k": 0}, "attention.top_k"),
-                                        ({"layers": []}, "attention.layers")])
+                                        ({"layers": []}, "attention.layers"),
+                                        ({"top_k": 2, "initial_blocks": 2}, "attention.initial_blocks")])
 def test_bad_config_gets_a_clear_error(params, key):
     with pytest.raises(ConfigError, match=key):
         MoBA(**params)
