@@ -44,30 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lce.kernels.backend import interpreting, on_device_of
-
-#: Triton's CPU interpreter (3.9) multiplies bf16 tiles as their raw 16-bit patterns and rounds fp32 to bf16 toward
-#: zero. Under it, ``_dot`` multiplies 16-bit operands as fp32 and ``_to`` rounds to nearest even: what the GPU
-#: computes (a product of two 16-bit numbers is exact in fp32, the tensor cores accumulate in fp32).
-_INTERPRETED = tl.constexpr(interpreting())
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    """``x`` (fp32) rounded to ``dtype`` (to nearest even)."""
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # exact in bf16 now: the cast below drops zeros
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    """``acc + a @ b`` accumulated in fp32: tensor cores for bf16/fp16 operands, IEEE fp32 (not TF32) for fp32."""
-    if _INTERPRETED:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
+from lce.kernels.backend import on_device_of
+from lce.kernels.triton_precision import dot as _dot
+from lce.kernels.triton_precision import round_to as _to
 
 
 @triton.jit

@@ -49,7 +49,9 @@ import triton
 import triton.language as tl
 
 from lce.errors import LceError
-from lce.kernels.backend import MAX_GRID_YZ, interpreting, on_device_of
+from lce.kernels.backend import MAX_GRID_YZ, on_device_of
+from lce.kernels.triton_precision import dot as _dot
+from lce.kernels.triton_precision import round_to as _to
 
 #: Block sizes the Triton path takes (``block_size`` is a ``tl.arange`` length; 16 is ``tl.dot``'s smallest tile).
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -79,31 +81,9 @@ LAUNCH_TABLE: dict[tuple[str, int, bool], tuple[int, int]] = {
 }
 DEFAULT_OPTIONS = (4, 1)
 
-#: Triton's CPU interpreter (3.9) multiplies bf16 tiles as their raw 16-bit patterns and rounds fp32 to bf16 toward
-#: zero (``lce.kernels.linear_attention.triton_chunk`` says the same). Under it ``_dot`` multiplies 16-bit operands as
-#: fp32 and ``_to`` rounds to nearest even: what the GPU computes, so the bf16 tests measure the kernels.
-_INTERPRETED = tl.constexpr(interpreting())
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    """``x`` (fp32) rounded to ``dtype`` (to nearest even)."""
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # exact in bf16 now: the cast below drops zeros
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    """``acc + a @ b`` accumulated in fp32: tensor cores for bf16/fp16 operands, IEEE fp32 (not TF32) for fp32."""
-    if _INTERPRETED:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
