@@ -34,7 +34,7 @@ from lce.kernels.linear_attention import (
     linear_attention_final_state,
     linear_attention_parallel,
 )
-from lce.kernels.linear_attention.triton_chunk import _to
+from lce.kernels.triton_precision import round_to
 
 RELATIVE = 2e-6
 STRONG_DECAY_RELATIVE = 2e-5
@@ -238,13 +238,13 @@ def test_16_bit_error_is_at_most_twice_plain_pytorch(case, dtype):
 @triton.jit
 def round_to_bf16_kernel(x_ptr, y_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(y_ptr + i, _to(tl.load(x_ptr + i), tl.bfloat16))
+    tl.store(y_ptr + i, round_to(tl.load(x_ptr + i), tl.bfloat16))
 
 
 def test_interpreted_bf16_rounding_is_to_nearest_even():
     """Triton's interpreter rounds fp32 to bf16 toward zero; under it the kernels round themselves
-    (``triton_chunk._to``), which must agree with the GPU's (and torch's) round-to-nearest-even, ties included, or the
-    bf16 tests would measure the interpreter rather than the kernels."""
+    (``lce.kernels.triton_precision.round_to``), which must agree with the GPU's (and torch's) round-to-nearest-even,
+    ties included, or the bf16 tests would measure the interpreter rather than the kernels."""
     g = torch.Generator().manual_seed(0)
     bits = torch.randn(1024, generator=g).to(torch.bfloat16).float().view(torch.int32)
     low = torch.randint(0, 1 << 16, (1024,), generator=g, dtype=torch.int32)
