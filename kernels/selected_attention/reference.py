@@ -39,10 +39,10 @@ def selection_mask(block_index: torch.Tensor, num_keys: int, block_size: int) ->
     return chosen[..., :blocks].repeat_interleave(block_size, dim=-1)[..., :num_keys]
 
 
-def _expand_heads(mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """A ``[B, HS, ...]`` per-selection-head tensor for ``heads`` query heads (HS = heads, or HS KV heads each shared
-    by ``heads / HS`` consecutive query heads)."""
-    return mask if mask.shape[1] == heads else mask.repeat_interleave(heads // mask.shape[1], dim=1)
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A ``[B, HS, ...]`` per-head tensor for ``heads`` query heads (HS = heads, or HS KV heads each shared by
+    ``heads / HS`` consecutive query heads, as GQA shares them)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def selected_attention_reference(q, k, v, block_index, block_size: int, scale: float, q_pos=None):
@@ -65,7 +65,7 @@ def selected_attention_reference(q, k, v, block_index, block_size: int, scale: f
     groups = heads // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     causal = torch.arange(tk, device=q.device)[None, None, None, :] <= q_pos[:, None, :, None]
-    allowed = causal & _expand_heads(selection_mask(block_index, tk, block_size), heads)
+    allowed = causal & repeat_heads(selection_mask(block_index, tk, block_size), heads)
     dtype = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import AttentionVariant, select_layers
+from lce.attention.linear import key_validity
 from lce.config import check
 from lce.core.plan import LayerAttention
 from lce.errors import LceError
@@ -86,19 +87,12 @@ def block_bounds(key: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torc
             block_view(key, block_size, float("inf")).amin(-2))
 
 
-def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, HKV, ...]`` per-KV-head tensor for ``heads`` query heads (GQA: consecutive query heads share one)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
 def check_unpadded(method: str, attention_mask: torch.Tensor | None, k_pos: torch.Tensor) -> None:
     """Blocks are cut on key positions ``0, 1, ...``: a padded batch or keys that do not start at 0 are refused."""
-    if attention_mask is not None:
-        visible = attention_mask if attention_mask.dtype == torch.bool else (
-            attention_mask > torch.finfo(attention_mask.dtype).min / 2)
-        if not bool(visible.any(dim=(1, 2)).all()):
-            raise LceError(f"attention={method} cuts keys into blocks by position and does not take padded batches; "
-                           "run unpadded sequences (batch size 1 or equal lengths)")
+    valid = key_validity(attention_mask, k_pos.shape[1])
+    if valid is not None and not bool(valid.all()):
+        raise LceError(f"attention={method} cuts keys into blocks by position and does not take padded batches; "
+                       "run unpadded sequences (batch size 1 or equal lengths)")
     expected = torch.arange(k_pos.shape[1], device=k_pos.device)
     if not bool((k_pos == expected).all()):
         raise LceError(f"attention={method} needs key positions 0, 1, ..., T-1 (one sequence per row, no packed "

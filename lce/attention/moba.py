@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.block_selection import BlockSelection, block_means, choose_blocks, repeat_heads
-from lce.kernels.selected_attention import selected_attention_reference
+from lce.attention.block_selection import BlockSelection, block_means, choose_blocks
+from lce.kernels.selected_attention.reference import repeat_heads, selected_attention_reference
 
 
 def moba_scores(query: torch.Tensor, means: torch.Tensor) -> torch.Tensor:

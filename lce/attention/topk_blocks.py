@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from lce.attention.base import ATTENTIONS
-from lce.attention.block_selection import BlockSelection, block_bounds, choose_blocks, repeat_heads
-from lce.kernels.selected_attention import selected_attention_reference
+from lce.attention.block_selection import BlockSelection, block_bounds, choose_blocks
+from lce.kernels.selected_attention.reference import repeat_heads, selected_attention_reference
 
 
 def quest_scores(query: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
