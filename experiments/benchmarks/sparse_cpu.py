@@ -11,14 +11,16 @@ against it where they compute the same thing, then each is timed and its peak me
 - ``moba``, ``topk_blocks``: ``lce`` is the layer as the patched model calls it
   (``lce.attention.block_selection.SelectedBlocksAttention``: block summaries, per-query top-k, then
   ``lce.kernels.selected_attention.selected_attention``, backend ``ref``), the reference; ``lce_op`` the op alone on
-  the same precomputed selection (what the selection costs is ``lce - lce_op``); ``flex`` compiled FlexAttention on
-  the same selection: a ``mask_mod`` reading the per-(head, query, block) selection table, and a ``BlockMask`` whose
-  128 x 128 tiles are those any query of the tile selected (exact output; sparse at tile level only when the blocks
-  are at least as large as a tile).
+  the same precomputed selection (what the selection costs is ``lce - lce_op``), ``op_masked`` and ``op_block_major``
+  each of its two PyTorch forms forced (``function.pytorch_form`` picks between them); ``flex`` compiled
+  FlexAttention on the same selection: a ``mask_mod`` reading the per-(head, query, block) selection table, and a
+  ``BlockMask`` whose 128 x 128 tiles are those any query of the tile selected (exact output; sparse at tile level
+  only when the blocks are at least as large as a tile).
 - ``nsa``: ``lce`` is ``lce.attention.nsa.NSALayerAttention`` (``nsa_branches``: compression, selection, selected
   branch by ``selected_attention`` ``ref``, sliding window by lce's block-wise attention; gates from random hidden
   states of width 576) at its swap-time initialisation; ``lce_op`` the selected branch's op alone. FlexAttention is
-  not run for NSA (three branches mixed per query, the compression branch's scores decide the selection).
+  not run for NSA (three branches mixed per query, the compression branch's scores decide the selection);
+  ``lce_op``, ``op_masked`` and ``op_block_major`` as for the others.
 
 The methods' parameters are their configs' defaults, the papers' (``conf/attention/*.yaml``): MoBA blocks of 512, top
 3; Quest pages of 16, top 64 (1024 keys); NSA l=32, d=16, l'=64, n=16, w=512. A (case, implementation) is skipped at a
@@ -54,7 +56,8 @@ from lce.attention.moba import MoBA
 from lce.attention.nsa import NSA, NSALayerAttention, NSAParameters
 from lce.attention.topk_blocks import TopKBlocks
 from lce.kernels.backend import use_backend
-from lce.kernels.selected_attention import selected_attention
+from lce.kernels.selected_attention import selected_attention, selected_attention_chunked, selected_attention_masked
+from lce.kernels.selected_attention.function import pytorch_form
 
 CASES = ("causal", "moba", "topk_blocks", "nsa")
 FLEX_TILE = 128  # FlexAttention's default block size (query and key tiles)
@@ -165,9 +168,15 @@ def case_impls(case: str, x: Inputs, args, flex) -> tuple[dict, str]:
         block_size = variant.block_size
         impls = {"lce": Impl(lambda: layer(None, x.q, x.k, x.v, None, x.scale, 0.0, q_pos=x.pos, k_pos=x.pos)[0],
                              backend="ref (SelectedBlocksAttention)")}
+    form = pytorch_form(chosen, block_size, length)
     impls["lce_op"] = Impl(lambda: to_lce_layout(selected_attention(x.q, x.k, x.v, chosen, block_size, x.scale, x.pos,
                                                                     backend="ref")),
-                           backend="ref (selected_attention op, selection precomputed)", compare=case != "nsa")
+                           backend=f"ref (selected_attention op, selection precomputed: {form} form)",
+                           compare=case != "nsa")
+    for name, run_form in (("op_masked", selected_attention_masked), ("op_block_major", selected_attention_chunked)):
+        impls[name] = Impl(lambda run_form=run_form: to_lce_layout(run_form(x.q, x.k, x.v, chosen, block_size, x.scale,
+                                                                            x.pos)),
+                           backend=f"{run_form.__name__} (one PyTorch form of the op)", compare=case != "nsa")
     if case == "nsa":
         impls["flex"] = Unavailable("NSA's three gated branches are not one FlexAttention pattern (not run)")
     elif isinstance(flex, Unavailable):
@@ -298,9 +307,9 @@ def print_table(rows: list[dict]) -> None:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    print(f"{'length':>7} {'case':<12} {'impl':<7} {'ms':>10} {'x sdpa':>7} {'MiB':>8}  status")
+    print(f"{'length':>7} {'case':<12} {'impl':<14} {'ms':>10} {'x sdpa':>7} {'MiB':>8}  status")
     for r in rows:
-        print(f"{r['length']:>7} {r['case']:<12} {r['impl']:<7} {fmt(r['ms'], '10.1f')} "
+        print(f"{r['length']:>7} {r['case']:<12} {r['impl']:<14} {fmt(r['ms'], '10.1f')} "
               f"{fmt(r['time_vs_sdpa'], '7.2f')} {fmt(r['peak_mib'], '8.1f')}  {str(r['status'])[:70]}")
 
 

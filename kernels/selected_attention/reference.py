@@ -19,22 +19,31 @@ group (``HKV`` heads: NSA, eq. 10, which lets a kernel load each selected block 
   queries that chose it by one matrix product, and each query's partial softmaxes are merged by log-sum-exp
   rescaling (FlashAttention's merge): ``O(T * N * block_size)`` time, ``O(chunk * N * D)`` working memory whatever the
   selections look like; under autograd each chunk is recomputed in the backward pass (activation checkpointing), so
-  training keeps ``O(T)`` between forward and backward. The ``ref`` backend of ``lce.kernels.selected_attention``.
+  training keeps ``O(T)`` between forward and backward.
+- ``selected_attention_masked``: query-chunk-major: each chunk of queries scores all its causal keys with
+  ``scaled_dot_product_attention`` under the chunk's selection mask: ``O(Tq * Tk)`` time in a few large products,
+  ``O(chunk * Tk)`` working memory, checkpointed per chunk as above. It wastes the skipped keys' arithmetic but takes
+  no per-block step, so it is the faster PyTorch form for small blocks (``function.pytorch_form`` says which runs).
+  It computes in the inputs' dtype as SDPA does: scores and softmax accumulated in fp32, the probabilities rounded to
+  bf16 / fp16 before the value product for such inputs (FlashAttention's rounding, the Triton kernels' too).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
 def selection_mask(block_index: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
     """bool ``[B, HS, Tq, Tk]``: key ``j`` lies in a block of the query's row of ``block_index`` (``-1`` = empty slot;
-    a block listed twice counts once)."""
+    a block listed twice counts once; a block past the last key holds none)."""
     batch, heads, tq, _ = block_index.shape
     blocks = -(-num_keys // block_size)
     chosen = torch.zeros(batch, heads, tq, blocks + 1, dtype=torch.bool, device=block_index.device)
-    index = torch.where(block_index < 0, blocks, block_index).long()  # empty slots go to a spare column
+    # empty slots, and blocks past the last key (the masked form passes only the keys a chunk can see), go to a spare
+    # column
+    index = torch.where((block_index < 0) | (block_index >= blocks), blocks, block_index).long()
     chosen.scatter_(-1, index, True)
     return chosen[..., :blocks].repeat_interleave(block_size, dim=-1)[..., :num_keys]
 
@@ -153,3 +162,42 @@ def selected_attention_chunked(q, k, v, block_index, block_size: int, scale: flo
             heads_out.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
         rows.append(torch.stack(heads_out))
     return torch.stack(rows).reshape(batch, heads, tq, dim).to(q.dtype)
+
+
+#: Elements of the score-sized tensors (``HQ * chunk * Tk``) one chunk of the masked form may hold: 256 MB in fp32.
+SCORE_BUDGET = 1 << 26
+
+
+def _masked_chunk(q, k, v, block_index, q_pos, block_size: int, scale: float):
+    """One chunk of the masked form: ``q [B, HQ, C, D]``, ``k, v [B, HKV, Tk, D]`` (the keys up to the chunk's last
+    position), ``block_index [B, HS, C, N]``, ``q_pos [B, C]`` -> ``[B, HQ, C, D]`` in ``q.dtype``."""
+    heads, tk = q.shape[1], k.shape[2]
+    causal = torch.arange(tk, device=q.device)[None, None, None, :] <= q_pos[:, None, :, None]
+    allowed = causal & repeat_heads(selection_mask(block_index, tk, block_size), heads)
+    # a row with no visible key is 0 by the reference's convention; SDPA would give NaN (and NaN gradients), so such
+    # a row sees key 0 and its output is zeroed: its gradient is then exactly 0
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed[..., :1] |= empty
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=heads != k.shape[1])
+    return out.masked_fill(empty, 0.0)
+
+
+def selected_attention_masked(q, k, v, block_index, block_size: int, scale: float, q_pos=None,
+                              chunk: int | None = None):
+    """The masked form: arguments and result as ``selected_attention_reference``, ``chunk`` queries at a time (None:
+    as many as keep ``HQ * chunk * Tk`` within ``SCORE_BUDGET``); each chunk reads only the keys up to its last
+    query's position. Under autograd each chunk is recomputed in the backward pass (activation checkpointing)."""
+    batch, heads, tq, _ = q.shape
+    tk = k.shape[2]
+    if q_pos is None:
+        q_pos = torch.arange(tk - tq, tk, device=q.device)[None].expand(batch, tq)
+    chunk = chunk or max(16, SCORE_BUDGET // (batch * heads * tk))
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    parts = []
+    for start in range(0, tq, chunk):
+        stop = min(start + chunk, tq)
+        reach = min(tk, int(q_pos[:, start:stop].max()) + 1)  # later keys are causally masked for the whole chunk
+        args = (q[:, :, start:stop], k[:, :, :reach], v[:, :, :reach], block_index[:, :, start:stop],
+                q_pos[:, start:stop], block_size, scale)
+        parts.append(checkpoint(_masked_chunk, *args, use_reentrant=False) if recompute else _masked_chunk(*args))
+    return (torch.cat(parts, 2) if len(parts) > 1 else parts[0]).to(q.dtype)

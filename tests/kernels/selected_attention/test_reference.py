@@ -1,5 +1,6 @@
-"""The selected-block attention op's references: the chunked form against the materialised one, forward and backward,
-and against plain causal attention when every block is selected."""
+"""The selected-block attention op's PyTorch forms: the key-block-major (chunked) and masked forms against the
+materialised reference, forward and backward, in fp64 and (masked) bf16; plain causal attention when every block is
+selected; which form the op runs."""
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ from lce.errors import LceError
 from lce.kernels.selected_attention import (
     selected_attention,
     selected_attention_chunked,
+    selected_attention_masked,
     selected_attention_reference,
     selection_mask,
 )
+from lce.kernels.selected_attention.function import pytorch_form
 
 
 def random_selection(batch, heads, tq, blocks, slots, generator, empty=0.2):
@@ -30,15 +33,20 @@ def inputs(batch=2, hq=4, hkv=2, tq=45, tk=45, dim=8, dtype=torch.float64, seed=
     return q, k, v, g
 
 
+FORMS = {"block_major": selected_attention_chunked, "masked": selected_attention_masked}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_query_head", "per_gqa_group"])
 @pytest.mark.parametrize("tq,tk", [(45, 45), (7, 45), (1, 45)], ids=["prefill", "suffix", "decode"])
-def test_chunked_equals_reference_forward_and_backward(per_head, tq, tk):
-    # fp64 on both sides: the forms differ only in summation order, so agreement is to ~1e-15 (tolerance 1e-12)
+def test_forms_equal_reference_forward_and_backward(form, per_head, tq, tk):
+    # fp64 on both sides: the forms differ only in summation order, so agreement is to ~1e-15 (tolerance 1e-12);
+    # chunks of 4 queries: the masked form's chunks see fewer keys than the whole, blocks past them included
     q, k, v, g = inputs(tq=tq, tk=tk)
     block_size = 8
     index = random_selection(2, 4 if per_head else 2, tq, -(-tk // block_size), 3, g)
     ref = selected_attention_reference(q, k, v, index, block_size, 0.3)
-    fast = selected_attention_chunked(q, k, v, index, block_size, 0.3, chunk=4)
+    fast = FORMS[form](q, k, v, index, block_size, 0.3, chunk=4)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     weight = torch.randn(ref.shape, generator=g, dtype=ref.dtype)
     grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
@@ -58,14 +66,53 @@ def test_every_block_selected_is_causal_attention():
                                atol=1e-12)
 
 
-def test_rows_without_a_visible_key_are_zero_and_gradients_finite():
+@pytest.mark.parametrize("form", list(FORMS))
+def test_rows_without_a_visible_key_are_zero_and_gradients_finite(form):
     q, k, v, _ = inputs(tq=20, tk=20)
     index = torch.full((2, 2, 20, 2), -1)
     index[..., 0] = 1  # block 1 (keys 8..15): queries 0..7 see none of it
-    out = selected_attention_chunked(q, k, v, index, 8, 0.3, chunk=4)
+    out = FORMS[form](q, k, v, index, 8, 0.3, chunk=4)
     assert out[:, :, :8].abs().max() == 0
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert q.grad[:, :, :8].abs().max() == 0
+
+
+def test_masked_form_in_bf16_is_within_the_reference_s_own_error():
+    """The masked form runs SDPA in bf16 (scores and softmax in fp32, probabilities rounded to bf16 before the value
+    product), the reference in fp32: against the fp64 reference, each output's and gradient's error must be at most
+    twice that of the reference run on the same bf16 inputs, plus a quarter of bf16's spacing at 1 (the reference's
+    rounding of an O(1) value can be 0 where the form's is not): FlashAttention's tests' rule. Observed ratios
+    0.4-1.7; a mask one key off gives 100 or more."""
+    q, k, v, g = inputs(tq=45, tk=45, dtype=torch.float32, seed=3)
+    q, k, v = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+    index = random_selection(2, 4, 45, 6, 3, g)
+    grad = torch.randn(2, 4, 45, 8, generator=g)
+
+    def run(fn, dtype=None, **kw):
+        leaves = [t.to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, index, 8, 0.3, **kw)
+        return [out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+    got = run(selected_attention_masked, chunk=16)
+    own = run(selected_attention_reference)
+    want = run(selected_attention_reference, torch.float64)
+    for name, x, base, ref in zip(("out", "dq", "dk", "dv"), got, own, want):
+        assert x.dtype == torch.bfloat16, name
+        error, allowed = (x.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+        assert error <= 2.0 * allowed + 2e-3, (name, error, allowed)
+
+
+@pytest.mark.parametrize("block_size,slots,tq,tk,form", [
+    (16, 64, 4096, 4096, "masked"),  # Quest's 16-key pages: a Python step per page would dominate
+    (512, 3, 16384, 16384, "masked"),  # MoBA at 16k keeps 1536 of 8k mean causal keys (1/5)
+    (512, 3, 65536, 65536, "block_major"),  # at 64k, 1/21
+    (64, 16, 16384, 16384, "block_major"),  # NSA's 1024 keys at 16k: 1/8
+    (64, 16, 1, 4096, "masked"),  # decoding at 4k: 1024 of 4096
+    (64, 16, 1, 65536, "block_major"),
+])
+def test_the_op_runs_the_faster_form_for_the_selection(block_size, slots, tq, tk, form):
+    assert pytorch_form(torch.zeros(1, 1, tq, slots, dtype=torch.long), block_size, tk) == form
 
 
 def test_partial_last_block_and_q_pos():
@@ -88,6 +135,7 @@ def test_selection_mask():
     mask = selection_mask(index, 10, 4)
     assert mask[0, 0, 0].tolist() == [False] * 8 + [True, True]
     assert mask[0, 0, 1].tolist() == [True] * 4 + [False] * 4 + [True, True]
+    assert selection_mask(torch.tensor([[[[5, 0]]]]), 10, 4)[0, 0, 0].tolist() == [True] * 4 + [False] * 6  # no block 5
 
 
 @pytest.mark.parametrize("change,message", [
