@@ -114,15 +114,30 @@ def _protocol_name(row: dict) -> str:
     return str(protocol.get("name", "")) if isinstance(protocol, dict) else str(protocol or "")
 
 
+def _attention_name(row: dict) -> str:
+    """The attention variant a row ran with (``params.attention``: name + changed fields), ``""`` where not
+    recorded."""
+    params = row.get("params")
+    attention = params.get("attention") if isinstance(params, dict) else None
+    if not isinstance(attention, dict):
+        return ""
+    return " ".join([str(attention.get("name", "")), *(f"{k}={v}" for k, v in attention.items() if k != "name")])
+
+
 class Labeller:
-    """Series labels built from the parts (experiment, run, protocol) that vary across ``rows``."""
+    """Series labels built from the parts (experiment, run, attention, protocol) that vary across ``rows``. The
+    attention part matters where ``eval.posencs`` names the series: a sweep labels its series by position encoding,
+    so ``rope`` under full attention and ``rope`` under ``attention=moba`` are two series only by it."""
 
     def __init__(self, rows: list[dict]):
         self.experiment = len({r.get("experiment") for r in rows}) > 1
+        self.attention = len({_attention_name(r) for r in rows}) > 1
         self.protocol = len({_protocol_name(r) for r in rows if _is_ppl(r)}) > 1
 
     def __call__(self, row: dict) -> str:
         label = str(row["run"])
+        if self.attention and (attention := _attention_name(row)):
+            label = f"{label} + {attention}"
         if self.experiment:
             label = f"{row.get('experiment')}/{label}"
         if self.protocol and _is_ppl(row):

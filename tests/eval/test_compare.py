@@ -10,9 +10,9 @@ from lce.eval import compare
 from lce.eval.compare import load_rows, main, markdown
 
 
-def ppl_row(run, length, ppl, status="ok", experiment="quick", protocol="canonical", **extra):
+def ppl_row(run, length, ppl, status="ok", experiment="quick", protocol="canonical", params=None, **extra):
     return {
-        "experiment": experiment, "run": run, "method": run, "params": {"posenc": {"name": run}},
+        "experiment": experiment, "run": run, "method": run, "params": params or {"posenc": {"name": run}},
         "model": {"name": "tiny"}, "seed": 0, "protocol": {"name": protocol, "n_docs": 4}, "train_length": 128,
         "length": length, "status": status, "ppl": ppl if status == "ok" else None, "nll": None, "tokens": 100,
         "tokens_per_s": 1234.5 if status == "ok" else None, "peak_mem_mb": 12.25, "mem_kind": "cpu_rss_delta",
@@ -137,6 +137,18 @@ def test_filters_and_labels(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| other/rope [canonical] | **2.500** |" in out
     assert "| quick/rope [yarn] † | 2.750 |" in out and "†: mean of per-window" in out
+
+
+def test_series_of_one_position_encoding_under_two_attention_variants_are_two_series(tmp_path, capsys):
+    # eval.posencs labels a series by its position encoding: `rope` swept under full attention and under
+    # attention=moba into one results directory must be two series, named by the variant, not a clash
+    full, moba = ({"posenc": {"name": "rope"}, "attention": attention}
+                  for attention in ({"name": "full"}, {"name": "moba", "initial_blocks": 1}))
+    path = write_jsonl(tmp_path / "results.jsonl", [ppl_row("rope", 128, 3.0, params=full),
+                                                    ppl_row("rope", 128, 4.0, params=moba)])
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| rope + full | **3.000** |" in out and "| rope + moba initial_blocks=1 | 4.000 |" in out
 
 
 def test_clashing_points_and_missing_inputs_are_errors(tmp_path, capsys):
