@@ -168,7 +168,7 @@ def case_impls(case: str, x: Inputs, args, flex) -> tuple[dict, str]:
         block_size = variant.block_size
         impls = {"lce": Impl(lambda: layer(None, x.q, x.k, x.v, None, x.scale, 0.0, q_pos=x.pos, k_pos=x.pos)[0],
                              backend="ref (SelectedBlocksAttention)")}
-    form = pytorch_form(chosen, block_size, length)
+    form = pytorch_form(chosen, block_size, length, args.heads)
     impls["lce_op"] = Impl(lambda: to_lce_layout(selected_attention(x.q, x.k, x.v, chosen, block_size, x.scale, x.pos,
                                                                     backend="ref")),
                            backend=f"ref (selected_attention op, selection precomputed: {form} form)",

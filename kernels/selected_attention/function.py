@@ -1,5 +1,5 @@
 """The public selected-block attention op: checks its inputs, resolves the backend, runs one of the two PyTorch forms
-(``ref``; ``pytorch_form`` picks) or the Triton kernels (``triton``, autograd through
+(``ref``; ``pytorch_form`` picks the faster) or the Triton kernels (``triton``, autograd through
 ``triton_selected.SelectedAttentionFunction``)."""
 
 from __future__ import annotations
@@ -32,30 +32,33 @@ def check_inputs(q, k, v, block_index, block_size: int, q_pos) -> None:
         raise LceError(f"selected_attention: q_pos must be [B, Tq] = [{batch}, {tq}], got {tuple(q_pos.shape)}")
 
 
-#: The key-block-major form runs when blocks hold at least this many keys and the selection keeps at most
-#: ``1 / SPARSE_ENOUGH`` of a query's causal keys on average; otherwise the masked form. Why: the masked form computes
-#: every causal key in fused SDPA, the key-block-major form only the selected ones but in about six unfused
-#: elementwise passes per selected key plus a Python step per (block, head). Measured on 2 CPU cores, bf16, 9 / 3
-#: heads, d 64 (``experiments/benchmarks/sparse_cpu.py``, ``op_masked`` vs ``op_block_major`` in
-#: ``experiments/results/sparse_attention/cpu_bench/``): 16-key blocks, 1024 keys selected: masked 40x faster at 4k;
-#: 64- and 512-key blocks: masked faster at 4k, even at 16k, where the selection keeps 1/8-1/5 of the causal keys.
-MIN_BLOCK_MAJOR_BLOCK = 64
-SPARSE_ENOUGH = 8
+#: What each PyTorch form costs per unit of work on a CPU, in nanoseconds: the masked form per (query head, causal
+#: key) it scores in SDPA; the key-block-major form per (query head, selected key) in its unfused passes, and per step
+#: (one selected block of one selection head: a gather of the queries that chose it and a few small products).
+#: Measured on one thread of an Intel Xeon (AMX) VM, bf16, 9 query / 3 KV heads, head dim 64, 2026-12-05:
+#: Quest's 16-key pages x 64: masked 0.58 s vs key-block-major 2.80 s at 4k, 15.0 s vs 19.1 s at 16k (the steps
+#: dominate: 1-2 ms each); NSA's 64-key blocks x 16: 0.85 vs 0.63 s at 4k, 11.5 vs 5.2 s at 16k; MoBA's 512-key
+#: blocks x 3: 0.99 vs 0.76 s at 4k, 10.5 vs 3.6 s at 16k. The constants fit those six points to within 25 % for
+#: the faster form; decoding (one query) picks the masked form (a step costs more than scoring 16k keys).
+MASKED_NS_PER_KEY = 12.0
+BLOCK_MAJOR_NS_PER_KEY = 13.0
+BLOCK_MAJOR_NS_PER_STEP = 2.0e6
 
 
-def pytorch_form(block_index: torch.Tensor, block_size: int, num_keys: int) -> str:
-    """``"block_major"`` (``selected_attention_chunked``) or ``"masked"`` (``selected_attention_masked``): the faster
-    of the two PyTorch forms for this selection (``MIN_BLOCK_MAJOR_BLOCK`` and ``SPARSE_ENOUGH`` say why)."""
-    tq = block_index.shape[2]
-    selected = block_index.shape[-1] * block_size
-    mean_causal_keys = num_keys - (tq - 1) / 2  # queries are the last tq of the keys, or fewer keys visible
-    if block_size >= MIN_BLOCK_MAJOR_BLOCK and selected * SPARSE_ENOUGH <= mean_causal_keys:
-        return "block_major"
-    return "masked"
+def pytorch_form(block_index: torch.Tensor, block_size: int, num_keys: int, heads: int) -> str:
+    """``"block_major"`` (``selected_attention_chunked``) or ``"masked"`` (``selected_attention_masked``): the form
+    with the lower predicted time for ``heads`` query heads over ``num_keys`` keys (the ``*_NS_*`` costs)."""
+    sel_heads, tq, slots = block_index.shape[1:]
+    mean_causal_keys = max(1.0, num_keys - (tq - 1) / 2)  # the queries are the last tq of the keys
+    masked = heads * tq * mean_causal_keys * MASKED_NS_PER_KEY
+    steps = sel_heads * min(-(-num_keys // block_size), tq * slots)  # selected blocks per selection head
+    block_major = (heads * tq * min(slots * block_size, mean_causal_keys) * BLOCK_MAJOR_NS_PER_KEY
+                   + block_index.shape[0] * steps * BLOCK_MAJOR_NS_PER_STEP)
+    return "block_major" if block_major < masked else "masked"
 
 
 def run_pytorch_form(q, k, v, block_index, block_size: int, scale: float, q_pos):
-    form = pytorch_form(block_index, block_size, k.shape[2])
+    form = pytorch_form(block_index, block_size, k.shape[2], q.shape[1])
     run = selected_attention_chunked if form == "block_major" else selected_attention_masked
     return run(q, k, v, block_index, block_size, scale, q_pos)
 
