@@ -373,7 +373,9 @@ def selected_attention_configs(dtype: str, head_dim: int, block_size: int = 64, 
     shared by each GQA group (NSA: the ``HEADS / KV_HEADS`` query heads of a token form the query tile) and one per
     query head (MoBA, Quest: a one-row tile padded to 16; the dk/dv kernel gathers 32 listed rows of one head).
     Arguments from the launchers ``forward_launch`` and ``backward_launches``, so the warps and stages are the ones
-    lce launches."""
+    lce launches. Also the key-block-major forward (``selected_attention.triton_block_major``) at this block and at
+    MoBA's 512 (walked in sub-tiles), and its fused merge of the partial softmaxes."""
+    from lce.kernels.selected_attention import triton_block_major as bm
     from lce.kernels.selected_attention import triton_selected as ts
 
     torch_dtype = DTYPES[dtype]
@@ -395,6 +397,18 @@ def selected_attention_configs(dtype: str, head_dim: int, block_size: int = 64, 
                            launches["dq"][1], tensor_cores),
                     Config("selected_attention_bwd_dk_dv", case, dtype, head_dim, ts.selected_bwd_dk_dv_kernel,
                            launches["dk_dv"][1], tensor_cores)]
+        o_part = _meta((1, HEADS, LENGTH, slots, head_dim), torch.float32)
+        lse_part = _meta((1, HEADS, LENGTH, slots), torch.float32)
+        pairs, tiles = _meta((sel_heads * LENGTH * slots,), torch.int32), _meta((HEADS * LENGTH, 3), torch.int32)
+        for bm_block in dict.fromkeys((block_size, 512)):
+            options = bm.tiles_for(q.device, torch_dtype, head_dim, bm_block, HEADS // sel_heads)
+            _, bm_fwd = bm.block_major_launch(q, k, k, index, q_pos, pairs, tiles, o_part, lse_part, bm_block,
+                                              head_dim ** -0.5, options)
+            configs.append(Config("selected_attention_block_major_fwd", case.replace(f"block {block_size}",
+                                  f"block {bm_block}"), dtype, head_dim, bm.block_major_fwd_kernel, bm_fwd,
+                                  tensor_cores))
+        configs.append(Config("selected_attention_block_major_merge", case, dtype, head_dim, bm.merge_partials_kernel,
+                              bm.merge_launch(o_part, lse_part, q, lse)[1], False))
     return configs
 
 

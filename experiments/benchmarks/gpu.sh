@@ -196,10 +196,12 @@ attention_args=("${shape[@]}" --train-length 4096 --window 4096 --neighbor-windo
   --warmup-ms 50 --rep-ms 300)
 ops_args=("${shape[@]}" --hidden 4096 --vocab 128256 --lengths 65536 --linear-lengths 16384 65536
   --loss-lengths 16384 --warmup-ms 50 --rep-ms 300)
-# Selected-block attention: NSA-like (16 blocks of 64 shared per GQA group of 16 query heads) and MoBA-like (1/8 of
-# the blocks per query head), bf16, head dim 128, against SDPA flash (full causal) and the chunked form at 8k.
+# Selected-block attention: NSA-like (16 blocks of 64 shared per GQA group of 16 query heads) and MoBA (1/8 of its
+# 512-key blocks per query head), bf16, head dim 128, both Triton forwards against SDPA flash (full causal) and the
+# PyTorch forms at 8k; the per-token forward of MoBA only to 16k.
 selected_args=(--dtype bfloat16 --heads 32 --kv-heads 2 --head-dim 128 --block-size 64 --slots 16 --fraction 8
-  --lengths 8192 16384 32768 65536 --per-head-lengths 8192 16384 --ref-lengths 8192 --warmup-ms 50 --rep-ms 300)
+  --moba-block-size 512 --lengths 8192 16384 32768 65536 --per-head-lengths 8192 16384 32768 65536
+  --per-token-max 16384 --ref-lengths 8192 --warmup-ms 50 --rep-ms 300)
 # The dry run: the same scripts end to end on CPU at toy sizes (fp32, the Triton rows in the interpreter, checked
 # against lce's PyTorch paths where FlexAttention, skipped on CPU, would be the reference).
 dry_attention_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --modes fwd --lengths 48
@@ -208,7 +210,8 @@ dry_attention_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-d
 dry_ops_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --lengths 48 --hidden 32 --vocab 100
   --interpreted-triton --warmup 0 --repeats 1)
 dry_selected_args=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --block-size 16 --slots 2
-  --fraction 2 --lengths 32 --per-head-lengths 32 --ref-lengths 32 --interpreted-triton --warmup 0 --repeats 1)
+  --moba-block-size 16 --fraction 2 --lengths 32 --per-head-lengths 32 --ref-lengths 32 --interpreted-triton
+  --warmup 0 --repeats 1)
 
 bench() {  # bench SCRIPT ARGS...: a benchmark at the GPU shapes, or at toy sizes in the dry run
   local script=$1

@@ -1,6 +1,7 @@
-"""The public selected-block attention op: checks its inputs, resolves the backend, runs one of the two PyTorch forms
-(``ref``; ``pytorch_form`` picks the faster) or the Triton kernels (``triton``, autograd through
-``triton_selected.SelectedAttentionFunction``)."""
+"""The public selected-block attention op: checks its inputs, drops repeated blocks, resolves the backend, runs one
+of the two PyTorch forms (``ref``; ``pytorch_form`` picks the faster) or one of the two Triton forwards (``triton``;
+``triton_form`` picks: ``triton_selected``'s per-token kernels or ``triton_block_major``'s key-block-major forward,
+both with ``triton_selected``'s backward)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import torch
 
 from lce.errors import LceError
 from lce.kernels.backend import requested_backend, resolve_backend
-from lce.kernels.selected_attention.reference import selected_attention_chunked, selected_attention_masked
+from lce.kernels.selected_attention.reference import (
+    drop_repeated_blocks,
+    selected_attention_chunked,
+    selected_attention_masked,
+)
 
 
 def check_inputs(q, k, v, block_index, block_size: int, q_pos) -> None:
@@ -57,6 +62,25 @@ def pytorch_form(block_index: torch.Tensor, block_size: int, num_keys: int, head
     return "block_major" if block_major < masked else "masked"
 
 
+#: Fewest queries for which the key-block-major Triton forward runs with a selection per query head: below it a
+#: block's list holds too few rows to fill a tile (decoding: one query), and the per-token kernel reads less.
+BLOCK_MAJOR_MIN_QUERIES = 16
+
+
+def triton_form(block_index: torch.Tensor, block_size: int, heads: int) -> str:
+    """``"block_major"`` (``triton_block_major``) or ``"per_token"`` (``triton_selected``), by design, not yet by GPU
+    timing (``experiments/benchmarks/selected_attention.py`` times both): the per-token kernel's query tile is the
+    ``G = HQ / HS`` heads sharing a selection, padded to 16 rows, so with a selection per query head (``G = 1``: MoBA,
+    Quest) it holds one useful row and reads every selected block for one query; the key-block-major forward fills
+    its tiles with the queries that chose a block. Blocks over 128 keys only the key-block-major forward takes."""
+    from lce.kernels.selected_attention.triton_selected import BLOCK_SIZES
+
+    per_query_head = block_index.shape[1] == heads
+    if block_size > max(BLOCK_SIZES) or (per_query_head and block_index.shape[2] >= BLOCK_MAJOR_MIN_QUERIES):
+        return "block_major"
+    return "per_token"
+
+
 def run_pytorch_form(q, k, v, block_index, block_size: int, scale: float, q_pos):
     form = pytorch_form(block_index, block_size, k.shape[2], q.shape[1])
     run = selected_attention_chunked if form == "block_major" else selected_attention_masked
@@ -70,23 +94,28 @@ def selected_attention(q, k, v, block_index, block_size: int, scale: float, q_po
 
     Args:
         backend: ``ref`` (the PyTorch forms, ``pytorch_form`` picks), ``triton`` or ``auto``/None
-            (``lce.kernels.backend``); under ``auto`` on CUDA, sizes the Triton kernels do not take
-            (``triton_selected.check_supported``: block sizes other than 16-128) run the PyTorch forms, under
-            ``triton`` they are an error.
+            (``lce.kernels.backend``; ``triton_form`` picks the Triton forward); under ``auto`` on CUDA, sizes the
+            Triton kernels do not take (block sizes that are not powers of two from 16 to 4096, float64, head dims
+            over 256) run the PyTorch forms, under ``triton`` they are an error.
     """
     check_inputs(q, k, v, block_index, block_size, q_pos)
+    block_index = drop_repeated_blocks(block_index)
     if q_pos is None:
         tq, tk = q.shape[2], k.shape[2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)[None].expand(q.shape[0], tq)
     if resolve_backend(backend, q, k, v) == "triton":
-        from lce.kernels.selected_attention.triton_selected import check_supported, selected_attention_triton
+        from lce.kernels.selected_attention import triton_block_major, triton_selected
 
+        if triton_form(block_index, block_size, q.shape[1]) == "block_major":
+            check, run = triton_block_major.check_block_major, triton_block_major.selected_attention_block_major
+        else:
+            check, run = triton_selected.check_supported, triton_selected.selected_attention_triton
         try:
-            check_supported(q, k, block_index, block_size)
+            check(q, k, block_index, block_size)
         except LceError:
             if requested_backend(backend) == "triton":
                 raise
-            # ``auto`` (CUDA): a size the kernels do not take (MoBA's 512-key blocks) runs the PyTorch form
+            # ``auto`` (CUDA): a size the kernels do not take runs the PyTorch forms
             return run_pytorch_form(q, k, v, block_index, block_size, scale, q_pos)
-        return selected_attention_triton(q, k, v, block_index, block_size, scale, q_pos)
+        return run(q, k, v, block_index, block_size, scale, q_pos)
     return run_pytorch_form(q, k, v, block_index, block_size, scale, q_pos)

@@ -48,6 +48,18 @@ def selection_mask(block_index: torch.Tensor, num_keys: int, block_size: int) ->
     return chosen[..., :blocks].repeat_interleave(block_size, dim=-1)[..., :num_keys]
 
 
+def drop_repeated_blocks(block_index: torch.Tensor) -> torch.Tensor:
+    """``block_index [B, HS, Tq, N]`` with every repeat of a block in a row after its first slot set to ``-1``, same
+    dtype: the reference counts a block listed twice once; the key-block-major form and the Triton kernels would
+    weigh it twice beside the row's other blocks, so the op drops repeats first (top-k never makes them; a caller's
+    own selection may)."""
+    ordered, order = block_index.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    repeat = torch.zeros_like(repeat).scatter_(-1, order, repeat)
+    return block_index.masked_fill(repeat, -1)
+
+
 def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """A ``[B, HS, ...]`` per-head tensor for ``heads`` query heads (HS = heads, or HS KV heads each shared by
     ``heads / HS`` consecutive query heads, as GQA shares them)."""

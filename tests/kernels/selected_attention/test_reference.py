@@ -168,3 +168,32 @@ def test_auto_runs_the_pytorch_form_for_sizes_the_kernels_do_not_take(monkeypatc
     torch.testing.assert_close(selected_attention(q, k, v, index, 24, 0.3), expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(LceError, match="block sizes"):
         selected_attention(q, k, v, index, 24, 0.3, backend="triton")
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_block_listed_twice_counts_once(form, monkeypatch):
+    """The reference's contract; the key-block-major form alone would weigh a repeated block twice, so the op drops
+    repeats before any form runs."""
+    from lce.kernels.selected_attention import function
+
+    monkeypatch.setattr(function, "pytorch_form", lambda *args: form)
+    q, k, v, g = inputs(tq=30, tk=30)
+    index = random_selection(2, 4, 30, 4, 3, g, empty=0.0)
+    repeated = torch.cat([index, index[..., :2]], -1)  # every row lists its first two blocks twice
+    expected = selected_attention_reference(q, k, v, index, 8, 0.3)
+    torch.testing.assert_close(selected_attention_reference(q, k, v, repeated, 8, 0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(selected_attention(q, k, v, repeated, 8, 0.3, backend="ref"), expected, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_the_triton_forward_is_key_block_major_for_a_selection_per_query_head_and_for_large_blocks():
+    pytest.importorskip("triton")
+    from lce.kernels.selected_attention.function import triton_form
+
+    def form(sel_heads, tq, block_size):
+        return triton_form(torch.zeros(1, sel_heads, tq, 4, dtype=torch.long), block_size, 8)
+
+    assert form(8, 4096, 64) == "block_major"  # MoBA / Quest prefill: tiles of queries that chose a block
+    assert form(8, 1, 64) == "per_token"  # decoding: one query per block list
+    assert form(2, 4096, 64) == "per_token"  # NSA: the GQA group fills the per-token tile
+    assert form(2, 1, 512) == form(8, 1, 512) == "block_major"  # over 128 keys: only the key-block-major forward
