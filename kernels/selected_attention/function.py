@@ -40,11 +40,13 @@ def check_inputs(q, k, v, block_index, block_size: int, q_pos) -> None:
 #: What each PyTorch form costs per unit of work on a CPU, in nanoseconds: the masked form per (query head, causal
 #: key) it scores in SDPA; the key-block-major form per (query head, selected key) in its unfused passes, and per step
 #: (one selected block of one selection head: a gather of the queries that chose it and a few small products).
-#: Measured on one thread of an Intel Xeon (AMX) VM, bf16, 9 query / 3 KV heads, head dim 64, 2026-12-05:
-#: Quest's 16-key pages x 64: masked 0.58 s vs key-block-major 2.80 s at 4k, 15.0 s vs 19.1 s at 16k (the steps
-#: dominate: 1-2 ms each); NSA's 64-key blocks x 16: 0.85 vs 0.63 s at 4k, 11.5 vs 5.2 s at 16k; MoBA's 512-key
-#: blocks x 3: 0.99 vs 0.76 s at 4k, 10.5 vs 3.6 s at 16k. The constants fit those six points to within 25 % for
-#: the faster form; decoding (one query) picks the masked form (a step costs more than scoring 16k keys).
+#: Fitted to one thread of an Intel Xeon (AMX) VM, bf16, 9 query / 3 KV heads, head dim 64 (2026-12-05, the other
+#: core busy; ``experiments/results/sparse_attention/cpu_bench_bf16/``, ``op_masked`` vs ``op_block_major``, and a
+#: repeat of its 4k and 16k points): Quest's 16-key pages x 64: masked 0.58-0.79 s vs key-block-major 2.1-2.8 s at
+#: 4k, 1.5 vs 3.0 s at 8k, a tie at 16k (11.0 vs 10.2 s; 15.0 vs 19.1 s in the repeat): the steps dominate, 1-2 ms
+#: each; NSA's 64-key blocks x 16: 0.48-0.85 vs 0.36-0.63 s at 4k, 9.5-11.5 vs 2.1-5.2 s at 16k; MoBA's 512-key
+#: blocks x 3: 0.51-0.99 vs 0.30-0.76 s at 4k, 10.3-10.5 vs 2.6-3.6 s at 16k. Decoding (one query) picks the masked
+#: form: a step costs more than scoring 16k keys.
 MASKED_NS_PER_KEY = 12.0
 BLOCK_MAJOR_NS_PER_KEY = 13.0
 BLOCK_MAJOR_NS_PER_STEP = 2.0e6
