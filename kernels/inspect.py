@@ -373,8 +373,8 @@ def selected_attention_configs(dtype: str, head_dim: int, block_size: int = 64, 
     shared by each GQA group (NSA: the ``HEADS / KV_HEADS`` query heads of a token form the query tile) and one per
     query head (MoBA, Quest: a one-row tile padded to 16; the dk/dv kernel gathers 32 listed rows of one head).
     Arguments from the launchers ``forward_launch`` and ``backward_launches``, so the warps and stages are the ones
-    lce launches. Also the key-block-major forward (``selected_attention.triton_block_major``) at this block and at
-    MoBA's 512 (walked in sub-tiles), and its fused merge of the partial softmaxes."""
+    lce launches. Also the key-block-major forward and dq kernels (``selected_attention.triton_block_major``) at this
+    block and at MoBA's 512 (walked in sub-tiles), and the forward's fused merge of the partial softmaxes."""
     from lce.kernels.selected_attention import triton_block_major as bm
     from lce.kernels.selected_attention import triton_selected as ts
 
@@ -406,6 +406,13 @@ def selected_attention_configs(dtype: str, head_dim: int, block_size: int = 64, 
                                               head_dim ** -0.5, options)
             configs.append(Config("selected_attention_block_major_fwd", case.replace(f"block {block_size}",
                                   f"block {bm_block}"), dtype, head_dim, bm.block_major_fwd_kernel, bm_fwd,
+                                  tensor_cores))
+            dq_options = bm.tiles_for(q.device, torch_dtype, head_dim, bm_block, HEADS // sel_heads,
+                                      table=bm.DQ_LAUNCH_TABLE)
+            _, bm_dq = bm.block_major_dq_launch(q, k, k, q, lse, lse, index, q_pos, pairs, tiles, o_part, bm_block,
+                                                head_dim ** -0.5, dq_options)
+            configs.append(Config("selected_attention_block_major_bwd_dq", case.replace(f"block {block_size}",
+                                  f"block {bm_block}"), dtype, head_dim, bm.block_major_bwd_dq_kernel, bm_dq,
                                   tensor_cores))
         configs.append(Config("selected_attention_block_major_merge", case, dtype, head_dim, bm.merge_partials_kernel,
                               bm.merge_launch(o_part, lse_part, q, lse)[1], False))

@@ -1,7 +1,7 @@
 """The public selected-block attention op: checks its inputs, drops repeated blocks, resolves the backend, runs one
 of the two PyTorch forms (``ref``; ``pytorch_form`` picks the faster) or one of the two Triton forwards (``triton``;
-``triton_form`` picks: ``triton_selected``'s per-token kernels or ``triton_block_major``'s key-block-major forward,
-both with ``triton_selected``'s backward)."""
+``triton_form`` picks: ``triton_selected``'s per-token forward and dq kernels, or ``triton_block_major``'s
+key-block-major forward and dq kernels; both with ``triton_selected``'s dk/dv kernel per key block)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A key-block-major Triton forward of ``lce.kernels.selected_attention`` (``reference.py`` defines the op), for
-selections per query head (MoBA, Quest-style top-k) and any power-of-two block from 16 to 4096 keys.
+"""A key-block-major Triton forward and dq kernel of ``lce.kernels.selected_attention`` (``reference.py`` defines the
+op), for selections per query head (MoBA, Quest-style top-k) and any power-of-two block from 16 to 4096 keys.
 
 Layout as ``triton_selected.py``: contiguous ``q [B, HQ, Tq, D]``, ``k, v [B, HKV, Tk, D]``, ``block_index
 [B, HS, Tq, N]`` (``-1`` = empty slot, ``HS`` = ``HQ`` or ``HKV``), ``q_pos [B, Tq]``; key ``j`` sits at position
@@ -33,21 +33,35 @@ Schedule:
    as one Triton kernel that reads each visited partial once (``merge_partials_fused``) is the alternative ``MERGE``
    names.
 
-Backward: ``triton_selected.selected_backward`` (per-token dq kernel, per-key-block dk/dv kernel) from the merged
-``out`` and ``lse``, which mean what they mean there. Its kernels take blocks up to 128 keys; a larger block is
-handed to them as ``block_size / 128`` consecutive 128-key blocks (``split_blocks``): the same keys, so the same
-gradients, computed in Triton (no PyTorch recomputation). Selections listing a block twice count it once, as the
-reference does (``drop_repeated_blocks``).
+Backward (``block_major_backward``): FlashAttention-2's gradients (Dao 2023, arXiv:2307.08691, Algorithm 2) from the
+merged ``out`` and ``lse`` (the row's final log-sum-exp, so ``P = exp(S * scale - lse)`` needs no merge), with
+``delta = rowsum(dO * O)`` ``[B, HQ, Tq]`` computed once in PyTorch (fp32). Two deterministic launches, no atomics:
+
+- ``block_major_bwd_dq_kernel``: the forward's schedule (the same pair lists and row tiles, the block walked in
+  ``BLOCK_K``-key sub-tiles, the mask only where a sub-tile reaches past some row's position), so with ``G = 1`` its
+  tiles are full where ``triton_selected.selected_bwd_dq_kernel``'s 16-row tile holds one useful row. Per sub-tile
+  ``P = exp(S - lse)``, ``dP = dO V^T``, ``dS = P (dP - delta)``; each pair's ``scale * dS K`` over its block is
+  stored at the pair's own place in ``DQ_PART [B, HQ, Tq, N, D]`` (fp32, zero-filled: pairs no program visits add
+  0), and ``dq = DQ_PART.sum(-2)`` in PyTorch, rounded to ``q``'s dtype once. Any block size: no split.
+- ``triton_selected.selected_bwd_dk_dv_kernel`` (one program per key block over the rows that selected it; the pair
+  lists give its row lists, ``pair // N``). It takes blocks up to 128 keys; a larger block is handed to it as
+  ``block_size / 128`` consecutive 128-key blocks (``split_blocks``, inverted once more): the same keys, so the same
+  gradients.
+
+Selections listing a block twice count it once, as the reference does (``drop_repeated_blocks``).
 
 Precision: as ``triton_selected.py``: every ``tl.dot`` accumulates in fp32; bf16/fp16 operands on tensor cores with
-the probabilities rounded to the input dtype before the value product; fp32 inputs use exact IEEE dots (not TF32).
-The softmax runs in fp32 with ``exp2`` (``scale * log2(e)`` folded into one multiply). Partials and the merge are
-fp32; the output is rounded to ``q``'s dtype once, after the merge.
+the probabilities (and the backward's ``dS``) rounded to the input dtype before the next product; fp32 inputs use
+exact IEEE dots (not TF32). The softmax runs in fp32 with ``exp2`` (``scale * log2(e)`` folded into one multiply).
+Partials, the merge and dq's sum over the slots are fp32; the output and dq are rounded to ``q``'s dtype once, at
+the end.
 
 Sizes: ``block_size`` a power of two from 16 to 4096 (``BLOCK_SIZES``); ``BLOCK_K`` the sub-tile (``LAUNCH_TABLE``,
-at most the block); head dims up to 256. Memory: the partials take ``B * HQ * Tq * N * (D + 1) * 4`` bytes (``2N``
-times a bf16 output), the pair lists ``O(B HS Tq N)`` int32. Offsets are int32 unless a tensor holds ``2^31``
-elements or more (then int64); the pairs must number fewer than ``2^31`` (they are int32).
+``DQ_LAUNCH_TABLE``, at most the block); head dims up to 256. Memory: the forward's partials take ``B * HQ * Tq * N
+* (D + 1) * 4`` bytes (``2N`` times a bf16 output), the backward's ``DQ_PART`` ``B * HQ * Tq * N * D * 4``, the pair
+lists ``O(B HS Tq N)`` int32 (rebuilt by the backward, not saved). Offsets are int32 unless a tensor holds ``2^31``
+elements or more (then int64; the dq kernel stores to ``DQ_PART`` with int64 offsets always); the pairs must number
+fewer than ``2^31`` (they are int32).
 """
 
 from __future__ import annotations
@@ -66,28 +80,51 @@ from lce.kernels.triton_precision import round_to as _to
 #: Block sizes the key-block-major forward takes (a block is walked in ``BLOCK_K``-key sub-tiles, so it may exceed
 #: ``triton_selected.BLOCK_SIZES``: MoBA's paper uses 512-key blocks, its repository defaults to 2048).
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-#: Largest block the backward kernels of ``triton_selected`` take; larger blocks are split into blocks of this size.
+#: Largest block ``triton_selected``'s dk/dv kernel takes; larger blocks are split into blocks of this size for it.
 BACKWARD_BLOCK = max(ts.BLOCK_SIZES)
 
 #: ``(head-dim tile, fp32?) -> (BLOCK_R, BLOCK_K, num_warps, num_stages)`` on a GPU, chosen with the compile check
 #: (sm_90, Triton 3.9, block 512, 16 slots; ``lce.kernels.inspect``): no spills, bf16/fp16 dots on wgmma (HGMMA).
-#: bf16/fp16: FlashAttention-2's forward tiles, 128 rows x 64 keys, at head dim 64 with 4 warps (242 registers,
-#: 64 KB shared, 2 blocks per SM; 8 warps: 185 registers, 1 block) and at 128 with 8 warps, 3 stages (222
-#: registers, 128 KB); at 256 64 x 32 with 8 warps, 2 stages (244 registers, 96 KB; 64 x 64 spilled 32-636 B at
-#: 1-2 stages and 4-8 warps, 128 x 32 376-988 B). fp32 (IEEE dots, no tensor cores: the exactness path): 64 x 32
-#: tiles spilled ~2 KB, so 32 rows x 32 keys at 4 warps (d64: 168 registers) and 32 x 16 at 8 warps (d128: 79,
-#: d256: 180 registers), no spills. ``BLOCK_K`` is capped by the block size. Not yet timed on a GPU.
+#: bf16/fp16: 128 rows x 32 keys at head dim 64 with 4 warps, 3 stages (158-160 registers, 40 KB shared, 3 blocks
+#: per SM; 128 x 64 with int64 offsets: 239-242, 64 KB, 2 blocks) and at 128 with 8 warps, 2 stages (207-209
+#: registers, 64 KB; 128 x 64, 3 stages: 222-228, 128 KB); at 256 64 x 32 with 8 warps, 2 stages (244 registers,
+#: 96 KB; 64 x 64 spilled 32-636 B at 1-2 stages and 4-8 warps, 128 x 32 376-988 B). fp32 (IEEE dots, no tensor
+#: cores: the exactness path): 64 x 32 tiles spilled ~2 KB, so 32 rows x 32 keys at 4 warps (d64: 168 registers)
+#: and 32 x 16 at 8 warps (d128: 79, d256: 180 registers), no spills. ``BLOCK_K`` is capped by the block size. Not
+#: yet timed on a GPU.
 LAUNCH_TABLE: dict[tuple[int, bool], tuple[int, int, int, int]] = {
-    (16, False): (128, 64, 4, 3),
-    (32, False): (128, 64, 4, 3),
-    (64, False): (128, 64, 4, 3),
-    (128, False): (128, 64, 8, 3),
+    (16, False): (128, 32, 4, 3),
+    (32, False): (128, 32, 4, 3),
+    (64, False): (128, 32, 4, 3),
+    (128, False): (128, 32, 8, 2),
     (256, False): (64, 32, 8, 2),
     (16, True): (32, 32, 4, 1),
     (32, True): (32, 32, 4, 1),
     (64, True): (32, 32, 4, 1),
     (128, True): (32, 16, 8, 1),
     (256, True): (32, 16, 8, 1),
+}
+#: ``(head-dim tile, fp32?) -> (BLOCK_R, BLOCK_K, num_warps, num_stages)`` of ``block_major_bwd_dq_kernel``, chosen
+#: as ``LAUNCH_TABLE`` (sm_90, Triton 3.9, blocks 64 and 512, 16 slots, both layouts): no spills, bf16/fp16 dots on
+#: wgmma. The dq kernel holds ``q``, ``dO`` and the fp32 ``dq`` through the loop and two ``[BLOCK_R, BLOCK_K]`` fp32
+#: tiles (``S``, ``dP``) per sub-tile, so its key sub-tiles are narrower than the forward's (32, as the Triton
+#: tutorial's dq): bf16/fp16 128 x 32 at head dim 64 with 4 warps, 3 stages (207 registers, 56 KB, 2 blocks per SM;
+#: 128 x 64: 241) and at 128 with 8 warps, 2 stages (182-186 registers, 96 KB; 128 x 64: 235, and on sm_80 128 x 64
+#: spilled 88-132 B where 128 x 32 does not); at 256 64 x 32 with 8 warps, 2 stages (246 registers, 128 KB; 1 stage
+#: spilled 88 B, 64 x 64 196 B, 128 x 32 0.9-1.2 KB, 4 warps ~1 KB). fp32 (IEEE dots): 32 x 32 at 4 warps for head
+#: dim 64 (217 registers), 16 x 32 at 128 (4 warps, 109) and 256 (8 warps, 110), no spills (32 x 16 spilled 24-48
+#: B at 128-256). ``BLOCK_K`` is capped by the block size. Not yet timed on a GPU.
+DQ_LAUNCH_TABLE: dict[tuple[int, bool], tuple[int, int, int, int]] = {
+    (16, False): (128, 32, 4, 3),
+    (32, False): (128, 32, 4, 3),
+    (64, False): (128, 32, 4, 3),
+    (128, False): (128, 32, 8, 2),
+    (256, False): (64, 32, 8, 2),
+    (16, True): (32, 32, 4, 1),
+    (32, True): (32, 32, 4, 1),
+    (64, True): (32, 32, 4, 1),
+    (128, True): (16, 32, 4, 1),
+    (256, True): (16, 32, 8, 1),
 }
 #: How the partials are merged: ``"torch"`` (``merge_partials``: a zero fill, an in-place product and a sum, about
 #: four passes over the ``B * HQ * Tq * N * D`` fp32 partials besides the kernel's write) or ``"triton"``
@@ -98,6 +135,7 @@ MERGE = "torch"
 INTERPRETER_TILES = (16, 16)
 
 _LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(ts.LOG2E)
 
 
 @triton.jit
@@ -191,6 +229,97 @@ def block_major_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(O_PART + home[:, None] * D + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(LSE_PART + home, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, lse2, delta, K, V, kv_rows, ks, last, tile_last, cols, col_ok, qk_scale, D,
+             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MASK: tl.constexpr):
+    """``dq + dS K`` (fp32, unscaled) of the ``[BLOCK_R]`` rows over keys ``ks .. ks + BLOCK_K - 1``, with ``P =
+    exp2(S * qk_scale - lse2)`` recomputed from each row's final log-sum-exp (``lse2`` in log2 units), ``dP = dO
+    V^T``, ``dS = P (dP - delta)``. ``MASK`` as ``_attend_keys``."""
+    keys = ks + tl.arange(0, BLOCK_K)
+    kv = (kv_rows + keys) * D
+    if MASK:
+        kv_mask = (keys <= tile_last)[:, None] & col_ok[None, :]
+    else:
+        kv_mask = col_ok[None, :]
+    k = tl.load(K + kv[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + kv[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_K], tl.float32)) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])  # <= 1: lse is the row's log-sum-exp over all its blocks
+    if MASK:  # zero, not -inf in s: keys past a row's position (or the loaded zeros past the tile's last key)
+        p = tl.where(keys[None, :] <= last[:, None], p, 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_R, BLOCK_K], tl.float32))
+    ds = _to(p * (dp - delta[:, None]), q.dtype)  # rounded to the input dtype before the next product, as P is
+    return _dot(ds, k, dq)
+
+
+@triton.jit
+def block_major_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, Q_POS, PAIRS, TILES, DQ_PART, scale, qk_scale,
+    HQ, HKV, HS, Tq, Tk, N, D, n_blocks,
+    BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """``DQ_PART [B, HQ, Tq, N, D]`` (fp32) of the pairs of one row tile over one key block: each pair's ``scale *
+    dS K`` over the block's keys, at the pair's own place (``dq = DQ_PART.sum(-2)``). Schedule, grid and ``TILES``
+    as ``block_major_fwd_kernel``; ``DO [B, HQ, Tq, D]`` (q's dtype), ``LSE`` (the forward's merged log-sum-exp,
+    natural log) and ``DELTA = rowsum(dO * O)`` ``[B, HQ, Tq]`` (fp32); ``qk_scale = scale * log2(e)``."""
+    tile = tl.program_id(0)
+    lst = tl.load(TILES + tile * 3)
+    first = tl.load(TILES + tile * 3 + 1)
+    end = tl.load(TILES + tile * 3 + 2)
+    if INT64:
+        lst, first, end = lst.to(tl.int64), first.to(tl.int64), end.to(tl.int64)
+    group = HQ // HS
+    kb = lst % n_blocks
+    bkv = lst // n_blocks
+    b = bkv // HKV
+    r = tl.arange(0, BLOCK_R)
+    entry = first + r // GP
+    g = r % GP
+    row_ok = (entry < end) & (g < group)
+    pair = tl.load(PAIRS + entry, mask=row_ok, other=0)  # ((b * HS + hs) * Tq + t) * N + n
+    if INT64:
+        pair = pair.to(tl.int64)
+    n = pair % N
+    t = (pair // N) % Tq
+    hs = (pair // (N * Tq)) % HS
+    heads = b * HQ + hs * group + g  # [BLOCK_R] flat (batch, query head)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    q_rows = (heads * Tq + t) * D
+    qd_mask = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(Q + q_rows[:, None] + cols[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] + cols[None, :], mask=qd_mask, other=0.0)
+    delta = tl.load(DELTA + heads * Tq + t, mask=row_ok, other=0.0)
+    # P = exp2(S * log2(e) - lse * log2(e)). A listed pair sees a key, so its row's lse is finite; padding rows (and,
+    # defensively, a row without keys: lse = -inf) take +inf, so their P is 0, never exp(-inf - -inf) = NaN.
+    lse = tl.load(LSE + heads * Tq + t, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+    # Keys read and masks as the forward's (block_major_fwd_kernel says why).
+    last = tl.minimum(tl.load(Q_POS + b * Tq + t, mask=row_ok, other=-1).to(tl.int32), Tk - 1)
+    tile_last = tl.max(last, 0)
+    last = tl.where(row_ok, last, tile_last)
+    min_last = tl.min(last, 0)
+    start = kb * BS
+    stop = tl.minimum(start + BS, tile_last + 1)
+    unmasked_end = tl.minimum(start + (min_last + 1 - start) // BLOCK_K * BLOCK_K, stop)
+    kv_rows = bkv * Tk
+
+    dq = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for ks in range(start, unmasked_end, BLOCK_K):
+        dq = _dq_keys(dq, q, do, lse2, delta, K, V, kv_rows, ks, last, tile_last, cols, col_ok, qk_scale, D,
+                      BLOCK_R, BLOCK_K, False)
+    for ks in range(unmasked_end, stop, BLOCK_K):
+        dq = _dq_keys(dq, q, do, lse2, delta, K, V, kv_rows, ks, last, tile_last, cols, col_ok, qk_scale, D,
+                      BLOCK_R, BLOCK_K, True)
+    # The pair's own place (no two programs write it), in int64 whatever INT64 says: DQ_PART is N times q's size,
+    # so it passes 2^31 elements long before the inputs do, and int64 offsets held through the loop cost registers
+    # (at head dim 256, 64 x 32 tiles spilled with them and fit without).
+    home = (heads * Tq + t).to(tl.int64) * N + n
+    tl.store(DQ_PART + home[:, None] * D + cols[None, :], dq * scale, mask=qd_mask)
 
 
 def split_blocks(block_index: torch.Tensor, block_size: int, into: int) -> torch.Tensor:
@@ -317,12 +446,14 @@ def check_block_major(q: torch.Tensor, k: torch.Tensor, block_index: torch.Tenso
 
 
 def tiles_for(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, group: int,
-              block_rows: int | None = None, block_keys: int | None = None) -> dict[str, int]:
+              block_rows: int | None = None, block_keys: int | None = None,
+              table: dict[tuple[int, bool], tuple[int, int, int, int]] = LAUNCH_TABLE) -> dict[str, int]:
     """``{"BLOCK_R", "BLOCK_K", "GP", "num_warps", "num_stages"}`` for inputs on ``device`` of ``dtype`` and
-    ``head_dim`` with ``group`` query heads per selection (``LAUNCH_TABLE``; CPU tensors run in the interpreter:
-    ``INTERPRETER_TILES``; meta tensors count as CUDA). ``block_rows``/``block_keys`` override the table (tests)."""
+    ``head_dim`` with ``group`` query heads per selection (``table``: ``LAUNCH_TABLE`` for the forward,
+    ``DQ_LAUNCH_TABLE`` for the dq kernel; CPU tensors run in the interpreter: ``INTERPRETER_TILES``; meta tensors
+    count as CUDA). ``block_rows``/``block_keys`` override the table (tests)."""
     tile = max(16, triton.next_power_of_2(head_dim))
-    rows, keys, warps, stages = LAUNCH_TABLE[(tile, dtype == torch.float32)]
+    rows, keys, warps, stages = table[(tile, dtype == torch.float32)]
     if device.type == "cpu":
         rows, keys = INTERPRETER_TILES
     gp = triton.next_power_of_2(group)
@@ -371,9 +502,76 @@ def block_major_forward(q, k, v, block_index, q_pos, block_size: int, scale: flo
     return merged(o_part, lse_part, q.dtype)
 
 
+def block_major_dq_launch(q, k, v, do, lse, delta, block_index, q_pos, pairs, tiles, dq_part, block_size: int,
+                          scale: float, options: dict[str, int]) -> tuple[tuple, dict]:
+    """``(grid, kwargs)`` of ``block_major_bwd_dq_kernel`` with the tile ``options`` of ``tiles_for(...,
+    table=DQ_LAUNCH_TABLE)`` (``tiles`` cut into ``BLOCK_R // GP`` pairs per tile). Tensors may be meta tensors:
+    ``lce.kernels.inspect`` compiles what this returns."""
+    heads, tq, dim = q.shape[1:]
+    sel_heads, slots = block_index.shape[1], block_index.shape[3]
+    big = max(q.numel(), k.numel()) >= 2 ** 31  # not dq_part's: the kernel stores to it with int64 offsets anyway
+    kwargs = {"Q": q, "K": k, "V": v, "DO": do, "LSE": lse, "DELTA": delta, "Q_POS": q_pos, "PAIRS": pairs,
+              "TILES": tiles, "DQ_PART": dq_part, "scale": scale, "qk_scale": scale * ts.LOG2E, "HQ": heads,
+              "HKV": k.shape[1], "HS": sel_heads, "Tq": tq, "Tk": k.shape[2], "N": slots, "D": dim,
+              "n_blocks": -(-k.shape[2] // block_size), "BS": block_size,
+              "BLOCK_D": max(16, triton.next_power_of_2(dim)), "INT64": big, **options}
+    return (tiles.shape[0],), kwargs
+
+
+def block_major_dq(q, k, v, do, lse, delta, block_index, q_pos, pairs, offsets, block_size: int, scale: float,
+                   block_rows: int | None = None, block_keys: int | None = None) -> torch.Tensor:
+    """``dq [B, HQ, Tq, D]`` in q's dtype by ``block_major_bwd_dq_kernel`` over the pair lists ``(pairs, offsets)``
+    of ``pair_lists`` (any block size of ``BLOCK_SIZES``, walked in sub-tiles), then ``DQ_PART.sum(-2)`` (fp32, a
+    fixed order). ``lse``: the forward's merged log-sum-exp; ``delta = rowsum(dO * O)`` (both ``[B, HQ, Tq]`` fp32);
+    ``block_rows``/``block_keys``: tile overrides (tests)."""
+    batch, heads, tq, dim = q.shape
+    # Zeros: pairs no program visits (-1 slots, blocks in the future or past the keys) contribute nothing.
+    dq_part = torch.zeros(batch, heads, tq, block_index.shape[-1], dim, dtype=torch.float32, device=q.device)
+    options = tiles_for(q.device, q.dtype, dim, block_size, heads // block_index.shape[1], block_rows, block_keys,
+                        DQ_LAUNCH_TABLE)
+    tiles = row_tiles(offsets, options["BLOCK_R"] // options["GP"])
+    if tiles.shape[0]:
+        grid, kwargs = block_major_dq_launch(q, k, v, do, lse, delta, block_index, q_pos, pairs, tiles, dq_part,
+                                             block_size, scale, options)
+        with on_device_of(q):
+            block_major_bwd_dq_kernel[grid](**kwargs)
+    return dq_part.sum(-2).to(q.dtype)
+
+
+def block_major_backward(q, k, v, out, do, lse, block_index, q_pos, block_size: int, scale: float,
+                         block_rows: int | None = None, block_keys: int | None = None):
+    """``(dq, dk, dv)`` in the inputs' dtypes from contiguous inputs, the merged ``out`` and ``lse`` of the forward
+    and ``block_index`` without repeats: ``dq`` by ``block_major_dq`` (the block whole), ``dk``/``dv`` by
+    ``triton_selected.selected_bwd_dk_dv_kernel`` (blocks over 128 keys handed to it as 128-key blocks:
+    ``split_blocks``). ``block_rows``/``block_keys``: the dq kernel's tile overrides (tests)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    heads, kv_heads, num_keys = q.shape[1], k.shape[1], k.shape[2]
+    # fp32 elementwise (no matmul, so no TF32); both backward kernels read it.
+    delta = (do.float() * out.float()).sum(-1)
+    pairs, offsets = pair_lists(block_index, q_pos, block_size, heads, kv_heads, num_keys)
+    dq = block_major_dq(q, k, v, do, lse, delta, block_index, q_pos, pairs, offsets, block_size, scale, block_rows,
+                        block_keys)
+    if block_size > BACKWARD_BLOCK:
+        block_index = split_blocks(block_index, block_size, BACKWARD_BLOCK)
+        block_size = BACKWARD_BLOCK
+        rows, offsets = ts.invert_selection(block_index, q_pos, block_size, heads, kv_heads, num_keys)
+    else:
+        # The dk/dv kernel's lists are the pair lists with each pair's row for the pair: a row lists a block at most
+        # once (no repeats), so pair -> pair // N keeps the lists' contents and ascending order (one sort saved).
+        rows = torch.div(pairs, block_index.shape[-1], rounding_mode="floor")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # the kernel writes every key block
+    # Only the dk/dv launch of the pair: its dq entry (the per-token kernel) is not run; ``dq`` is a placeholder.
+    grid, kwargs = ts.backward_launches(q, k, v, out, do, lse, delta, block_index, q_pos, rows, offsets, dq, dk, dv,
+                                        block_size, scale)["dk_dv"]
+    with on_device_of(q):
+        ts.selected_bwd_dk_dv_kernel[grid](**kwargs)
+    return dq, dk, dv
+
+
 class BlockMajorAttentionFunction(torch.autograd.Function):
     """Autograd for the block-major forward: saves ``q, k, v, out, lse`` (``O(T)``) and the selection; the backward
-    is ``triton_selected.selected_backward`` (blocks over 128 keys split by ``split_blocks``)."""
+    is ``block_major_backward`` (key-block-major dq kernel, ``triton_selected``'s dk/dv kernel)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_index, q_pos, block_size: int, scale: float):
@@ -388,11 +586,8 @@ class BlockMajorAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, block_index, q_pos = ctx.saved_tensors
-        block_size = ctx.block_size
-        if block_size > BACKWARD_BLOCK:
-            block_index, block_size = split_blocks(block_index, block_size, BACKWARD_BLOCK), BACKWARD_BLOCK
-        dq, dk, dv = ts.selected_backward(q, k, v, out, do.contiguous(), lse, block_index.contiguous(), q_pos,
-                                          block_size, ctx.scale)
+        dq, dk, dv = block_major_backward(q, k, v, out, do.contiguous(), lse, block_index, q_pos, ctx.block_size,
+                                          ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -400,9 +595,10 @@ def selected_attention_block_major(q, k, v, block_index, block_size: int, scale:
     """Causal attention of each query over its selected key blocks, forward by the key-block-major kernel (arguments
     and result as ``reference.selected_attention_reference``; ``function.check_inputs`` checks the shapes).
 
-    Differentiable in ``q``, ``k``, ``v``: the backward runs ``triton_selected``'s Triton kernels on the merged output
-    and log-sum-exp; a block over 128 keys is handed to them as 128-key blocks (``split_blocks``: the same keys, the
-    same gradients), not recomputed in PyTorch.
+    Differentiable in ``q``, ``k``, ``v``: the backward (``block_major_backward``) runs the key-block-major dq kernel
+    (any block size) and ``triton_selected``'s dk/dv kernel on the merged output and log-sum-exp; for the latter a
+    block over 128 keys is handed over as 128-key blocks (``split_blocks``: the same keys, the same gradients), not
+    recomputed in PyTorch.
 
     Raises:
         LceError: shapes the op does not take (``function.check_inputs``), or a block size, dtype, head dim or size

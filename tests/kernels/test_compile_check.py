@@ -74,6 +74,7 @@ def test_representative_configurations_compile_within_limits():
     selected = [r for r in rows if r.kernel.startswith("selected_attention")]
     assert {r.kernel for r in selected} == {"selected_attention_fwd", "selected_attention_bwd_dq",
                                             "selected_attention_bwd_dk_dv", "selected_attention_block_major_fwd",
+                                            "selected_attention_block_major_bwd_dq",
                                             "selected_attention_block_major_merge"}
     products = [r for r in selected if r.kernel != "selected_attention_block_major_merge"]
     assert all(r.hgmma + r.hmma > 0 for r in products), products

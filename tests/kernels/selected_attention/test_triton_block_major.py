@@ -1,18 +1,19 @@
-"""The key-block-major Triton forward of selected-block attention (``triton_block_major.py``, interpreted on CPU) and
-its backward (``triton_selected``'s kernels, blocks over 128 keys split into 128-key blocks) against the materialised
-reference: selections per query head (``HS = HQ``, MoBA's layout, the one the kernel is for) and shared by a GQA
-group (``HS = HKV``) with 4 query over 2 KV heads, ``-1`` slots, blocks in the query's future, a row with no visible
-key (output 0, gradients 0), a partial last block, blocks of 64 keys walked in 16- and 32-key sub-tiles, a 256-key
-block (over ``triton_selected``'s limit), decode (``Tq = 1`` at given positions), blocks listed twice; the pair lists
-and row tiles against loops; equality with ``triton_selected``'s per-token forward; bitwise reproducibility; block
-sizes refused in one line.
+"""The key-block-major Triton forward of selected-block attention and its backward (``triton_block_major.py``,
+interpreted on CPU: the key-block-major dq kernel, ``triton_selected``'s dk/dv kernel with blocks over 128 keys split
+into 128-key blocks) against the materialised reference: selections per query head (``HS = HQ``, MoBA's layout, the
+one the kernels are for) and shared by a GQA group (``HS = HKV``) with 4 query over 2 KV heads, ``-1`` slots, blocks
+in the query's future, a row with no visible key (output 0, gradients 0), a partial last block, blocks of 64 keys
+walked in 16- and 32-key sub-tiles, a 256-key block (over ``triton_selected``'s limit; dq walks it whole in
+sub-tiles), decode (``Tq = 1`` at given positions), blocks listed twice; the pair lists and row tiles against loops;
+equality with ``triton_selected``'s per-token forward and backward kernels; the dq kernel's guard of a row whose
+log-sum-exp is ``-inf``; bitwise reproducibility; block sizes refused in one line.
 
 Tolerances as ``test_triton_selected.py`` (its module docstring says why): fp32 relative ``2e-6`` against the
-reference in fp64 (the kernels' dots are IEEE fp32; the merge adds one fp32 rescaling per slot), bf16 at most
-``LOW_PRECISION_RATIO`` times the reference's own bf16 error plus ``LOW_PRECISION_ATOL``.
+reference in fp64 (the kernels' dots are IEEE fp32; the merge adds one fp32 rescaling per slot, dq one fp32 sum over
+the slots), bf16 at most ``LOW_PRECISION_RATIO`` times the reference's own bf16 error plus ``LOW_PRECISION_ATOL``.
 
 Runtime: tiny shapes (B <= 2, T <= 130, D 16 or 32, N <= 4), 16-row tiles and 16-key sub-tiles in the interpreter
-(``INTERPRETER_TILES``) so that lists span several tiles; well under a minute on one core.
+(``INTERPRETER_TILES``) so that lists span several tiles; under a minute on one core.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from lce.errors import LceError
 from lce.kernels.selected_attention import selected_attention_reference
 from lce.kernels.selected_attention.reference import drop_repeated_blocks
 from lce.kernels.selected_attention.triton_block_major import (
+    BACKWARD_BLOCK,
+    block_major_backward,
+    block_major_dq,
     block_major_forward,
     check_block_major,
     merge_partials,
@@ -35,7 +39,7 @@ from lce.kernels.selected_attention.triton_block_major import (
     selected_attention_block_major,
     split_blocks,
 )
-from lce.kernels.selected_attention.triton_selected import selected_attention_triton
+from lce.kernels.selected_attention.triton_selected import selected_attention_triton, selected_backward
 from tests.kernels.selected_attention.test_triton_selected import (
     LOW_PRECISION_ATOL,
     LOW_PRECISION_RATIO,
@@ -79,7 +83,8 @@ def test_fp32_matches_the_reference(case):
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["per query head, T=45, block 32", "shared by the GQA group, T=70, block 16"])
+@pytest.mark.parametrize("case", ["per query head, T=45, block 32", "shared by the GQA group, T=70, block 16",
+                                  "per query head, Tq=20 < Tk=300, block 256"])
 def test_bf16_within_the_reference_s_own_error(case):
     (q, k, v, index, q_pos), block = case_inputs(case, seed=3, dtype=torch.bfloat16)
     got = outputs_and_gradients(selected_attention_block_major, q, k, v, index, q_pos, block)
@@ -143,7 +148,7 @@ def test_forward_with_the_fused_merge_matches_the_reference(case, dtype):
 @pytest.mark.parametrize("case", ["per query head, T=45, block 32", "shared by the GQA group, T=70, block 16",
                                   "per query head, decode Tq=1, Tk=100"])
 def test_equals_the_per_token_forward(case):
-    """Same output and log-sum-exp as ``triton_selected``'s forward (then the same backward kernels run)."""
+    """Same output and log-sum-exp as ``triton_selected``'s forward, from which both backwards start."""
     from lce.kernels.selected_attention.triton_selected import selected_forward
 
     (q, k, v, index, q_pos), block = case_inputs(case, seed=4)
@@ -158,12 +163,84 @@ def test_equals_the_per_token_forward(case):
 
 
 @interpreted
-def test_output_and_gradients_are_reproducible_bit_for_bit():
-    """Each (row, slot) pair has one home in the partial buffers and the merge has a fixed order: no atomics."""
-    (q, k, v, index, q_pos), block = case_inputs("per query head, T=45, block 32", seed=9)
+@pytest.mark.parametrize("case", ["per query head, T=45, block 32", "per query head, Tq=20 < Tk=300, block 256"])
+def test_output_and_gradients_are_reproducible_bit_for_bit(case):
+    """Each (row, slot) pair has one home in the partial buffers (output and dq), the merge and dq's sum over the
+    slots have a fixed order, and the dk/dv kernel sums its lists in order: no atomics."""
+    (q, k, v, index, q_pos), block = case_inputs(case, seed=9)
     first = outputs_and_gradients(selected_attention_block_major, q, k, v, index, q_pos, block)
     again = outputs_and_gradients(selected_attention_block_major, q, k, v, index, q_pos, block)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def backward_inputs(case, seed):
+    """``(q, k, v, out, do, lse, index, q_pos, block, scale)`` of ``case`` in fp32: the forward's merged output and
+    log-sum-exp and a fixed output gradient."""
+    (q, k, v, index, q_pos), block = case_inputs(case, seed=seed)
+    index, scale = drop_repeated_blocks(index), q.shape[-1] ** -0.5
+    out, lse = block_major_forward(q, k, v, index, q_pos, block, scale)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return q, k, v, out, do, lse, index, q_pos, block, scale
+
+
+def dq_alone(q, k, v, out, do, lse, index, q_pos, block, scale, block_rows=None, block_keys=None):
+    """``dq`` by the key-block-major dq kernel alone (no dk/dv launch: half the interpreter's time)."""
+    pairs, offsets = pair_lists(index, q_pos, block, q.shape[1], k.shape[1], k.shape[2])
+    delta = (do * out).sum(-1)
+    return block_major_dq(q, k, v, do, lse, delta, index, q_pos, pairs, offsets, block, scale, block_rows,
+                          block_keys)
+
+
+def reference_dq(q, k, v, do, index, q_pos, block, scale):
+    leaf = q.double().requires_grad_()
+    out = selected_attention_reference(leaf, k.double(), v.double(), index, block, scale, q_pos)
+    return torch.autograd.grad(out, leaf, do.double())[0]
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["per query head, T=45, block 32", "shared by the GQA group, T=70, block 16",
+                                  "per query head, Tq=20 < Tk=300, block 256", "per query head, decode Tq=1, Tk=100"])
+def test_gradients_equal_the_per_token_kernels(case):
+    """dq by the key-block-major kernel (a 256-key block whole), dk/dv by the same kernel as ``triton_selected``'s
+    backward: against ``selected_backward`` (its per-token dq kernel; the 256-key block split into 128-key blocks)
+    on the same forward output, within fp32's tolerance (dq's sums run in another order)."""
+    q, k, v, out, do, lse, index, q_pos, block, scale = backward_inputs(case, seed=10)
+    got = block_major_backward(q, k, v, out, do, lse, index, q_pos, block, scale)
+    if block > BACKWARD_BLOCK:
+        index, block = split_blocks(index, block, BACKWARD_BLOCK), BACKWARD_BLOCK
+    want = selected_backward(q, k, v, out, do, lse, index, q_pos, block, scale)
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert relative_error(x, y.double()) <= RELATIVE, (name, relative_error(x, y.double()))
+
+
+@interpreted
+@pytest.mark.parametrize("block_rows, block_keys", [(32, 32), (16, 64)], ids=["32 rows x 32 keys", "16 x 64"])
+def test_other_tiles_give_the_same_dq(block_rows, block_keys):
+    """The 256-key block walked by the dq kernel in 32- and 64-key sub-tiles (no split into 128-key blocks), 32-row
+    tiles (several pairs of 2 heads per tile when the selection is shared): against the fp64 reference's dq."""
+    for case in ("per query head, Tq=20 < Tk=300, block 256", "shared by the GQA group, T=70, block 16"):
+        q, k, v, out, do, lse, index, q_pos, block, scale = backward_inputs(case, seed=11)
+        dq = dq_alone(q, k, v, out, do, lse, index, q_pos, block, scale, block_rows, block_keys)
+        want = reference_dq(q, k, v, do, index, q_pos, block, scale)
+        assert dq.dtype == torch.float32 and relative_error(dq, want) <= RELATIVE, (case, relative_error(dq, want))
+
+
+@interpreted
+def test_a_listed_row_whose_lse_is_minus_inf_gets_dq_zero():
+    """``pair_lists`` never lists a pair without a visible key, so the kernel meets ``lse = -inf`` (a row without
+    keys) only if a caller's ``lse`` says so: forced here on a listed row, its ``P = exp(S - lse)`` must be 0 (not
+    ``exp(-inf - -inf)`` = NaN), so its dq is 0, and every other row's dq is unchanged bit for bit."""
+    q, k, v, out, do, lse, index, q_pos, block, scale = backward_inputs("per query head, T=45, block 32", seed=12)
+    want = dq_alone(q, k, v, out, do, lse, index, q_pos, block, scale)
+    row = divmod(int(want[0].abs().amax(-1).argmax()), q.shape[2])  # (head, token) of a listed row: dq != 0
+    assert want[0][row].abs().max() > 0
+    lse = lse.clone()
+    lse[0][row] = float("-inf")
+    dq = dq_alone(q, k, v, out, do, lse, index, q_pos, block, scale)
+    assert torch.isfinite(dq).all() and dq[0][row].abs().max() == 0
+    dq[0][row] = want[0][row]
+    assert torch.equal(dq, want)
 
 
 @interpreted
@@ -225,8 +302,8 @@ def test_row_tiles_cover_every_list_in_order():
 
 
 def test_split_blocks_and_dropped_repeats_keep_the_attention():
-    """``split_blocks`` (the backward's 128-key blocks) and ``drop_repeated_blocks`` change the selection's form, not
-    the keys it selects."""
+    """``split_blocks`` (the dk/dv kernel's 128-key blocks) and ``drop_repeated_blocks`` change the selection's form,
+    not the keys it selects."""
     q, k, v, index, q_pos = make_case(1, 2, 1, 2, 30, 70, 16, 32, 2, seed=8)
     index[..., 1] = torch.where(torch.arange(30)[None, None] % 2 == 0, index[..., 0], index[..., 1])
     deduped = drop_repeated_blocks(index)
