@@ -85,9 +85,9 @@ BACKWARD_BLOCK = max(ts.BLOCK_SIZES)
 
 #: ``(head-dim tile, fp32?) -> (BLOCK_R, BLOCK_K, num_warps, num_stages)`` on a GPU, chosen with the compile check
 #: (sm_90, Triton 3.9, block 512, 16 slots; ``lce.kernels.inspect``): no spills, bf16/fp16 dots on wgmma (HGMMA).
-#: bf16/fp16: 128 rows x 32 keys at head dim 64 with 4 warps, 3 stages (158-160 registers, 40 KB shared, 3 blocks
-#: per SM; 128 x 64 with int64 offsets: 239-242, 64 KB, 2 blocks) and at 128 with 8 warps, 2 stages (207-209
-#: registers, 64 KB; 128 x 64, 3 stages: 222-228, 128 KB); at 256 64 x 32 with 8 warps, 2 stages (244 registers,
+#: bf16/fp16: 128 rows x 32 keys at head dim 64 with 4 warps, 3 stages (160-162 registers, 40 KB shared, 3 blocks
+#: per SM; 128 x 64 with int64 offsets: 239-242, 64 KB, 2 blocks) and at 128 with 8 warps, 2 stages (195-206
+#: registers, 64 KB; 128 x 64, 3 stages: 222-228, 128 KB); at 256 64 x 32 with 8 warps, 2 stages (246 registers,
 #: 96 KB; 64 x 64 spilled 32-636 B at 1-2 stages and 4-8 warps, 128 x 32 376-988 B). fp32 (IEEE dots, no tensor
 #: cores: the exactness path): 64 x 32 tiles spilled ~2 KB, so 32 rows x 32 keys at 4 warps (d64: 168 registers)
 #: and 32 x 16 at 8 warps (d128: 79, d256: 180 registers), no spills. ``BLOCK_K`` is capped by the block size. Not
@@ -108,11 +108,11 @@ LAUNCH_TABLE: dict[tuple[int, bool], tuple[int, int, int, int]] = {
 #: as ``LAUNCH_TABLE`` (sm_90, Triton 3.9, blocks 64 and 512, 16 slots, both layouts): no spills, bf16/fp16 dots on
 #: wgmma. The dq kernel holds ``q``, ``dO`` and the fp32 ``dq`` through the loop and two ``[BLOCK_R, BLOCK_K]`` fp32
 #: tiles (``S``, ``dP``) per sub-tile, so its key sub-tiles are narrower than the forward's (32, as the Triton
-#: tutorial's dq): bf16/fp16 128 x 32 at head dim 64 with 4 warps, 3 stages (207 registers, 56 KB, 2 blocks per SM;
+#: tutorial's dq): bf16/fp16 128 x 32 at head dim 64 with 4 warps, 3 stages (193 registers, 56 KB, 2 blocks per SM;
 #: 128 x 64: 241) and at 128 with 8 warps, 2 stages (182-186 registers, 96 KB; 128 x 64: 235, and on sm_80 128 x 64
 #: spilled 88-132 B where 128 x 32 does not); at 256 64 x 32 with 8 warps, 2 stages (246 registers, 128 KB; 1 stage
 #: spilled 88 B, 64 x 64 196 B, 128 x 32 0.9-1.2 KB, 4 warps ~1 KB). fp32 (IEEE dots): 32 x 32 at 4 warps for head
-#: dim 64 (217 registers), 16 x 32 at 128 (4 warps, 109) and 256 (8 warps, 110), no spills (32 x 16 spilled 24-48
+#: dim 64 (218 registers), 16 x 32 at 128 (4 warps, 109) and 256 (8 warps, 110), no spills (32 x 16 spilled 24-48
 #: B at 128-256). ``BLOCK_K`` is capped by the block size. Not yet timed on a GPU.
 DQ_LAUNCH_TABLE: dict[tuple[int, bool], tuple[int, int, int, int]] = {
     (16, False): (128, 32, 4, 3),
@@ -136,6 +136,52 @@ INTERPRETER_TILES = (16, 16)
 
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(ts.LOG2E)
+
+
+@triton.jit
+def _tile(TILES, PAIRS, Q_POS, HQ, HKV, HS, Tq, Tk, N, D, n_blocks, BS: tl.constexpr, BLOCK_R: tl.constexpr,
+          BLOCK_K: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, INT64: tl.constexpr):
+    """This program's row tile over its key block, shared by the forward and dq kernels: per row the flat (batch,
+    query head) ``heads``, token ``t``, slot ``n``, mask ``row_ok``, ``q``-row offset ``q_rows`` and last visible key
+    ``last``; the head-dim columns and their mask; the K/V row offset of the block's (batch, KV head) ``kv_rows``;
+    the keys to walk, ``start .. stop``, of which ``start .. unmasked_end`` need no mask. Row ``r`` of the tile is
+    head ``r % GP`` of the group of listed pair ``first + r // GP``."""
+    tile = tl.program_id(0)
+    lst = tl.load(TILES + tile * 3)
+    first = tl.load(TILES + tile * 3 + 1)
+    end = tl.load(TILES + tile * 3 + 2)
+    if INT64:
+        lst, first, end = lst.to(tl.int64), first.to(tl.int64), end.to(tl.int64)
+    group = HQ // HS
+    kb = lst % n_blocks
+    bkv = lst // n_blocks
+    b = bkv // HKV
+    r = tl.arange(0, BLOCK_R)
+    entry = first + r // GP
+    g = r % GP
+    row_ok = (entry < end) & (g < group)
+    pair = tl.load(PAIRS + entry, mask=row_ok, other=0)  # ((b * HS + hs) * Tq + t) * N + n
+    if INT64:
+        pair = pair.to(tl.int64)
+    n = pair % N
+    t = (pair // N) % Tq
+    hs = (pair // (N * Tq)) % HS
+    heads = b * HQ + hs * group + g  # [BLOCK_R] flat (batch, query head)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    q_rows = (heads * Tq + t) * D
+    # The last key each row sees (its position, at most the last key). Padding rows take the tile's last: they never
+    # widen the keys read nor force a mask, and their softmax stays finite (they are not stored).
+    last = tl.minimum(tl.load(Q_POS + b * Tq + t, mask=row_ok, other=-1).to(tl.int32), Tk - 1)
+    tile_last = tl.max(last, 0)
+    last = tl.where(row_ok, last, tile_last)
+    min_last = tl.min(last, 0)
+    start = kb * BS
+    stop = tl.minimum(start + BS, tile_last + 1)  # keys after every row's position are not read
+    # Sub-tiles wholly at or before every row's position need no mask (min_last >= start: each listed pair sees the
+    # block's first key).
+    unmasked_end = tl.minimum(start + (min_last + 1 - start) // BLOCK_K * BLOCK_K, stop)
+    return heads, t, n, row_ok, cols, col_ok, q_rows, bkv * Tk, last, tile_last, start, unmasked_end, stop
 
 
 @triton.jit
@@ -176,44 +222,9 @@ def block_major_fwd_kernel(
     block. ``TILES [num_tiles, 3]`` int32: (list ``(b * HKV + kv head) * n_blocks + block``, first entry, end entry)
     into ``PAIRS`` (``pair_lists``); grid ``(num_tiles,)``; ``qk_scale = scale * log2(e)``. Row ``r`` of the tile is
     head ``r % GP`` of the group of listed pair ``first + r // GP``."""
-    tile = tl.program_id(0)
-    lst = tl.load(TILES + tile * 3)
-    first = tl.load(TILES + tile * 3 + 1)
-    end = tl.load(TILES + tile * 3 + 2)
-    if INT64:
-        lst, first, end = lst.to(tl.int64), first.to(tl.int64), end.to(tl.int64)
-    group = HQ // HS
-    kb = lst % n_blocks
-    bkv = lst // n_blocks
-    b = bkv // HKV
-    r = tl.arange(0, BLOCK_R)
-    entry = first + r // GP
-    g = r % GP
-    row_ok = (entry < end) & (g < group)
-    pair = tl.load(PAIRS + entry, mask=row_ok, other=0)  # ((b * HS + hs) * Tq + t) * N + n
-    if INT64:
-        pair = pair.to(tl.int64)
-    n = pair % N
-    t = (pair // N) % Tq
-    hs = (pair // (N * Tq)) % HS
-    heads = b * HQ + hs * group + g  # [BLOCK_R] flat (batch, query head)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    q_rows = (heads * Tq + t) * D
+    heads, t, n, row_ok, cols, col_ok, q_rows, kv_rows, last, tile_last, start, unmasked_end, stop = _tile(
+        TILES, PAIRS, Q_POS, HQ, HKV, HS, Tq, Tk, N, D, n_blocks, BS, BLOCK_R, BLOCK_K, GP, BLOCK_D, INT64)
     q = tl.load(Q + q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
-    # The last key each row sees (its position, at most the last key). Padding rows take the tile's last: they never
-    # widen the keys read nor force a mask, and their softmax stays finite (they are not stored).
-    last = tl.minimum(tl.load(Q_POS + b * Tq + t, mask=row_ok, other=-1).to(tl.int32), Tk - 1)
-    tile_last = tl.max(last, 0)
-    last = tl.where(row_ok, last, tile_last)
-    min_last = tl.min(last, 0)
-    start = kb * BS
-    stop = tl.minimum(start + BS, tile_last + 1)  # keys after every row's position are not read
-    # Sub-tiles wholly at or before every row's position need no mask (min_last >= start: each listed pair sees the
-    # block's first key).
-    unmasked_end = tl.minimum(start + (min_last + 1 - start) // BLOCK_K * BLOCK_K, stop)
-    kv_rows = bkv * Tk
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -265,30 +276,8 @@ def block_major_bwd_dq_kernel(
     dS K`` over the block's keys, at the pair's own place (``dq = DQ_PART.sum(-2)``). Schedule, grid and ``TILES``
     as ``block_major_fwd_kernel``; ``DO [B, HQ, Tq, D]`` (q's dtype), ``LSE`` (the forward's merged log-sum-exp,
     natural log) and ``DELTA = rowsum(dO * O)`` ``[B, HQ, Tq]`` (fp32); ``qk_scale = scale * log2(e)``."""
-    tile = tl.program_id(0)
-    lst = tl.load(TILES + tile * 3)
-    first = tl.load(TILES + tile * 3 + 1)
-    end = tl.load(TILES + tile * 3 + 2)
-    if INT64:
-        lst, first, end = lst.to(tl.int64), first.to(tl.int64), end.to(tl.int64)
-    group = HQ // HS
-    kb = lst % n_blocks
-    bkv = lst // n_blocks
-    b = bkv // HKV
-    r = tl.arange(0, BLOCK_R)
-    entry = first + r // GP
-    g = r % GP
-    row_ok = (entry < end) & (g < group)
-    pair = tl.load(PAIRS + entry, mask=row_ok, other=0)  # ((b * HS + hs) * Tq + t) * N + n
-    if INT64:
-        pair = pair.to(tl.int64)
-    n = pair % N
-    t = (pair // N) % Tq
-    hs = (pair // (N * Tq)) % HS
-    heads = b * HQ + hs * group + g  # [BLOCK_R] flat (batch, query head)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    q_rows = (heads * Tq + t) * D
+    heads, t, n, row_ok, cols, col_ok, q_rows, kv_rows, last, tile_last, start, unmasked_end, stop = _tile(
+        TILES, PAIRS, Q_POS, HQ, HKV, HS, Tq, Tk, N, D, n_blocks, BS, BLOCK_R, BLOCK_K, GP, BLOCK_D, INT64)
     qd_mask = row_ok[:, None] & col_ok[None, :]
     q = tl.load(Q + q_rows[:, None] + cols[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + q_rows[:, None] + cols[None, :], mask=qd_mask, other=0.0)
@@ -297,16 +286,6 @@ def block_major_bwd_dq_kernel(
     # defensively, a row without keys: lse = -inf) take +inf, so their P is 0, never exp(-inf - -inf) = NaN.
     lse = tl.load(LSE + heads * Tq + t, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-
-    # Keys read and masks as the forward's (block_major_fwd_kernel says why).
-    last = tl.minimum(tl.load(Q_POS + b * Tq + t, mask=row_ok, other=-1).to(tl.int32), Tk - 1)
-    tile_last = tl.max(last, 0)
-    last = tl.where(row_ok, last, tile_last)
-    min_last = tl.min(last, 0)
-    start = kb * BS
-    stop = tl.minimum(start + BS, tile_last + 1)
-    unmasked_end = tl.minimum(start + (min_last + 1 - start) // BLOCK_K * BLOCK_K, stop)
-    kv_rows = bkv * Tk
 
     dq = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for ks in range(start, unmasked_end, BLOCK_K):
