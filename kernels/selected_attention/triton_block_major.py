@@ -548,28 +548,6 @@ def block_major_backward(q, k, v, out, do, lse, block_index, q_pos, block_size: 
     return dq, dk, dv
 
 
-class BlockMajorAttentionFunction(torch.autograd.Function):
-    """Autograd for the block-major forward: saves ``q, k, v, out, lse`` (``O(T)``) and the selection; the backward
-    is ``block_major_backward`` (key-block-major dq kernel, ``triton_selected``'s dk/dv kernel)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_index, q_pos, block_size: int, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        block_index, q_pos = drop_repeated_blocks(block_index).contiguous(), q_pos.contiguous()
-        out, lse = block_major_forward(q, k, v, block_index, q_pos, block_size, scale)
-        ctx.save_for_backward(q, k, v, out, lse, block_index, q_pos)
-        ctx.block_size, ctx.scale = block_size, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, out, lse, block_index, q_pos = ctx.saved_tensors
-        dq, dk, dv = block_major_backward(q, k, v, out, do.contiguous(), lse, block_index, q_pos, ctx.block_size,
-                                          ctx.scale)
-        return dq, dk, dv, None, None, None, None
-
-
 def selected_attention_block_major(q, k, v, block_index, block_size: int, scale: float, q_pos=None) -> torch.Tensor:
     """Causal attention of each query over its selected key blocks, forward by the key-block-major kernel (arguments
     and result as ``reference.selected_attention_reference``; ``function.check_inputs`` checks the shapes).
@@ -590,5 +568,6 @@ def selected_attention_block_major(q, k, v, block_index, block_size: int, scale:
     if q_pos is None:
         tq, tk = q.shape[2], k.shape[2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)[None].expand(q.shape[0], tq)
-    out, _ = BlockMajorAttentionFunction.apply(q, k, v, block_index, q_pos, int(block_size), float(scale))
+    out, _ = ts.SelectedAttentionFunction.apply(q, k, v, drop_repeated_blocks(block_index), q_pos, int(block_size),
+                                                float(scale), block_major_forward, block_major_backward)
     return out

@@ -395,24 +395,26 @@ def selected_backward(q, k, v, out, do, lse, block_index, q_pos, block_size: int
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
-    """Autograd for the Triton kernels: saves ``q, k, v, out, lse`` (``O(T)``) and the selection."""
+    """Autograd for a Triton forward and backward pair (this file's per-token kernels, or
+    ``triton_block_major``'s key-block-major ones): ``forward(q, k, v, block_index, q_pos, block_size, scale) -> (out,
+    lse)`` and ``backward(q, k, v, out, do, lse, block_index, q_pos, block_size, scale) -> (dq, dk, dv)``; saves ``q,
+    k, v, out, lse`` (``O(T)``) and the selection."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_index, q_pos, block_size: int, scale: float):
+    def forward(ctx, q, k, v, block_index, q_pos, block_size: int, scale: float, forward=None, backward=None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         block_index, q_pos = block_index.contiguous(), q_pos.contiguous()
-        out, lse = selected_forward(q, k, v, block_index, q_pos, block_size, scale)
+        out, lse = (forward or selected_forward)(q, k, v, block_index, q_pos, block_size, scale)
         ctx.save_for_backward(q, k, v, out, lse, block_index, q_pos)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.backward = block_size, scale, backward or selected_backward
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, block_index, q_pos = ctx.saved_tensors
-        dq, dk, dv = selected_backward(q, k, v, out, do.contiguous(), lse, block_index, q_pos, ctx.block_size,
-                                       ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = ctx.backward(q, k, v, out, do.contiguous(), lse, block_index, q_pos, ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def selected_attention_triton(q, k, v, block_index, block_size: int, scale: float, q_pos=None) -> torch.Tensor:
