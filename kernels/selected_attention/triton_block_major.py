@@ -48,7 +48,7 @@ merged ``out`` and ``lse`` (the row's final log-sum-exp, so ``P = exp(S * scale 
   ``block_size / 128`` consecutive 128-key blocks (``split_blocks``, inverted once more): the same keys, so the same
   gradients.
 
-Selections listing a block twice count it once, as the reference does (``drop_repeated_blocks``).
+The rows must not list a block twice (the op drops repeats first: ``reference.drop_repeated_blocks``).
 
 Precision: as ``triton_selected.py``: every ``tl.dot`` accumulates in fp32; bf16/fp16 operands on tensor cores with
 the probabilities (and the backward's ``dS``) rounded to the input dtype before the next product; fp32 inputs use
@@ -73,7 +73,6 @@ import triton.language as tl
 from lce.errors import LceError
 from lce.kernels.backend import on_device_of
 from lce.kernels.selected_attention import triton_selected as ts
-from lce.kernels.selected_attention.reference import drop_repeated_blocks
 from lce.kernels.triton_precision import dot as _dot
 from lce.kernels.triton_precision import round_to as _to
 
@@ -549,8 +548,8 @@ def block_major_backward(q, k, v, out, do, lse, block_index, q_pos, block_size: 
 
 
 def selected_attention_block_major(q, k, v, block_index, block_size: int, scale: float, q_pos=None) -> torch.Tensor:
-    """Causal attention of each query over its selected key blocks, forward by the key-block-major kernel (arguments
-    and result as ``reference.selected_attention_reference``; ``function.check_inputs`` checks the shapes).
+    """The key-block-major Triton path of ``lce.kernels.selected_attention.selected_attention`` (arguments and result
+    as ``reference.selected_attention_reference``; the op has checked the shapes and dropped repeated blocks).
 
     Differentiable in ``q``, ``k``, ``v``: the backward (``block_major_backward``) runs the key-block-major dq kernel
     (any block size) and ``triton_selected``'s dk/dv kernel on the merged output and log-sum-exp; for the latter a
@@ -558,16 +557,12 @@ def selected_attention_block_major(q, k, v, block_index, block_size: int, scale:
     recomputed in PyTorch.
 
     Raises:
-        LceError: shapes the op does not take (``function.check_inputs``), or a block size, dtype, head dim or size
-            the kernels do not take (``check_block_major``).
+        LceError: a block size, dtype, head dim or size the kernels do not take (``check_block_major``).
     """
-    from lce.kernels.selected_attention.function import check_inputs
-
-    check_inputs(q, k, v, block_index, block_size, q_pos)
     check_block_major(q, k, block_index, block_size)
     if q_pos is None:
         tq, tk = q.shape[2], k.shape[2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)[None].expand(q.shape[0], tq)
-    out, _ = ts.SelectedAttentionFunction.apply(q, k, v, drop_repeated_blocks(block_index), q_pos, int(block_size),
-                                                float(scale), block_major_forward, block_major_backward)
+    out, _ = ts.SelectedAttentionFunction.apply(q, k, v, block_index, q_pos, int(block_size), float(scale),
+                                                block_major_forward, block_major_backward)
     return out

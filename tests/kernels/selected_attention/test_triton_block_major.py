@@ -244,12 +244,21 @@ def test_a_listed_row_whose_lse_is_minus_inf_gets_dq_zero():
 
 
 @interpreted
-def test_a_block_listed_twice_counts_once():
+@pytest.mark.parametrize("form", ["block_major", "per_token"])
+def test_a_block_listed_twice_counts_once(form, monkeypatch):
     """A repeat changes the softmax when the row has other blocks too (blocks A, A, B weigh A twice unless the
-    repeat is dropped; a row of only repeats would not tell)."""
+    repeat is dropped; a row of only repeats would not tell). Both Triton forwards would weigh it twice: the op drops
+    repeats before either runs."""
+    from lce.kernels.selected_attention import function, selected_attention
+
+    monkeypatch.setattr(function, "triton_form", lambda *args: form)
     (q, k, v, index, q_pos), block = case_inputs("shared by the GQA group, T=70, block 16", seed=6)
     index[..., 1] = index[..., 0]  # every row lists its first block twice, beside a third slot
-    got = outputs_and_gradients(selected_attention_block_major, q, k, v, index, q_pos, block)
+
+    def op(q, k, v, index, block_size, scale, q_pos):
+        return selected_attention(q, k, v, index, block_size, scale, q_pos, backend="triton")
+
+    got = outputs_and_gradients(op, q, k, v, index, q_pos, block)
     want = outputs_and_gradients(selected_attention_reference, q, k, v, index, q_pos, block, torch.float64)
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert relative_error(x, ref) <= RELATIVE, (name, relative_error(x, ref))
